@@ -1,0 +1,249 @@
+//! Records shared by the tcptrace kernel program and the agent.
+//!
+//! Every type here is `#[repr(C)]` and crosses the kernel/user boundary as raw
+//! bytes: through the ring buffer (records) or as a load-time global (the
+//! [`KernelConfig`]). Each record starts with a `u32` kind so that the agent can
+//! tell them apart and reject anything it does not know. Change a layout and
+//! you must bump [`RECORD_LAYOUT_VERSION`] and the agent's decoder together.
+#![no_std]
+
+/// Bumped whenever a record layout below changes.
+pub const RECORD_LAYOUT_VERSION: u32 = 1;
+
+/// Kind tag of a [`StateRecord`].
+pub const RECORD_STATE: u32 = 1;
+/// Kind tag of an [`AcceptRecord`].
+pub const RECORD_ACCEPT: u32 = 2;
+
+/// Length of a task's `comm`, as in the kernel's `TASK_COMM_LEN`.
+pub const COMM_LEN: usize = 16;
+
+/// `AF_INET`, as the tracepoint reports it.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as the tracepoint reports it.
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`: the only protocol the kernel program forwards.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Kernel TCP state numbers (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    /// TCP_ESTABLISHED
+    pub const ESTABLISHED: i32 = 1;
+    /// TCP_SYN_SENT
+    pub const SYN_SENT: i32 = 2;
+    /// TCP_SYN_RECV
+    pub const SYN_RECV: i32 = 3;
+    /// TCP_FIN_WAIT1
+    pub const FIN_WAIT1: i32 = 4;
+    /// TCP_FIN_WAIT2
+    pub const FIN_WAIT2: i32 = 5;
+    /// TCP_TIME_WAIT
+    pub const TIME_WAIT: i32 = 6;
+    /// TCP_CLOSE
+    pub const CLOSE: i32 = 7;
+    /// TCP_CLOSE_WAIT
+    pub const CLOSE_WAIT: i32 = 8;
+    /// TCP_LAST_ACK
+    pub const LAST_ACK: i32 = 9;
+    /// TCP_LISTEN
+    pub const LISTEN: i32 = 10;
+    /// TCP_CLOSING
+    pub const CLOSING: i32 = 11;
+    /// TCP_NEW_SYN_RECV
+    pub const NEW_SYN_RECV: i32 = 12;
+}
+
+/// One `sock:inet_sock_set_state` transition of a TCP socket.
+///
+/// `ctx_*` describe the task that was running when the transition fired.
+/// That is the socket's owner only when the transition runs in the owner's
+/// own system call (connect, close); in softirq context it is whatever task
+/// happened to be on the CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateRecord {
+    /// [`RECORD_STATE`].
+    pub kind: u32,
+    /// Process id (tgid) of the context task.
+    pub ctx_tgid: u32,
+    /// Thread id of the context task.
+    pub ctx_tid: u32,
+    /// Inode of the socket's network namespace; 0 when it could not be read.
+    pub netns: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`: the socket's identity while it lives.
+    pub skaddr: u64,
+    /// State left.
+    pub oldstate: i32,
+    /// State entered.
+    pub newstate: i32,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// Local port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    /// Padding; zero.
+    pub _pad0: u16,
+    /// The fd passed to `connect()` when this transition ran inside the
+    /// context task's `connect()` call; -1 otherwise.
+    pub connect_fd: i32,
+    /// Padding; zero.
+    pub _pad1: u32,
+    /// Local address, network byte order; IPv4 uses the first 4 bytes.
+    pub saddr: [u8; 16],
+    /// Remote address, network byte order; IPv4 uses the first 4 bytes.
+    pub daddr: [u8; 16],
+    /// `comm` of the context task, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// An `accept()`/`accept4()` that returned a TCP socket: who now holds it.
+///
+/// Emitted from the syscall exit tracepoint, so the context task is the
+/// socket's owner.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptRecord {
+    /// [`RECORD_ACCEPT`].
+    pub kind: u32,
+    /// Process id (tgid) of the accepting task.
+    pub tgid: u32,
+    /// Thread id of the accepting task.
+    pub tid: u32,
+    /// The new file descriptor.
+    pub fd: i32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the accepted `struct sock`.
+    pub skaddr: u64,
+    /// `comm` of the accepting task, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Bit in [`KernelConfig::flags`]: the `sk_net`/`net_inum` offsets are valid.
+pub const CONFIG_NETNS: u32 = 1 << 0;
+/// Bit in [`KernelConfig::flags`]: the fd-to-socket walk offsets are valid.
+pub const CONFIG_ACCEPT: u32 = 1 << 1;
+
+/// Layout facts the kernel program needs and cannot know at compile time.
+///
+/// The agent reads tracepoint field offsets from tracefs `format` files and
+/// kernel struct member offsets from `/sys/kernel/btf/vmlinux`, then passes
+/// this struct as the global `TCPTRACE_CONFIG` at load time. A Rust eBPF
+/// program gets no CO-RE relocations from the compiler; this is the
+/// do-it-yourself equivalent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// `inet_sock_set_state.skaddr` offset.
+    pub tp_skaddr: u32,
+    /// `inet_sock_set_state.oldstate` offset.
+    pub tp_oldstate: u32,
+    /// `inet_sock_set_state.newstate` offset.
+    pub tp_newstate: u32,
+    /// `inet_sock_set_state.sport` offset.
+    pub tp_sport: u32,
+    /// `inet_sock_set_state.dport` offset.
+    pub tp_dport: u32,
+    /// `inet_sock_set_state.family` offset.
+    pub tp_family: u32,
+    /// `inet_sock_set_state.protocol` offset.
+    pub tp_protocol: u32,
+    /// `inet_sock_set_state.protocol` size in bytes (1 before Linux 5.6, 2 since).
+    pub tp_protocol_size: u32,
+    /// `inet_sock_set_state.saddr` offset.
+    pub tp_saddr: u32,
+    /// `inet_sock_set_state.daddr` offset.
+    pub tp_daddr: u32,
+    /// `inet_sock_set_state.saddr_v6` offset.
+    pub tp_saddr_v6: u32,
+    /// `inet_sock_set_state.daddr_v6` offset.
+    pub tp_daddr_v6: u32,
+    /// `sys_enter_connect.fd` offset.
+    pub enter_connect_fd: u32,
+    /// `sys_exit_accept.ret` offset.
+    pub exit_accept_ret: u32,
+    /// `sys_exit_accept4.ret` offset.
+    pub exit_accept4_ret: u32,
+    /// Offset of `__sk_common.skc_net` in `struct sock`.
+    pub sk_net: u32,
+    /// Offset of `ns.inum` in `struct net`.
+    pub net_inum: u32,
+    /// Offset of `files` in `struct task_struct`.
+    pub task_files: u32,
+    /// Offset of `fdt` in `struct files_struct`.
+    pub files_fdt: u32,
+    /// Offset of `max_fds` in `struct fdtable`.
+    pub fdt_max_fds: u32,
+    /// Offset of `fd` in `struct fdtable`.
+    pub fdt_fd: u32,
+    /// Offset of `private_data` in `struct file`.
+    pub file_private_data: u32,
+    /// Offset of `sk` in `struct socket`.
+    pub socket_sk: u32,
+    /// Offset of `__sk_common.skc_family` in `struct sock`: accept records
+    /// are sent for AF_INET/AF_INET6 sockets only.
+    pub sk_family: u32,
+    /// [`CONFIG_NETNS`] | [`CONFIG_ACCEPT`].
+    pub flags: u32,
+}
+
+impl KernelConfig {
+    /// All offsets zero and every optional feature off: the compiled-in
+    /// default, always replaced by the agent at load time.
+    pub const ZERO: Self = Self {
+        tp_skaddr: 0,
+        tp_oldstate: 0,
+        tp_newstate: 0,
+        tp_sport: 0,
+        tp_dport: 0,
+        tp_family: 0,
+        tp_protocol: 0,
+        tp_protocol_size: 0,
+        tp_saddr: 0,
+        tp_daddr: 0,
+        tp_saddr_v6: 0,
+        tp_daddr_v6: 0,
+        enter_connect_fd: 0,
+        exit_accept_ret: 0,
+        exit_accept4_ret: 0,
+        sk_net: 0,
+        net_inum: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdt_max_fds: 0,
+        fdt_fd: 0,
+        file_private_data: 0,
+        socket_sk: 0,
+        sk_family: 0,
+        flags: 0,
+    };
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` integers and byte arrays, no padding left
+    // uninitialised by the kernel program (it zeroes the padding fields).
+    unsafe impl aya::Pod for super::StateRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AcceptRecord {}
+    // SAFETY: only `u32` fields.
+    unsafe impl aya::Pod for super::KernelConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn layouts_are_stable() {
+        // The agent's decoder depends on these exact sizes.
+        assert_eq!(size_of::<StateRecord>(), 104);
+        assert_eq!(size_of::<AcceptRecord>(), 48);
+        assert_eq!(align_of::<StateRecord>(), 8);
+        assert_eq!(size_of::<KernelConfig>(), 25 * 4);
+    }
+}

@@ -1,0 +1,31 @@
+//! Builds the kernel program (`tcptrace-ebpf`) for the BPF target and puts the
+//! object in OUT_DIR, where `main.rs` embeds it.
+//!
+//! The build uses the stable toolchain: `RUSTC_BOOTSTRAP=1` (set here when the
+//! caller did not) unlocks `-Z build-std=core`, which needs the `rust-src`
+//! component; linking needs `bpf-linker`. `cargo xtask build` installs both.
+use anyhow::{anyhow, Context as _};
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or_else(|| anyhow!("agent crate has no parent directory"))?
+        .join("tcptrace-ebpf");
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non UTF-8 path {}", root.display()))?;
+    if std::env::var_os("RUSTC_BOOTSTRAP").is_none() {
+        // SAFETY: build scripts are single-threaded at this point.
+        unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
+    }
+    aya_build::build_ebpf(
+        [Package {
+            name: "tcptrace-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
+        Toolchain::Custom("stable"),
+    )
+    .context("building the eBPF program failed; run `cargo xtask build` to install rust-src and bpf-linker")
+}

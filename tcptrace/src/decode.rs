@@ -1,0 +1,456 @@
+//! Ring-buffer bytes to typed records. Pure: no I/O, no clock.
+//!
+//! The kernel program writes `tcptrace_common` structs; this module checks
+//! every record before trusting it (kind, exact length, family, states) so
+//! that a truncated, oversized or corrupt record becomes a [`DecodeError`],
+//! never a panic or a wrong line.
+
+use std::fmt;
+use std::mem::size_of;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use bytes::Buf;
+use tcptrace_common::{
+    AcceptRecord, StateRecord, AF_INET, AF_INET6, COMM_LEN, RECORD_ACCEPT, RECORD_STATE,
+};
+
+use crate::state::TcpState;
+
+/// Address family of a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// AF_INET
+    Ipv4,
+    /// AF_INET6
+    Ipv6,
+}
+
+impl Family {
+    /// `"ipv4"` or `"ipv6"`, as in the JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// The task that was on the CPU when a record was made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Command name, lossy UTF-8.
+    pub comm: String,
+}
+
+/// One TCP state transition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateChange {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the socket: its identity while it lives.
+    pub sk: u64,
+    /// Network namespace inode, `None` when the kernel program could not read it.
+    pub netns: Option<u32>,
+    /// Address family.
+    pub family: Family,
+    /// Local address.
+    pub laddr: IpAddr,
+    /// Local port.
+    pub lport: u16,
+    /// Remote address.
+    pub raddr: IpAddr,
+    /// Remote port.
+    pub rport: u16,
+    /// State left.
+    pub old: TcpState,
+    /// State entered.
+    pub new: TcpState,
+    /// The context task (not necessarily the owner).
+    pub ctx: Task,
+    /// The fd given to the `connect()` this transition ran in, if any.
+    pub connect_fd: Option<i32>,
+}
+
+/// `accept()` returned socket `sk` as `fd` to `task`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accept {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the accepted socket.
+    pub sk: u64,
+    /// The new file descriptor.
+    pub fd: i32,
+    /// The accepting task: the owner.
+    pub task: Task,
+}
+
+/// A decoded ring-buffer record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// A state transition.
+    State(StateChange),
+    /// An accepted socket.
+    Accept(Accept),
+}
+
+/// Why a record was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer than 4 bytes: not even a kind tag.
+    Truncated {
+        /// Bytes received.
+        len: usize,
+    },
+    /// Unknown kind tag (a newer or foreign kernel program?).
+    UnknownKind(u32),
+    /// The length does not match the record kind's layout.
+    BadLength {
+        /// Record kind name.
+        kind: &'static str,
+        /// Expected size.
+        expected: usize,
+        /// Received size.
+        got: usize,
+    },
+    /// A family other than AF_INET/AF_INET6.
+    BadFamily(u16),
+    /// A state number the kernel does not define.
+    BadState(i32),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Truncated { len } => write!(f, "truncated record ({len} bytes)"),
+            Self::UnknownKind(k) => write!(
+                f,
+                "unknown record kind {k} (kernel program and agent out of sync?)"
+            ),
+            Self::BadLength {
+                kind,
+                expected,
+                got,
+            } => write!(f, "{kind} record of {got} bytes, expected {expected}"),
+            Self::BadFamily(fam) => write!(f, "unexpected address family {fam}"),
+            Self::BadState(s) => write!(f, "unknown TCP state number {s}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Decodes one ring-buffer record.
+pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
+    if buf.len() < 4 {
+        return Err(DecodeError::Truncated { len: buf.len() });
+    }
+    let kind = (&buf[..4]).get_u32_ne();
+    match kind {
+        RECORD_STATE => decode_state(buf).map(Record::State),
+        RECORD_ACCEPT => decode_accept(buf).map(Record::Accept),
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+fn check_len(buf: &[u8], kind: &'static str, expected: usize) -> Result<(), DecodeError> {
+    if buf.len() == expected {
+        Ok(())
+    } else {
+        Err(DecodeError::BadLength {
+            kind,
+            expected,
+            got: buf.len(),
+        })
+    }
+}
+
+fn comm(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+fn addr(family: Family, raw: [u8; 16]) -> IpAddr {
+    match family {
+        Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
+        Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(raw)),
+    }
+}
+
+fn state(n: i32) -> Result<TcpState, DecodeError> {
+    TcpState::from_kernel(n).ok_or(DecodeError::BadState(n))
+}
+
+fn decode_state(buf: &[u8]) -> Result<StateChange, DecodeError> {
+    check_len(buf, "state", size_of::<StateRecord>())?;
+    // Field order and widths follow `StateRecord`; the layout test in
+    // tcptrace-common pins the size this relies on.
+    let mut b = buf;
+    let _kind = b.get_u32_ne();
+    let ctx_tgid = b.get_u32_ne();
+    let ctx_tid = b.get_u32_ne();
+    let netns = b.get_u32_ne();
+    let ts_ns = b.get_u64_ne();
+    let sk = b.get_u64_ne();
+    let old = b.get_i32_ne();
+    let new = b.get_i32_ne();
+    let family = b.get_u16_ne();
+    let sport = b.get_u16_ne();
+    let dport = b.get_u16_ne();
+    let _pad0 = b.get_u16_ne();
+    let connect_fd = b.get_i32_ne();
+    let _pad1 = b.get_u32_ne();
+    let mut saddr = [0u8; 16];
+    b.copy_to_slice(&mut saddr);
+    let mut daddr = [0u8; 16];
+    b.copy_to_slice(&mut daddr);
+    let mut raw_comm = [0u8; COMM_LEN];
+    b.copy_to_slice(&mut raw_comm);
+
+    let family = match family {
+        AF_INET => Family::Ipv4,
+        AF_INET6 => Family::Ipv6,
+        other => return Err(DecodeError::BadFamily(other)),
+    };
+    Ok(StateChange {
+        ts_ns,
+        sk,
+        netns: (netns != 0).then_some(netns),
+        family,
+        laddr: addr(family, saddr),
+        lport: sport,
+        raddr: addr(family, daddr),
+        rport: dport,
+        old: state(old)?,
+        new: state(new)?,
+        ctx: Task {
+            pid: ctx_tgid,
+            tid: ctx_tid,
+            comm: comm(&raw_comm),
+        },
+        connect_fd: (connect_fd >= 0).then_some(connect_fd),
+    })
+}
+
+fn decode_accept(buf: &[u8]) -> Result<Accept, DecodeError> {
+    check_len(buf, "accept", size_of::<AcceptRecord>())?;
+    let mut b = buf;
+    let _kind = b.get_u32_ne();
+    let tgid = b.get_u32_ne();
+    let tid = b.get_u32_ne();
+    let fd = b.get_i32_ne();
+    let ts_ns = b.get_u64_ne();
+    let sk = b.get_u64_ne();
+    let mut raw_comm = [0u8; COMM_LEN];
+    b.copy_to_slice(&mut raw_comm);
+    Ok(Accept {
+        ts_ns,
+        sk,
+        fd,
+        task: Task {
+            pid: tgid,
+            tid,
+            comm: comm(&raw_comm),
+        },
+    })
+}
+
+/// Test and benchmark helpers: raw records as the kernel program writes them.
+pub mod raw {
+    use super::*;
+
+    fn bytes_of<T: Copy>(rec: &T) -> Vec<u8> {
+        // SAFETY: `T` is one of the `#[repr(C)]` plain-data records of
+        // tcptrace-common, whose padding fields are explicit.
+        unsafe { std::slice::from_raw_parts((rec as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    /// The bytes of a [`StateRecord`].
+    pub fn state_bytes(rec: &StateRecord) -> Vec<u8> {
+        bytes_of(rec)
+    }
+
+    /// The bytes of an [`AcceptRecord`].
+    pub fn accept_bytes(rec: &AcceptRecord) -> Vec<u8> {
+        bytes_of(rec)
+    }
+
+    /// A NUL-padded comm.
+    pub fn comm(name: &str) -> [u8; COMM_LEN] {
+        let mut out = [0u8; COMM_LEN];
+        let n = name.len().min(COMM_LEN - 1);
+        out[..n].copy_from_slice(&name.as_bytes()[..n]);
+        out
+    }
+
+    /// An IPv4 transition record with sensible defaults.
+    pub fn ipv4_state(
+        sk: u64,
+        ts_ns: u64,
+        old: i32,
+        new: i32,
+        local: ([u8; 4], u16),
+        remote: ([u8; 4], u16),
+    ) -> StateRecord {
+        let mut saddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&local.0);
+        let mut daddr = [0u8; 16];
+        daddr[..4].copy_from_slice(&remote.0);
+        StateRecord {
+            kind: RECORD_STATE,
+            ctx_tgid: 100,
+            ctx_tid: 101,
+            netns: 4026531840,
+            ts_ns,
+            skaddr: sk,
+            oldstate: old,
+            newstate: new,
+            family: AF_INET,
+            sport: local.1,
+            dport: remote.1,
+            _pad0: 0,
+            connect_fd: -1,
+            _pad1: 0,
+            saddr,
+            daddr,
+            comm: comm("client"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw::{accept_bytes, comm, ipv4_state, state_bytes};
+    use super::{
+        decode, AcceptRecord, DecodeError, Family, IpAddr, Ipv6Addr, Record, StateRecord, TcpState,
+        AF_INET6, RECORD_ACCEPT,
+    };
+    use tcptrace_common::tcp_state as k;
+
+    fn sample() -> StateRecord {
+        ipv4_state(
+            0xffff_8881_0000_1000,
+            5_000,
+            k::CLOSE,
+            k::SYN_SENT,
+            ([127, 0, 0, 1], 40000),
+            ([127, 0, 0, 2], 5000),
+        )
+    }
+
+    #[test]
+    fn decodes_an_ipv4_transition() {
+        let Record::State(ev) = decode(&state_bytes(&sample())).expect("valid") else {
+            panic!("not a state record");
+        };
+        assert_eq!(ev.laddr, "127.0.0.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(ev.raddr, "127.0.0.2".parse::<IpAddr>().expect("ip"));
+        assert_eq!((ev.lport, ev.rport), (40000, 5000));
+        assert_eq!((ev.old, ev.new), (TcpState::Close, TcpState::SynSent));
+        assert_eq!(ev.ctx.comm, "client");
+        assert_eq!(ev.connect_fd, None);
+        assert_eq!(ev.netns, Some(4026531840));
+    }
+
+    #[test]
+    fn decodes_an_ipv6_transition() {
+        let mut rec = sample();
+        rec.family = AF_INET6;
+        rec.saddr = Ipv6Addr::LOCALHOST.octets();
+        rec.daddr = "2001:db8::1".parse::<Ipv6Addr>().expect("ip").octets();
+        rec.connect_fd = 7;
+        rec.netns = 0;
+        let Record::State(ev) = decode(&state_bytes(&rec)).expect("valid") else {
+            panic!("not a state record");
+        };
+        assert_eq!(ev.family, Family::Ipv6);
+        assert_eq!(ev.laddr.to_string(), "::1");
+        assert_eq!(ev.raddr.to_string(), "2001:db8::1");
+        assert_eq!(ev.connect_fd, Some(7));
+        assert_eq!(ev.netns, None);
+    }
+
+    #[test]
+    fn decodes_an_accept() {
+        let rec = AcceptRecord {
+            kind: RECORD_ACCEPT,
+            tgid: 42,
+            tid: 43,
+            fd: 9,
+            ts_ns: 1,
+            skaddr: 0xdead_beef,
+            comm: comm("server-with-a-very-long-name"),
+        };
+        let Record::Accept(acc) = decode(&accept_bytes(&rec)).expect("valid") else {
+            panic!("not an accept record");
+        };
+        assert_eq!(acc.fd, 9);
+        assert_eq!(acc.task.pid, 42);
+        assert_eq!(acc.task.comm, "server-with-a-v");
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let full = state_bytes(&sample());
+        for len in 0..full.len() {
+            assert!(decode(&full[..len]).is_err(), "length {len} accepted");
+        }
+        let acc = accept_bytes(&AcceptRecord {
+            kind: RECORD_ACCEPT,
+            tgid: 1,
+            tid: 1,
+            fd: 3,
+            ts_ns: 0,
+            skaddr: 1,
+            comm: [0; 16],
+        });
+        for len in 0..acc.len() {
+            assert!(decode(&acc[..len]).is_err(), "length {len} accepted");
+        }
+    }
+
+    #[test]
+    fn oversized_records_are_rejected() {
+        let mut bytes = state_bytes(&sample());
+        bytes.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            decode(&bytes),
+            Err(DecodeError::BadLength {
+                kind: "state",
+                expected: 104,
+                got: 112
+            })
+        );
+    }
+
+    #[test]
+    fn corrupt_fields_are_rejected() {
+        let mut rec = sample();
+        rec.kind = 99;
+        assert_eq!(
+            decode(&state_bytes(&rec)),
+            Err(DecodeError::UnknownKind(99))
+        );
+        let mut rec = sample();
+        rec.family = 1;
+        assert_eq!(decode(&state_bytes(&rec)), Err(DecodeError::BadFamily(1)));
+        let mut rec = sample();
+        rec.newstate = 42;
+        assert_eq!(decode(&state_bytes(&rec)), Err(DecodeError::BadState(42)));
+        assert_eq!(decode(&[]), Err(DecodeError::Truncated { len: 0 }));
+    }
+
+    #[test]
+    fn comm_without_nul_and_invalid_utf8_is_lossy_not_fatal() {
+        let mut rec = sample();
+        rec.comm = [0xff; 16];
+        let Record::State(ev) = decode(&state_bytes(&rec)).expect("valid") else {
+            panic!("not a state record");
+        };
+        assert_eq!(ev.ctx.comm.chars().count(), 16);
+    }
+}

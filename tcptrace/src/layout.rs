@@ -1,0 +1,152 @@
+//! Builds the [`KernelConfig`] the kernel program needs: tracepoint field
+//! offsets from tracefs and kernel struct offsets from BTF.
+//!
+//! Only `sock:inet_sock_set_state` is required. The syscall tracepoints
+//! (ownership) and BTF (network namespace, accepted sockets) are optional:
+//! without them the agent still reports every transition, with `null`
+//! where it cannot know, and says so once at start-up.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use tcptrace_common::{KernelConfig, CONFIG_ACCEPT, CONFIG_NETNS};
+
+use crate::btf::Btf;
+use crate::tracefs::{self, TracefsError};
+
+/// The main tracepoint.
+pub const STATE_TP: (&str, &str) = ("sock", "inet_sock_set_state");
+
+/// What the kernel offers, resolved.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// Passed to the kernel program.
+    pub config: KernelConfig,
+    /// `sys_enter_connect`/`sys_exit_connect` can be attached.
+    pub connect_hooks: bool,
+    /// `sys_exit_accept`/`sys_exit_accept4` can be attached.
+    pub accept_hooks: bool,
+}
+
+impl Layout {
+    /// Optional syscall tracepoints to attach: (category, name, program name).
+    pub fn optional_tracepoints(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.connect_hooks {
+            v.extend(["sys_enter_connect", "sys_exit_connect"]);
+        }
+        if self.accept_hooks {
+            v.extend(["sys_exit_accept4", "sys_exit_accept"]);
+        }
+        v
+    }
+}
+
+fn state_tp_offsets(tracefs: &Path, cfg: &mut KernelConfig) -> Result<(), TracefsError> {
+    let (cat, name) = STATE_TP;
+    let fmt = tracefs::read_format(tracefs, cat, name)?;
+    let tp = format!("{cat}:{name}");
+    let off = |field: &str, sizes: &[u32]| fmt.offset(&tp, field, sizes);
+    cfg.tp_skaddr = off("skaddr", &[8])?;
+    cfg.tp_oldstate = off("oldstate", &[4])?;
+    cfg.tp_newstate = off("newstate", &[4])?;
+    cfg.tp_sport = off("sport", &[2])?;
+    cfg.tp_dport = off("dport", &[2])?;
+    cfg.tp_family = off("family", &[2])?;
+    cfg.tp_protocol = off("protocol", &[1, 2])?;
+    cfg.tp_protocol_size = fmt.field("protocol").map_or(2, |f| f.size);
+    cfg.tp_saddr = off("saddr", &[4])?;
+    cfg.tp_daddr = off("daddr", &[4])?;
+    cfg.tp_saddr_v6 = off("saddr_v6", &[16])?;
+    cfg.tp_daddr_v6 = off("daddr_v6", &[16])?;
+    Ok(())
+}
+
+fn syscall_offset(tracefs: &Path, name: &str, field: &str) -> Result<u32, TracefsError> {
+    let fmt = tracefs::read_format(tracefs, "syscalls", name)?;
+    fmt.offset(&format!("syscalls:{name}"), field, &[8])
+}
+
+fn btf_offsets(btf: &Btf, cfg: &mut KernelConfig) -> anyhow::Result<()> {
+    cfg.sk_net = btf.member_offset("sock", &["__sk_common", "skc_net", "net"])?;
+    cfg.net_inum = btf.member_offset("net", &["ns", "inum"])?;
+    cfg.flags |= CONFIG_NETNS;
+    Ok(())
+}
+
+fn btf_accept_offsets(btf: &Btf, cfg: &mut KernelConfig) -> anyhow::Result<()> {
+    cfg.task_files = btf.member_offset("task_struct", &["files"])?;
+    cfg.files_fdt = btf.member_offset("files_struct", &["fdt"])?;
+    cfg.fdt_max_fds = btf.member_offset("fdtable", &["max_fds"])?;
+    cfg.fdt_fd = btf.member_offset("fdtable", &["fd"])?;
+    cfg.file_private_data = btf.member_offset("file", &["private_data"])?;
+    cfg.socket_sk = btf.member_offset("socket", &["sk"])?;
+    cfg.sk_family = btf.member_offset("sock", &["__sk_common", "skc_family"])?;
+    Ok(())
+}
+
+/// Resolves everything; fails only when the main tracepoint is unusable.
+pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
+    let mut cfg = KernelConfig::ZERO;
+    state_tp_offsets(tracefs, &mut cfg)?;
+
+    let connect = syscall_offset(tracefs, "sys_enter_connect", "fd")
+        .and_then(|fd| tracefs::read_format(tracefs, "syscalls", "sys_exit_connect").map(|_| fd));
+    let connect_hooks = match connect {
+        Ok(fd) => {
+            cfg.enter_connect_fd = fd;
+            true
+        }
+        Err(e) => {
+            log::warn!("connect() hooks unavailable, client sockets will have no fd: {e}");
+            false
+        }
+    };
+
+    let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux");
+    let btf = match btf {
+        Ok(btf) => Some(btf),
+        Err(e) => {
+            log::warn!(
+                "no kernel BTF ({e:#}): network namespaces and owners of accepted sockets \
+                 will be unknown; a kernel with CONFIG_DEBUG_INFO_BTF=y fixes this"
+            );
+            None
+        }
+    };
+    if let Some(btf) = &btf {
+        if let Err(e) = btf_offsets(btf, &mut cfg) {
+            log::warn!(
+                "cannot locate the socket's network namespace in BTF: {e:#}; netns will be null"
+            );
+        }
+    }
+
+    let accept = syscall_offset(tracefs, "sys_exit_accept4", "ret")
+        .and_then(|r4| syscall_offset(tracefs, "sys_exit_accept", "ret").map(|r| (r4, r)));
+    let accept_hooks = match (accept, &btf) {
+        (Ok((r4, r)), Some(btf)) => match btf_accept_offsets(btf, &mut cfg) {
+            Ok(()) => {
+                cfg.exit_accept4_ret = r4;
+                cfg.exit_accept_ret = r;
+                cfg.flags |= CONFIG_ACCEPT;
+                true
+            }
+            Err(e) => {
+                log::warn!("cannot resolve fds to sockets from BTF ({e:#}); accepted sockets will have no owner");
+                false
+            }
+        },
+        (Err(e), _) => {
+            log::warn!("accept() hooks unavailable ({e}); accepted sockets will have no owner");
+            false
+        }
+        (Ok(_), None) => false,
+    };
+
+    Ok(Layout {
+        config: cfg,
+        connect_hooks,
+        accept_hooks,
+    })
+}

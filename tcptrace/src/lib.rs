@@ -1,0 +1,24 @@
+//! tcptrace: every TCP state change on a Linux host, from an eBPF
+//! tracepoint to one line per transition.
+//!
+//! The crate is a pure middle with the kernel at one edge and stdout at the
+//! other: [`decode`] turns ring-buffer bytes into records, [`tracker`] keeps
+//! per-socket state (durations, owners), [`filter`] and [`output`] choose
+//! and format lines; [`pipeline`] chains them. [`tracefs`], [`btf`],
+//! [`layout`], [`probe`] and [`agent`] deal with the kernel and the process.
+
+pub mod agent;
+
+pub mod btf;
+pub mod cli;
+pub mod clock;
+pub mod decode;
+pub mod filter;
+pub mod layout;
+pub mod output;
+pub mod pipeline;
+pub mod privileges;
+pub mod probe;
+pub mod state;
+pub mod tracefs;
+pub mod tracker;

@@ -1,0 +1,296 @@
+//! Formatting of events as JSON lines or aligned text. Pure: takes events
+//! and wall times, returns lines; writing them is the caller's job.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::tracker::Transition;
+
+/// Version of the JSON line schema documented in the README. Bump it when a
+/// field changes meaning or disappears; adding a field does not bump it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One JSON object per line (schema in the README).
+    Json,
+    /// Aligned columns for people.
+    Text,
+}
+
+/// Records the kernel could not deliver, as one output event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lost {
+    /// Records lost since the previous report.
+    pub lost: u64,
+    /// Records lost since the agent started.
+    pub lost_total: u64,
+}
+
+/// RFC 3339, UTC, microseconds: `2026-11-24T19:00:00.123456Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+#[derive(Serialize)]
+struct StateChangeLine<'a> {
+    schema: u32,
+    ts: String,
+    event: &'static str,
+    family: &'static str,
+    laddr: String,
+    lport: u16,
+    raddr: String,
+    rport: u16,
+    netns: Option<u32>,
+    old: &'static str,
+    new: &'static str,
+    prev_state_ms: Option<f64>,
+    sk: String,
+    pid: Option<u32>,
+    fd: Option<i32>,
+    comm: Option<&'a str>,
+    ctx_pid: u32,
+    ctx_tid: u32,
+    ctx_comm: &'a str,
+}
+
+#[derive(Serialize)]
+struct LostLine {
+    schema: u32,
+    ts: String,
+    event: &'static str,
+    lost: u64,
+    lost_total: u64,
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    // Serializing these plain structs cannot fail (no maps with non-string
+    // keys, no I/O); fall back to an explicit error object just in case.
+    serde_json::to_string(value)
+        .unwrap_or_else(|e| format!("{{\"event\":\"error\",\"error\":{:?}}}", e.to_string()))
+}
+
+/// Milliseconds rounded to microseconds, so that lines stay short.
+fn round_ms(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
+impl Format {
+    /// A header line to print once before the events, if the format has one.
+    pub fn header(self) -> Option<String> {
+        match self {
+            Self::Json => None,
+            Self::Text => Some(format!(
+                "{:<15} {:<10} {:<39} {:<39} {:<12}    {:<12} {:>10} {:>7} {:>4} {:<15} {}",
+                "TIME(UTC)",
+                "NETNS",
+                "LOCAL",
+                "REMOTE",
+                "OLD",
+                "NEW",
+                "MS",
+                "PID",
+                "FD",
+                "COMM",
+                "CONTEXT"
+            )),
+        }
+    }
+
+    /// One transition, without the trailing newline.
+    pub fn transition(self, t: &Transition, wall: SystemTime) -> String {
+        let c = &t.change;
+        match self {
+            Self::Json => to_json(&StateChangeLine {
+                schema: SCHEMA_VERSION,
+                ts: rfc3339(wall),
+                event: "state_change",
+                family: c.family.name(),
+                laddr: c.laddr.to_string(),
+                lport: c.lport,
+                raddr: c.raddr.to_string(),
+                rport: c.rport,
+                netns: c.netns,
+                old: c.old.name(),
+                new: c.new.name(),
+                prev_state_ms: t.prev_state_ms.map(round_ms),
+                sk: format!("{:x}", c.sk),
+                pid: t.owner.as_ref().map(|o| o.pid),
+                fd: t.owner.as_ref().and_then(|o| o.fd),
+                comm: t.owner.as_ref().map(|o| o.comm.as_str()),
+                ctx_pid: c.ctx.pid,
+                ctx_tid: c.ctx.tid,
+                ctx_comm: &c.ctx.comm,
+            }),
+            Self::Text => {
+                let mut line = String::with_capacity(200);
+                let ts = rfc3339(wall);
+                // "2026-11-24T19:00:00.123456Z" -> "19:00:00.123456"
+                let time = ts.get(11..26).unwrap_or(&ts);
+                let endpoint = |addr: &std::net::IpAddr, port: u16| match addr {
+                    std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+                    std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+                };
+                let ms = t
+                    .prev_state_ms
+                    .map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}"));
+                let netns = c.netns.map_or_else(|| "-".to_string(), |n| n.to_string());
+                let (pid, fd, comm) = match &t.owner {
+                    Some(o) => (
+                        o.pid.to_string(),
+                        o.fd.map_or_else(|| "-".to_string(), |fd| fd.to_string()),
+                        o.comm.as_str(),
+                    ),
+                    None => ("-".to_string(), "-".to_string(), "-"),
+                };
+                let _ = write!(
+                    line,
+                    "{:<15} {:<10} {:<39} {:<39} {:<12} -> {:<12} {:>10} {:>7} {:>4} {:<15} {}/{}",
+                    time,
+                    netns,
+                    endpoint(&c.laddr, c.lport),
+                    endpoint(&c.raddr, c.rport),
+                    c.old,
+                    c.new,
+                    ms,
+                    pid,
+                    fd,
+                    comm,
+                    c.ctx.pid,
+                    c.ctx.comm
+                );
+                line
+            }
+        }
+    }
+
+    /// A lost-records report, without the trailing newline.
+    pub fn lost(self, lost: Lost, wall: SystemTime) -> String {
+        match self {
+            Self::Json => to_json(&LostLine {
+                schema: SCHEMA_VERSION,
+                ts: rfc3339(wall),
+                event: "lost",
+                lost: lost.lost,
+                lost_total: lost.lost_total,
+            }),
+            Self::Text => {
+                let ts = rfc3339(wall);
+                format!(
+                    "{:<15} LOST {} records ({} since start): the ring buffer was full; raise --ring-buffer-size",
+                    ts.get(11..26).unwrap_or(&ts),
+                    lost.lost,
+                    lost.lost_total
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Family, StateChange, Task};
+    use crate::state::TcpState;
+    use crate::tracker::Owner;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn sample(owner: bool) -> Transition {
+        Transition {
+            change: StateChange {
+                ts_ns: 0,
+                sk: 0xffff_8881_0abc_d000,
+                netns: Some(4026531840),
+                family: Family::Ipv6,
+                laddr: "::1".parse().expect("ip"),
+                lport: 40000,
+                raddr: "::1".parse().expect("ip"),
+                rport: 5000,
+                old: TcpState::Established,
+                new: TcpState::CloseWait,
+                ctx: Task {
+                    pid: 9,
+                    tid: 10,
+                    comm: "ctx \"q\"".into(),
+                },
+                connect_fd: None,
+            },
+            prev_state_ms: Some(1.234_567_8),
+            owner: owner.then(|| Owner {
+                pid: 7,
+                fd: Some(3),
+                comm: "orders-svc".into(),
+            }),
+        }
+    }
+
+    fn wall() -> SystemTime {
+        UNIX_EPOCH + Duration::from_micros(1_764_010_800_123_456)
+    }
+
+    #[test]
+    fn json_line_has_the_documented_fields_in_order() {
+        let line = Format::Json.transition(&sample(true), wall());
+        assert_eq!(
+            line,
+            concat!(
+                r#"{"schema":1,"ts":"2025-11-24T19:00:00.123456Z","event":"state_change","#,
+                r#""family":"ipv6","laddr":"::1","lport":40000,"raddr":"::1","rport":5000,"#,
+                r#""netns":4026531840,"old":"ESTABLISHED","new":"CLOSE_WAIT","#,
+                r#""prev_state_ms":1.235,"sk":"ffff88810abcd000","pid":7,"fd":3,"#,
+                r#""comm":"orders-svc","ctx_pid":9,"ctx_tid":10,"ctx_comm":"ctx \"q\""}"#
+            )
+        );
+    }
+
+    #[test]
+    fn unknown_owner_and_duration_are_null() {
+        let mut t = sample(false);
+        t.prev_state_ms = None;
+        t.change.netns = None;
+        let v: serde_json::Value =
+            serde_json::from_str(&Format::Json.transition(&t, wall())).expect("valid JSON");
+        for key in ["pid", "fd", "comm", "prev_state_ms", "netns"] {
+            assert!(v[key].is_null(), "{key} should be null: {v}");
+        }
+    }
+
+    #[test]
+    fn lost_line() {
+        let line = Format::Json.lost(
+            Lost {
+                lost: 5,
+                lost_total: 12,
+            },
+            wall(),
+        );
+        assert_eq!(
+            line,
+            r#"{"schema":1,"ts":"2025-11-24T19:00:00.123456Z","event":"lost","lost":5,"lost_total":12}"#
+        );
+        assert!(Format::Text
+            .lost(
+                Lost {
+                    lost: 5,
+                    lost_total: 12
+                },
+                wall()
+            )
+            .contains("LOST 5"));
+    }
+
+    #[test]
+    fn text_columns_line_up_with_the_header() {
+        let header = Format::Text.header().expect("text has a header");
+        let line = Format::Text.transition(&sample(true), wall());
+        assert!(line.starts_with("19:00:00.123456 4026531840 [::1]:40000"));
+        assert!(line.contains("ESTABLISHED  -> CLOSE_WAIT"));
+        let col = |s: &str, word: &str| s.find(word).expect(word);
+        assert_eq!(col(&header, "REMOTE"), col(&line, "[::1]:5000"));
+        assert!(line.ends_with("orders-svc      9/ctx \"q\""));
+    }
+}

@@ -1,0 +1,333 @@
+//! Per-socket state machine: how long each socket spent in the state it
+//! leaves, and who owns it. Pure: driven only by decoded records.
+//!
+//! A socket is keyed by its kernel address, which the kernel reuses once
+//! the socket is freed. A socket's life ends at CLOSE (the entry is
+//! dropped) and a transition out of CLOSE, or a listener's child entering
+//! SYN_RECV, starts a new one; anything that does not continue the tracked
+//! state (lost records, reordering) yields an unknown duration rather than
+//! a wrong one.
+
+use std::collections::HashMap;
+
+use crate::decode::{Accept, StateChange};
+use crate::state::TcpState;
+
+/// The process holding a socket, as seen at `connect()`, `listen()` or `accept()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Process id.
+    pub pid: u32,
+    /// File descriptor in that process, when known.
+    pub fd: Option<i32>,
+    /// Command name.
+    pub comm: String,
+}
+
+/// A state change with what the tracker knows about the socket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    /// The raw transition.
+    pub change: StateChange,
+    /// Milliseconds spent in `change.old`; `None` when the tracker did not
+    /// see the socket enter it.
+    pub prev_state_ms: Option<f64>,
+    /// The socket's owner, when known.
+    pub owner: Option<Owner>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Current state and since when (monotonic ns); `None` when only the
+    /// owner is known (an accept seen before any transition).
+    state: Option<(TcpState, u64)>,
+    owner: Option<Owner>,
+    /// Last record time, for eviction.
+    touched_ns: u64,
+}
+
+/// Default number of sockets tracked at once.
+pub const DEFAULT_CAPACITY: usize = 262_144;
+
+/// Tracks every live TCP socket seen by the kernel program.
+#[derive(Debug)]
+pub struct Tracker {
+    sockets: HashMap<u64, Entry>,
+    capacity: usize,
+    evicted: u64,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::new(DEFAULT_CAPACITY)
+    }
+}
+
+fn starts_new_life(change: &StateChange) -> bool {
+    change.old == TcpState::Close
+        || (change.new == TcpState::SynRecv
+            && matches!(change.old, TcpState::Listen | TcpState::NewSynRecv))
+}
+
+/// CLOSE->SYN_SENT runs inside connect() (or a fast-open sendmsg) and
+/// CLOSE->LISTEN inside listen(): the context task is the owner.
+fn owner_from_context(change: &StateChange) -> Option<Owner> {
+    let in_owner_syscall =
+        change.old == TcpState::Close && matches!(change.new, TcpState::SynSent | TcpState::Listen);
+    in_owner_syscall.then(|| Owner {
+        pid: change.ctx.pid,
+        fd: change.connect_fd,
+        comm: change.ctx.comm.clone(),
+    })
+}
+
+impl Tracker {
+    /// A tracker holding at most `capacity` sockets (at least 1); past that
+    /// the least recently active eighth is forgotten.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            sockets: HashMap::new(),
+            capacity: capacity.max(1),
+            evicted: 0,
+        }
+    }
+
+    /// Number of sockets tracked now.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// True when no socket is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Sockets forgotten because the tracker was full.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Applies a transition and returns it with its duration and owner.
+    pub fn on_state(&mut self, change: StateChange) -> Transition {
+        let ts = change.ts_ns;
+        let new_life = starts_new_life(&change);
+        if new_life {
+            // Whatever was known under this address belonged to a freed socket.
+            self.sockets.remove(&change.sk);
+        }
+        let prev = self.sockets.get(&change.sk);
+        let prev_state_ms = prev.and_then(|e| e.state).and_then(|(state, since)| {
+            (state == change.old && ts >= since).then(|| (ts - since) as f64 / 1e6)
+        });
+        let owner = owner_from_context(&change).or_else(|| prev.and_then(|e| e.owner.clone()));
+
+        if change.new == TcpState::Close {
+            self.sockets.remove(&change.sk);
+        } else {
+            self.make_room(change.sk);
+            let entry = self.sockets.entry(change.sk).or_insert(Entry {
+                state: None,
+                owner: None,
+                touched_ns: ts,
+            });
+            entry.state = Some((change.new, ts));
+            entry.owner.clone_from(&owner);
+            entry.touched_ns = ts;
+        }
+        Transition {
+            change,
+            prev_state_ms,
+            owner,
+        }
+    }
+
+    /// Records the owner of an accepted socket.
+    pub fn on_accept(&mut self, accept: &Accept) {
+        self.make_room(accept.sk);
+        let entry = self.sockets.entry(accept.sk).or_insert(Entry {
+            state: None,
+            owner: None,
+            touched_ns: accept.ts_ns,
+        });
+        entry.owner = Some(Owner {
+            pid: accept.task.pid,
+            fd: Some(accept.fd),
+            comm: accept.task.comm.clone(),
+        });
+        entry.touched_ns = entry.touched_ns.max(accept.ts_ns);
+    }
+
+    /// Evicts the least recently touched eighth when full and `sk` is new.
+    fn make_room(&mut self, sk: u64) {
+        if self.sockets.len() < self.capacity || self.sockets.contains_key(&sk) {
+            return;
+        }
+        let mut ages: Vec<(u64, u64)> = self
+            .sockets
+            .iter()
+            .map(|(sk, e)| (e.touched_ns, *sk))
+            .collect();
+        let n = (self.capacity / 8).max(1);
+        ages.select_nth_unstable(n - 1);
+        for (_, sk) in &ages[..n] {
+            self.sockets.remove(sk);
+        }
+        self.evicted += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Family, Task};
+    use std::net::{IpAddr, Ipv4Addr};
+    use TcpState::*;
+
+    fn change(sk: u64, ts_ms: u64, old: TcpState, new: TcpState, ctx_pid: u32) -> StateChange {
+        StateChange {
+            ts_ns: ts_ms * 1_000_000,
+            sk,
+            netns: Some(1),
+            family: Family::Ipv4,
+            laddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            lport: 40000,
+            raddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            rport: 5000,
+            old,
+            new,
+            ctx: Task {
+                pid: ctx_pid,
+                tid: ctx_pid,
+                comm: format!("p{ctx_pid}"),
+            },
+            connect_fd: None,
+        }
+    }
+
+    fn accept(sk: u64, ts_ms: u64, pid: u32, fd: i32) -> Accept {
+        Accept {
+            ts_ns: ts_ms * 1_000_000,
+            sk,
+            fd,
+            task: Task {
+                pid,
+                tid: pid,
+                comm: "server".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn client_life_has_durations_and_an_owner_from_connect() {
+        let mut t = Tracker::default();
+        let mut first = change(1, 10, Close, SynSent, 7);
+        first.connect_fd = Some(3);
+        let tr = t.on_state(first);
+        assert_eq!(tr.prev_state_ms, None);
+        assert_eq!(
+            tr.owner,
+            Some(Owner {
+                pid: 7,
+                fd: Some(3),
+                comm: "p7".into()
+            })
+        );
+        // Softirq transitions run in other tasks: the owner stays pid 7.
+        let tr = t.on_state(change(1, 12, SynSent, Established, 0));
+        assert_eq!(tr.prev_state_ms, Some(2.0));
+        assert_eq!(tr.owner.as_ref().map(|o| o.pid), Some(7));
+        t.on_state(change(1, 112, Established, FinWait1, 7));
+        t.on_state(change(1, 113, FinWait1, FinWait2, 9));
+        let tr = t.on_state(change(1, 120, FinWait2, Close, 9));
+        assert_eq!(tr.prev_state_ms, Some(7.0));
+        assert_eq!(tr.owner.map(|o| o.pid), Some(7));
+        assert!(t.is_empty(), "CLOSE ends the socket's life");
+    }
+
+    #[test]
+    fn accepted_socket_gets_its_owner_from_accept() {
+        let mut t = Tracker::default();
+        let tr = t.on_state(change(2, 0, Listen, SynRecv, 99));
+        assert_eq!(tr.owner, None, "a softirq context task is not the owner");
+        t.on_state(change(2, 1, SynRecv, Established, 99));
+        t.on_accept(&accept(2, 2, 50, 4));
+        let tr = t.on_state(change(2, 5, Established, CloseWait, 99));
+        assert_eq!(
+            tr.owner.as_ref().map(|o| (o.pid, o.fd)),
+            Some((50, Some(4)))
+        );
+        assert_eq!(tr.prev_state_ms, Some(4.0));
+    }
+
+    #[test]
+    fn accept_before_any_transition_keeps_owner_and_unknown_duration() {
+        let mut t = Tracker::default();
+        t.on_accept(&accept(3, 2, 50, 4));
+        let tr = t.on_state(change(3, 5, Established, CloseWait, 99));
+        assert_eq!(tr.prev_state_ms, None);
+        assert_eq!(tr.owner.map(|o| o.pid), Some(50));
+    }
+
+    #[test]
+    fn out_of_order_states_give_unknown_duration_not_a_wrong_one() {
+        let mut t = Tracker::default();
+        t.on_state(change(4, 0, Close, SynSent, 7));
+        // SYN_SENT -> ESTABLISHED was lost.
+        let tr = t.on_state(change(4, 50, Established, FinWait1, 7));
+        assert_eq!(tr.prev_state_ms, None);
+        assert_eq!(tr.owner.map(|o| o.pid), Some(7), "owner survives a gap");
+        // Then the tracker continues from the reported state.
+        let tr = t.on_state(change(4, 60, FinWait1, FinWait2, 0));
+        assert_eq!(tr.prev_state_ms, Some(10.0));
+    }
+
+    #[test]
+    fn time_going_backwards_gives_unknown_duration() {
+        let mut t = Tracker::default();
+        t.on_state(change(5, 100, Close, SynSent, 7));
+        let tr = t.on_state(change(5, 90, SynSent, Established, 0));
+        assert_eq!(tr.prev_state_ms, None);
+    }
+
+    #[test]
+    fn reused_socket_address_starts_a_fresh_life() {
+        let mut t = Tracker::default();
+        t.on_state(change(6, 0, Close, SynSent, 7));
+        t.on_state(change(6, 1, SynSent, Established, 7));
+        // The CLOSE of the first socket was lost; the address is reused by
+        // a listener's child owned by nobody we know yet.
+        let tr = t.on_state(change(6, 500, Listen, SynRecv, 99));
+        assert_eq!(
+            tr.owner, None,
+            "the old owner must not leak to the new socket"
+        );
+        assert_eq!(tr.prev_state_ms, None);
+        // And reused by a new client.
+        let tr = t.on_state(change(6, 600, Close, SynSent, 8));
+        assert_eq!(tr.owner.map(|o| o.pid), Some(8));
+    }
+
+    #[test]
+    fn reconnect_after_failed_connect_relearns_owner() {
+        let mut t = Tracker::default();
+        t.on_state(change(7, 0, Close, SynSent, 7));
+        let tr = t.on_state(change(7, 1000, SynSent, Close, 0));
+        assert_eq!(tr.prev_state_ms, Some(1000.0));
+        let tr = t.on_state(change(7, 1001, Close, SynSent, 7));
+        assert_eq!(tr.prev_state_ms, None);
+        assert_eq!(tr.owner.map(|o| o.pid), Some(7));
+    }
+
+    #[test]
+    fn capacity_is_bounded() {
+        let mut t = Tracker::new(16);
+        for sk in 0..100 {
+            t.on_state(change(sk, sk, Close, SynSent, 7));
+            assert!(t.len() <= 16);
+        }
+        assert!(t.evicted() >= 84);
+        // The most recent sockets survive.
+        let tr = t.on_state(change(99, 200, SynSent, Established, 0));
+        assert!(tr.prev_state_ms.is_some());
+    }
+}
