@@ -1,7 +1,7 @@
 //! Builds the kernel program (`tcptrace-ebpf`) for the BPF target and puts the
 //! object in OUT_DIR, where `main.rs` embeds it.
 //!
-//! The build uses the stable toolchain: `RUSTC_BOOTSTRAP=1` (set here when the
+//! The build uses a stable toolchain: `RUSTC_BOOTSTRAP=1` (set here when the
 //! caller did not) unlocks `-Z build-std=core`, which needs the `rust-src`
 //! component; linking needs `bpf-linker`. `cargo xtask build` installs both.
 use anyhow::{anyhow, Context as _};
@@ -15,6 +15,11 @@ fn main() -> anyhow::Result<()> {
     let root = root
         .to_str()
         .ok_or_else(|| anyhow!("non UTF-8 path {}", root.display()))?;
+    // Build the kernel program with the toolchain building us (rustup sets
+    // RUSTUP_TOOLCHAIN for its children): a machine may have no "stable" or
+    // "nightly" alias installed, and nothing can be downloaded.
+    let toolchain = std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".to_string());
+    println!("cargo:rerun-if-env-changed=RUSTUP_TOOLCHAIN");
     if std::env::var_os("RUSTC_BOOTSTRAP").is_none() {
         // SAFETY: build scripts are single-threaded at this point.
         unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
@@ -25,7 +30,7 @@ fn main() -> anyhow::Result<()> {
             root_dir: root,
             ..Default::default()
         }],
-        Toolchain::Custom("stable"),
+        Toolchain::Custom(&toolchain),
     )
     .context("building the eBPF program failed; run `cargo xtask build` to install rust-src and bpf-linker")
 }
