@@ -85,7 +85,7 @@ impl Format {
         match self {
             Self::Json => None,
             Self::Text => Some(format!(
-                "{:<15} {:<10} {:<39} {:<39} {:<12}    {:<12} {:>10} {:>7} {:>4} {:<15} {}",
+                "{:<15} {:<10} {:<23} {:<23} {:<12}    {:<12} {:>10} {:>7} {:>4} {:<15} {}",
                 "TIME(UTC)",
                 "NETNS",
                 "LOCAL",
@@ -127,7 +127,9 @@ impl Format {
                 ctx_comm: &c.ctx.comm,
             }),
             Self::Text => {
-                let mut line = String::with_capacity(200);
+                // Addresses get 23 columns ("255.255.255.255:65535" and short
+                // IPv6 fit); a long IPv6 address pushes the rest of its line.
+                let mut line = String::with_capacity(160);
                 let ts = rfc3339(wall);
                 // "2026-11-24T19:00:00.123456Z" -> "19:00:00.123456"
                 let time = ts.get(11..26).unwrap_or(&ts);
@@ -149,7 +151,7 @@ impl Format {
                 };
                 let _ = write!(
                     line,
-                    "{:<15} {:<10} {:<39} {:<39} {:<12} -> {:<12} {:>10} {:>7} {:>4} {:<15} {}/{}",
+                    "{:<15} {:<10} {:<23} {:<23} {:<12} -> {:<12} {:>10} {:>7} {:>4} {:<15} {}/{}",
                     time,
                     netns,
                     endpoint(&c.laddr, c.lport),
