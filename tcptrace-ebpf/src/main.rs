@@ -13,15 +13,17 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
-    EbpfContext, Global,
-    helpers::{bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
+    EbpfContext, Global,
 };
 use tcptrace_common::{
-    AF_INET, AF_INET6, AcceptRecord, CONFIG_ACCEPT, CONFIG_NETNS, IPPROTO_TCP, KernelConfig,
-    RECORD_ACCEPT, RECORD_STATE, StateRecord, tcp_state,
+    tcp_state, AcceptRecord, KernelConfig, StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT,
+    CONFIG_NETNS, IPPROTO_TCP, RECORD_ACCEPT, RECORD_STATE,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
