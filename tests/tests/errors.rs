@@ -42,6 +42,12 @@ fn assert_clean_error(code: Option<i32>, stderr: &str, want_code: i32, needle: &
     assert!(!stderr.contains("stack backtrace"), "backtrace:\n{stderr}");
 }
 
+/// Runs a shell script in a private mount namespace: whatever it mounts or
+/// unmounts, the host's mounts stay as they are.
+fn in_private_mount_namespace(script: &str) -> (Option<i32>, String, String) {
+    run_to_end(Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", script]))
+}
+
 #[test]
 fn not_root_says_which_privileges() {
     let agent = WorldExecutable::new("nonroot");
@@ -63,22 +69,14 @@ fn not_root_says_which_privileges() {
 #[test]
 fn tracefs_unmounted_and_unmountable_says_how_to_mount_it() {
     let agent = agent_bin();
-    // A private mount namespace: the host's mounts stay as they are. Without
-    // CAP_SYS_ADMIN the agent cannot mount tracefs itself.
+    // Without CAP_SYS_ADMIN the agent cannot mount tracefs itself.
     let script = format!(
         "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug/tracing 2>/dev/null; \
          umount -l /sys/kernel/debug 2>/dev/null; \
          exec setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin -- {}",
         agent.display()
     );
-    let (code, _, stderr) = run_to_end(Command::new("unshare").args([
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &script,
-    ]));
+    let (code, _, stderr) = in_private_mount_namespace(&script);
     assert_clean_error(code, &stderr, 1, "tracefs is not mounted");
     assert!(stderr.contains("mount -t tracefs"), "{stderr}");
 }
@@ -98,14 +96,7 @@ fn missing_tracepoint_is_named() {
         "mount -t tmpfs none /sys/kernel/tracing/events/sock && exec {}",
         agent_bin().display()
     );
-    let (code, _, stderr) = run_to_end(Command::new("unshare").args([
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &script,
-    ]));
+    let (code, _, stderr) = in_private_mount_namespace(&script);
     assert_clean_error(
         code,
         &stderr,
