@@ -1,168 +1,242 @@
-//! `cargo xtask`: build, run and test tcptrace, installing what the build
-//! needs first. See `cargo xtask --help`.
+//! `cargo xtask`: the one entry point to build, run and test tcptrace.
+//!
+//! The agent embeds an eBPF object that is built by its build script with a
+//! stable toolchain, the `rust-src` component and a `bpf-linker` linked
+//! against the same LLVM major as rustc. None of that is there on a fresh
+//! machine, and a mismatched `bpf-linker` fails with obscure bitcode errors,
+//! so every command first makes sure the tools are right (installing what is
+//! missing, and saying so), then does its job:
+//!
+//! - `build`: build the agent;
+//! - `run`: build it and run it as root, passing its exit code through;
+//! - `test`: build it and run the test suite (as root) against that binary.
+//!
+//! Modules: [`toolchain`] checks and installs the build and test tools,
+//! [`apt`] installs Debian packages, [`cargo`] drives the nested cargo, and
+//! [`run`] spawns processes (errors with context, signal and exit-code
+//! handling, root checks).
 
 mod apt;
-mod cmd;
+mod cargo;
+mod run;
 mod toolchain;
 
-use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::ffi::OsString;
+use std::process::Command;
 
-use anyhow::{anyhow, Context as _};
+use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
-#[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    about = "Build, run and test tcptrace. Each command first installs what is missing \
-             (rust-src, bpf-linker built against rustc's LLVM, and for tests iproute2 and \
-             util-linux), saying what it installs."
-)]
+/// Prints one progress line, prefixed with `xtask:`, on stderr (stdout stays
+/// for the agent's own output under `cargo xtask run`).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        eprintln!("xtask: {}", format_args!($($arg)*))
+    };
+}
+pub(crate) use say;
+
+/// Build, run and test tcptrace (an eBPF agent tracing TCP state changes).
+///
+/// Every command first makes sure the build tools are present and right: the
+/// `rust-src` component (via rustup) and a `bpf-linker` built against the
+/// LLVM major version that rustc uses (Debian's `llvm-NN-dev` plus
+/// `cargo install bpf-linker`). What is missing is installed, and each step
+/// is printed.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
 }
 
-#[derive(Subcommand)]
+#[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Build the kernel program and the agent.
+    /// Install missing build tools, then build the agent
+    /// (`cargo build --package tcptrace`).
     Build {
-        /// Optimized build.
+        /// Build with the release profile (target/release/tcptrace).
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run the agent as root (through `sudo -E` when not root).
+    /// Build the agent, then run it as root and exit with its exit code.
+    ///
+    /// As root the agent is started directly; otherwise through `sudo -E`.
+    /// SIGINT/SIGTERM (Ctrl-C) go to the agent, which detaches its programs,
+    /// flushes its output and exits 0. Example:
+    /// `cargo xtask run -- --format text --state close_wait`.
     Run {
-        /// Optimized build.
+        /// Build and run the release binary.
         #[arg(long)]
         release: bool,
-        /// Arguments for the agent, after `--` (try `-- --help`).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// Arguments for the agent (after `--`), e.g. `-- --port 3306 -4`;
+        /// `-- --help` lists them.
+        #[arg(last = true, value_name = "AGENT_ARGS")]
+        args: Vec<OsString>,
     },
-    /// Build, then run every test (unit and integration; needs root).
+    /// Install missing build and test tools, build the agent, then run
+    /// `cargo test` with TCPTRACE_BIN set to the built agent.
+    ///
+    /// Needs root (the tests load BPF programs): when not root, the whole
+    /// command is run again through `sudo -E`. Test tools installed when
+    /// missing: `ip`, `ss` (iproute2), `unshare`, `setpriv` (util-linux),
+    /// `mount`, `umount` (mount). Example:
+    /// `cargo xtask test -- --package tcptrace-tests -- --nocapture`.
     Test {
-        /// Arguments for `cargo test`, after `--` (e.g. `-- loopback`).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// Arguments for `cargo test` (after `--`); a second `--` passes
+        /// arguments on to the test binaries.
+        #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
+        args: Vec<OsString>,
     },
 }
 
-fn workspace_root() -> anyhow::Result<PathBuf> {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("xtask has no parent directory"))
-}
-
-fn target_dir(root: &std::path::Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map_or_else(|| root.join("target"), |d| root.join(d))
-}
-
-/// Builds the agent; returns the path of its binary.
-fn build(release: bool) -> anyhow::Result<PathBuf> {
-    toolchain::ensure_build_tools(&mut apt::Apt::default())?;
-    let root = workspace_root()?;
-    let mut cargo = Command::new("cargo");
-    cargo
-        .current_dir(&root)
-        .args(["build", "--package", "tcptrace"]);
-    if release {
-        cargo.arg("--release");
-    }
-    cmd::run(&mut cargo).context("building the agent")?;
-    let bin = target_dir(&root)
-        .join(if release { "release" } else { "debug" })
-        .join("tcptrace");
-    if !bin.is_file() {
-        return Err(anyhow!("the build did not produce {}", bin.display()));
-    }
-    Ok(bin)
-}
-
-/// Ignores SIGINT/SIGTERM in xtask itself while `child` runs: Ctrl-C reaches
-/// the agent (same process group), which flushes and exits 0.
-fn wait_forwarding_exit(mut child: std::process::Child) -> anyhow::Result<ExitCode> {
-    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGTERM, libc::SIG_IGN);
-    }
-    let status = child.wait().context("waiting for the agent")?;
-    Ok(match status.code() {
-        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        None => ExitCode::FAILURE,
-    })
-}
-
-/// `sudo -E` in front of `program` unless we are root.
-fn as_root(program: &std::path::Path) -> anyhow::Result<Command> {
-    if cmd::is_root() {
-        return Ok(Command::new(program));
-    }
-    if cmd::output(Command::new("sh").args(["-c", "command -v sudo"])).is_none() {
-        return Err(anyhow!(
-            "tcptrace needs root (or CAP_BPF+CAP_PERFMON) and sudo is not installed; run this as root"
-        ));
-    }
-    let mut c = Command::new("sudo");
-    c.arg("-E").arg(program);
-    Ok(c)
-}
-
-fn run(release: bool, args: &[String]) -> anyhow::Result<ExitCode> {
-    let bin = build(release)?;
-    let mut agent = as_root(&bin)?;
-    agent.args(args);
-    eprintln!("xtask: running `{}`", cmd::display(&agent));
-    let child = agent
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    wait_forwarding_exit(child)
-}
-
-fn test(args: &[String]) -> anyhow::Result<ExitCode> {
-    if !cmd::is_root() {
-        // The tests load BPF programs and create network namespaces.
-        let me = std::env::current_exe().context("locating xtask")?;
-        let mut again = as_root(&me)?;
-        again.arg("test").args(args);
-        eprintln!("xtask: tests need root; running `{}`", cmd::display(&again));
-        let child = again.spawn().context("re-running xtask as root")?;
-        return wait_forwarding_exit(child);
-    }
-    let mut apt = apt::Apt::default();
-    toolchain::ensure_test_tools(&mut apt)?;
-    let bin = build(false)?;
-    let status = cmd::status(
-        Command::new("cargo")
-            .current_dir(workspace_root()?)
-            .arg("test")
-            .args(args)
-            .env("TCPTRACE_BIN", &bin),
-    )?;
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        eprintln!("xtask: tests failed ({status})");
-        ExitCode::FAILURE
-    })
-}
-
-fn main() -> ExitCode {
+fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Cmd::Build { release } => build(release).map(|bin| {
-            eprintln!("xtask: built {}", bin.display());
-            ExitCode::SUCCESS
-        }),
-        Cmd::Run { release, args } => run(release, &args),
-        Cmd::Test { args } => test(&args),
+    match dispatch(cli.command) {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("xtask: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("xtask:   caused by: {cause}");
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Runs one command; returns the process exit code xtask should end with.
+fn dispatch(cmd: Cmd) -> Result<i32> {
+    match cmd {
+        Cmd::Build { release } => {
+            let mut apt = apt::Apt::new();
+            let tools = toolchain::ensure_build_tools(&mut apt)?;
+            cargo::build_agent(&tools, release)?;
+            say!("build finished");
+            Ok(0)
+        }
+        Cmd::Run { release, args } => run_agent(release, args),
+        Cmd::Test { args } => test(args),
+    }
+}
+
+/// `cargo xtask run`: build, then run the agent as root with its exit code.
+fn run_agent(release: bool, args: Vec<OsString>) -> Result<i32> {
+    let mut apt = apt::Apt::new();
+    let tools = toolchain::ensure_build_tools(&mut apt)?;
+    let bin = cargo::build_agent(&tools, release)?;
+    let mut cmd = if run::is_root() {
+        Command::new(&bin)
+    } else {
+        let Some(sudo) = run::find_in_path("sudo") else {
+            bail!(
+                "tcptrace needs root (or CAP_BPF+CAP_PERFMON); run as root \
+                 (sudo is not installed, so xtask cannot do it for you)"
+            );
+        };
+        say!("not root: running the agent through sudo -E");
+        let mut cmd = Command::new(sudo);
+        cmd.arg("-E").arg(&bin);
+        cmd
     };
-    result.unwrap_or_else(|e| {
-        eprintln!("xtask: error: {e:#}");
-        ExitCode::FAILURE
-    })
+    cmd.args(&args);
+    run::foreground(&mut cmd)
+}
+
+/// Environment variable set when `test` re-runs itself through sudo, so that
+/// a sudo that does not give root cannot make it loop.
+const SUDO_MARKER: &str = "XTASK_UNDER_SUDO";
+
+/// `cargo xtask test`: as root, tools, agent build, then `cargo test`.
+fn test(args: Vec<OsString>) -> Result<i32> {
+    if !run::is_root() {
+        return rerun_as_root();
+    }
+    let mut apt = apt::Apt::new();
+    let tools = toolchain::ensure_build_tools(&mut apt)?;
+    toolchain::ensure_test_tools(&mut apt)?;
+    let bin = cargo::build_agent(&tools, false)?;
+    let status = cargo::test(&tools, &bin, &args)?;
+    if status != 0 {
+        say!("tests failed (cargo test exited with {status})");
+    } else {
+        say!("tests passed");
+    }
+    Ok(status)
+}
+
+/// Re-runs this very xtask command through `sudo -E`, keeping the PATH and
+/// the rustup/cargo homes of the caller so that root finds the same
+/// toolchain (root's own HOME usually has none).
+fn rerun_as_root() -> Result<i32> {
+    if std::env::var_os(SUDO_MARKER).is_some() {
+        bail!("still not root after sudo; run `cargo xtask test` as root");
+    }
+    let Some(sudo) = run::find_in_path("sudo") else {
+        bail!(
+            "cargo xtask test needs root (the tests load BPF programs) and sudo is \
+             not installed; run it as root"
+        );
+    };
+    let exe = std::env::current_exe().context("cannot find the xtask executable")?;
+    say!("not root: running `cargo xtask test` again through sudo -E");
+    let mut cmd = Command::new(sudo);
+    cmd.arg("-E").arg("env");
+    let mut set = |name: &str, value: OsString| {
+        let mut assignment = OsString::from(format!("{name}="));
+        assignment.push(value);
+        cmd.arg(assignment);
+    };
+    set(SUDO_MARKER, "1".into());
+    if let Some(path) = std::env::var_os("PATH") {
+        set("PATH", path);
+    }
+    for (name, default) in [("CARGO_HOME", ".cargo"), ("RUSTUP_HOME", ".rustup")] {
+        if let Some(dir) = toolchain::home_dir_var(name, default) {
+            set(name, dir.into_os_string());
+        }
+    }
+    cmd.arg(exe).args(std::env::args_os().skip(1));
+    run::foreground(&mut cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_without_arguments_parses() {
+        let cli = Cli::try_parse_from(["cargo xtask", "run"]).expect("parses");
+        match cli.command {
+            Cmd::Run { release, args } => {
+                assert!(!release);
+                assert!(args.is_empty());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn arguments_after_double_dash_go_to_the_child() {
+        let cli =
+            Cli::try_parse_from(["x", "run", "--release", "--", "--help", "-4"]).expect("parses");
+        match cli.command {
+            Cmd::Run { release, args } => {
+                assert!(release);
+                assert_eq!(args, ["--help", "-4"]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["x", "test", "--", "-p", "t", "--", "--nocapture"])
+            .expect("parses");
+        match cli.command {
+            Cmd::Test { args } => assert_eq!(args, ["-p", "t", "--", "--nocapture"]),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }

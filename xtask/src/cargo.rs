@@ -1,0 +1,145 @@
+//! The nested cargo runs: building the agent and running the tests.
+//!
+//! Why a module: the agent's build script links the eBPF object with the
+//! `bpf-linker` that [`crate::toolchain`] verified, so every nested cargo gets
+//! a PATH that finds that one first; and the agent binary's location depends
+//! on the target directory, which only cargo knows for sure (CARGO_TARGET_DIR,
+//! `build.target-dir` in any config file), so it is asked, not guessed.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::toolchain::BuildTools;
+use crate::{run, say};
+
+/// The workspace root (xtask lives in its `xtask/` folder).
+pub fn workspace_root() -> &'static Path {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir)
+}
+
+/// The cargo that runs us (cargo sets CARGO for `cargo run`), so nested
+/// builds use the same toolchain; plain `cargo` otherwise.
+pub fn cargo_program() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// A cargo command in the workspace root whose PATH finds the verified
+/// bpf-linker first.
+fn cargo(tools: &BuildTools) -> Result<Command> {
+    let mut cmd = Command::new(cargo_program());
+    cmd.current_dir(workspace_root())
+        .env("PATH", tools.path_env()?);
+    Ok(cmd)
+}
+
+/// `cargo build --package tcptrace [--release]`; returns the agent binary.
+pub fn build_agent(tools: &BuildTools, release: bool) -> Result<PathBuf> {
+    let profile = if release { "release" } else { "debug" };
+    say!("building the agent ({profile})");
+    let mut cmd = cargo(tools)?;
+    cmd.args(["build", "--package", "tcptrace"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run::checked(&mut cmd).context(
+        "building the agent failed; read the compiler errors above (a bpf-linker or \
+         build-std error means the toolchain is broken: see `cargo xtask --help`)",
+    )?;
+    let bin = target_dir()?.join(profile).join("tcptrace");
+    if !bin.is_file() {
+        bail!("the build succeeded but {} does not exist", bin.display());
+    }
+    say!("agent binary: {}", bin.display());
+    Ok(bin)
+}
+
+/// `cargo test <args>` with TCPTRACE_BIN set to the agent binary; returns
+/// cargo's exit code.
+///
+/// Not `--workspace`: the root manifest's default-members leave out the eBPF
+/// crate, which only builds for the BPF target.
+pub fn test(tools: &BuildTools, bin: &Path, args: &[OsString]) -> Result<i32> {
+    say!("running the tests with TCPTRACE_BIN={}", bin.display());
+    let mut cmd = cargo(tools)?;
+    cmd.arg("test").args(args).env("TCPTRACE_BIN", bin);
+    run::status(&mut cmd)
+}
+
+/// The target directory, as `cargo metadata` reports it.
+fn target_dir() -> Result<PathBuf> {
+    let json = run::capture_stdout(
+        Command::new(cargo_program())
+            .current_dir(workspace_root())
+            .args(["metadata", "--format-version", "1", "--no-deps"]),
+    )
+    .context("cannot ask cargo for the target directory")?;
+    json_string_field(&json, "target_directory")
+        .map(PathBuf::from)
+        .context("`cargo metadata` printed no target_directory")
+}
+
+/// The string value of `"key":` in `json`, searched from the end (cargo
+/// metadata puts its top-level keys after the package list). Enough JSON
+/// for this one field, without a JSON dependency.
+fn json_string_field(json: &str, key: &str) -> Option<String> {
+    let needle = format!("\"{key}\":");
+    let start = json.rfind(&needle)? + needle.len();
+    let mut chars = json[start..].trim_start().strip_prefix('"')?.chars();
+    let mut value = String::new();
+    loop {
+        match chars.next()? {
+            '"' => return Some(value),
+            '\\' => match chars.next()? {
+                'n' => value.push('\n'),
+                't' => value.push('\t'),
+                'r' => value.push('\r'),
+                'b' => value.push('\u{8}'),
+                'f' => value.push('\u{c}'),
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    let unit = u32::from_str_radix(&hex, 16).ok()?;
+                    // Paths with surrogate pairs are not worth handling.
+                    value.push(char::from_u32(unit)?);
+                }
+                other => value.push(other),
+            },
+            c => value.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_target_directory() {
+        let json = r#"{"packages":[{"name":"x","description":"\"target_directory\":\"nope\""}],"workspace_members":[],"target_directory":"/work/main/target","build_directory":"/b","version":1,"workspace_root":"/work/main"}"#;
+        assert_eq!(
+            json_string_field(json, "target_directory").as_deref(),
+            Some("/work/main/target")
+        );
+        assert_eq!(
+            json_string_field(
+                r#"{"target_directory": "/a \"q\"\\b\u00e9"}"#,
+                "target_directory"
+            )
+            .as_deref(),
+            Some("/a \"q\"\\b\u{e9}")
+        );
+        assert_eq!(json_string_field("{}", "target_directory"), None);
+        assert_eq!(
+            json_string_field(r#"{"target_directory":"/unterminated"#, "target_directory"),
+            None
+        );
+    }
+
+    #[test]
+    fn workspace_root_holds_the_agent() {
+        assert!(workspace_root().join("tcptrace").is_dir());
+    }
+}
