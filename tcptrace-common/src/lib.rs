@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Bumped whenever a record layout below changes.
-pub const RECORD_LAYOUT_VERSION: u32 = 1;
+pub const RECORD_LAYOUT_VERSION: u32 = 2;
 
 /// Kind tag of a [`StateRecord`].
 pub const RECORD_STATE: u32 = 1;
@@ -89,14 +89,20 @@ pub struct StateRecord {
     /// The fd passed to `connect()` when this transition ran inside the
     /// context task's `connect()` call; -1 otherwise.
     pub connect_fd: i32,
-    /// Padding; zero.
-    pub _pad1: u32,
+    /// User stack of the context task (id in the `STACKS` map) on
+    /// CLOSE -> SYN_SENT, which runs inside `connect()`; -1 otherwise or
+    /// when the stack could not be taken.
+    pub stack_id: i32,
     /// Local address, network byte order; IPv4 uses the first 4 bytes.
     pub saddr: [u8; 16],
     /// Remote address, network byte order; IPv4 uses the first 4 bytes.
     pub daddr: [u8; 16],
     /// `comm` of the context task, NUL padded.
     pub comm: [u8; COMM_LEN],
+    /// Inode of the socket's file (as in `/proc/PID/fd` links and
+    /// `/proc/net/tcp`), read on CLOSE -> SYN_SENT and on entering
+    /// CLOSE_WAIT; 0 otherwise or when unknown.
+    pub ino: u64,
 }
 
 /// An `accept()`/`accept4()` that returned a TCP socket: who now holds it.
@@ -120,12 +126,21 @@ pub struct AcceptRecord {
     pub skaddr: u64,
     /// `comm` of the accepting task, NUL padded.
     pub comm: [u8; COMM_LEN],
+    /// User stack of the accepting task (id in the `STACKS` map); -1 when
+    /// it could not be taken.
+    pub stack_id: i32,
+    /// Padding; zero.
+    pub _pad0: u32,
+    /// Inode of the accepted socket's file; 0 when unknown.
+    pub ino: u64,
 }
 
 /// Bit in [`KernelConfig::flags`]: the `sk_net`/`net_inum` offsets are valid.
 pub const CONFIG_NETNS: u32 = 1 << 0;
 /// Bit in [`KernelConfig::flags`]: the fd-to-socket walk offsets are valid.
 pub const CONFIG_ACCEPT: u32 = 1 << 1;
+/// Bit in [`KernelConfig::flags`]: the socket-to-inode offsets are valid.
+pub const CONFIG_INODE: u32 = 1 << 2;
 
 /// Layout facts the kernel program needs and cannot know at compile time.
 ///
@@ -186,7 +201,14 @@ pub struct KernelConfig {
     /// Offset of `__sk_common.skc_family` in `struct sock`: accept records
     /// are sent for AF_INET/AF_INET6 sockets only.
     pub sk_family: u32,
-    /// [`CONFIG_NETNS`] | [`CONFIG_ACCEPT`].
+    /// Offset of `sk_socket` in `struct sock`.
+    pub sk_socket: u32,
+    /// Offset of `vfs_inode` in `struct socket_alloc` (a `struct socket`
+    /// followed by its inode).
+    pub socket_inode: u32,
+    /// Offset of `i_ino` in `struct inode`.
+    pub inode_ino: u32,
+    /// [`CONFIG_NETNS`] | [`CONFIG_ACCEPT`] | [`CONFIG_INODE`].
     pub flags: u32,
 }
 
@@ -218,6 +240,9 @@ impl KernelConfig {
         file_private_data: 0,
         socket_sk: 0,
         sk_family: 0,
+        sk_socket: 0,
+        socket_inode: 0,
+        inode_ino: 0,
         flags: 0,
     };
 }
@@ -241,9 +266,9 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         // The agent's decoder depends on these exact sizes.
-        assert_eq!(size_of::<StateRecord>(), 104);
-        assert_eq!(size_of::<AcceptRecord>(), 48);
+        assert_eq!(size_of::<StateRecord>(), 112);
+        assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
-        assert_eq!(size_of::<KernelConfig>(), 25 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 28 * 4);
     }
 }

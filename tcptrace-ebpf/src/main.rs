@@ -17,13 +17,13 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    maps::{LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    programs::{tracing::StackIdContext, TracePointContext},
     EbpfContext, Global,
 };
 use tcptrace_common::{
     tcp_state, AcceptRecord, KernelConfig, StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT,
-    CONFIG_NETNS, IPPROTO_TCP, RECORD_ACCEPT, RECORD_STATE,
+    CONFIG_INODE, CONFIG_NETNS, IPPROTO_TCP, RECORD_ACCEPT, RECORD_STATE,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -42,6 +42,41 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// most one connect at a time, and LRU evicts threads that died mid-call.
 #[map]
 static CONNECT_FD: LruHashMap<u32, i32> = LruHashMap::with_max_entries(16384, 0);
+
+/// User stacks of connect() and accept() callers, deduplicated by the
+/// kernel (a leaking call site takes one slot however often it leaks).
+/// Taken only in those two process-context places, never on other
+/// transitions.
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// `BPF_F_USER_STACK`: walk the user-space stack of the current task.
+const BPF_F_USER_STACK: u64 = 256;
+
+#[inline(always)]
+fn user_stack_id(ctx: &TracePointContext) -> i32 {
+    ctx.get_stackid(&STACKS, BPF_F_USER_STACK)
+        .map_or(-1, |id| id as i32)
+}
+
+/// Inode number of the file behind `socket` (a `struct socket` embedded in
+/// a `struct socket_alloc` next to its inode), 0 when unknown.
+#[inline(always)]
+fn socket_ino(cfg: &KernelConfig, socket: u64) -> u64 {
+    if cfg.flags & CONFIG_INODE == 0 || socket == 0 {
+        return 0;
+    }
+    read_kernel::<u64>(socket + u64::from(cfg.socket_inode) + u64::from(cfg.inode_ino)).unwrap_or(0)
+}
+
+/// Inode of the socket file of `sk`, 0 when it has none (orphaned) or unknown.
+#[inline(always)]
+fn sk_ino(cfg: &KernelConfig, sk: u64) -> u64 {
+    if cfg.flags & CONFIG_INODE == 0 {
+        return 0;
+    }
+    read_kernel::<u64>(sk + u64::from(cfg.sk_socket)).map_or(0, |socket| socket_ino(cfg, socket))
+}
 
 #[inline(always)]
 fn count_lost() {
@@ -91,11 +126,21 @@ fn on_state_change(ctx: &TracePointContext) -> Option<()> {
 
     let pid_tgid = ctx.pid() as u64 | (u64::from(ctx.tgid()) << 32);
     let tid = pid_tgid as u32;
-    let connect_fd = if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
-        // Runs inside connect(): the current task is the owner.
-        CONNECT_FD.get_ptr(tid).map_or(-1, |fd| unsafe { *fd })
+    let in_connect = oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT;
+    let (connect_fd, stack_id) = if in_connect {
+        // Runs inside connect(): the current task is the owner, and its
+        // stack is the code path that opened the connection.
+        (
+            CONNECT_FD.get_ptr(tid).map_or(-1, |fd| unsafe { *fd }),
+            user_stack_id(ctx),
+        )
     } else {
-        -1
+        (-1, -1)
+    };
+    let ino = if in_connect || newstate == tcp_state::CLOSE_WAIT {
+        sk_ino(&cfg, skaddr)
+    } else {
+        0
     };
     let netns = if cfg.flags & CONFIG_NETNS != 0 {
         read_kernel::<u64>(skaddr + u64::from(cfg.sk_net))
@@ -125,7 +170,8 @@ fn on_state_change(ctx: &TracePointContext) -> Option<()> {
         addr_of_mut!((*rec).dport).write(read_ctx::<u16>(ctx, cfg.tp_dport).unwrap_or(0));
         addr_of_mut!((*rec)._pad0).write(0);
         addr_of_mut!((*rec).connect_fd).write(connect_fd);
-        addr_of_mut!((*rec)._pad1).write(0);
+        addr_of_mut!((*rec).stack_id).write(stack_id);
+        addr_of_mut!((*rec).ino).write(ino);
         let (saddr, daddr) = if family == AF_INET {
             let mut s = [0u8; 16];
             let mut d = [0u8; 16];
@@ -206,6 +252,8 @@ fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Op
     if family != AF_INET && family != AF_INET6 {
         return None;
     }
+    let ino = socket_ino(cfg, socket);
+    let stack_id = user_stack_id(ctx);
 
     let Some(mut entry) = EVENTS.reserve::<AcceptRecord>(0) else {
         count_lost();
@@ -220,6 +268,9 @@ fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Op
         addr_of_mut!((*rec).ts_ns).write(bpf_ktime_get_ns());
         addr_of_mut!((*rec).skaddr).write(sk);
         addr_of_mut!((*rec).comm).write(bpf_get_current_comm().unwrap_or([0; 16]));
+        addr_of_mut!((*rec).stack_id).write(stack_id);
+        addr_of_mut!((*rec)._pad0).write(0);
+        addr_of_mut!((*rec).ino).write(ino);
     }
     entry.submit(0);
     Some(())

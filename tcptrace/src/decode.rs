@@ -73,6 +73,10 @@ pub struct StateChange {
     pub ctx: Task,
     /// The fd given to the `connect()` this transition ran in, if any.
     pub connect_fd: Option<i32>,
+    /// User stack id of the context task (CLOSE -> SYN_SENT only).
+    pub stack_id: Option<u32>,
+    /// Inode of the socket file (CLOSE -> SYN_SENT and into CLOSE_WAIT).
+    pub ino: Option<u64>,
 }
 
 /// `accept()` returned socket `sk` as `fd` to `task`.
@@ -86,6 +90,10 @@ pub struct Accept {
     pub fd: i32,
     /// The accepting task: the owner.
     pub task: Task,
+    /// User stack id of the accepting task.
+    pub stack_id: Option<u32>,
+    /// Inode of the accepted socket's file.
+    pub ino: Option<u64>,
 }
 
 /// A decoded ring-buffer record.
@@ -202,13 +210,14 @@ fn decode_state(buf: &[u8]) -> Result<StateChange, DecodeError> {
     let dport = b.get_u16_ne();
     let _pad0 = b.get_u16_ne();
     let connect_fd = b.get_i32_ne();
-    let _pad1 = b.get_u32_ne();
+    let stack_id = b.get_i32_ne();
     let mut saddr = [0u8; 16];
     b.copy_to_slice(&mut saddr);
     let mut daddr = [0u8; 16];
     b.copy_to_slice(&mut daddr);
     let mut raw_comm = [0u8; COMM_LEN];
     b.copy_to_slice(&mut raw_comm);
+    let ino = b.get_u64_ne();
 
     let family = match family {
         AF_INET => Family::Ipv4,
@@ -232,6 +241,8 @@ fn decode_state(buf: &[u8]) -> Result<StateChange, DecodeError> {
             comm: comm(&raw_comm),
         },
         connect_fd: (connect_fd >= 0).then_some(connect_fd),
+        stack_id: u32::try_from(stack_id).ok(),
+        ino: (ino != 0).then_some(ino),
     })
 }
 
@@ -246,6 +257,9 @@ fn decode_accept(buf: &[u8]) -> Result<Accept, DecodeError> {
     let sk = b.get_u64_ne();
     let mut raw_comm = [0u8; COMM_LEN];
     b.copy_to_slice(&mut raw_comm);
+    let stack_id = b.get_i32_ne();
+    let _pad0 = b.get_u32_ne();
+    let ino = b.get_u64_ne();
     Ok(Accept {
         ts_ns,
         sk,
@@ -255,6 +269,8 @@ fn decode_accept(buf: &[u8]) -> Result<Accept, DecodeError> {
             tid,
             comm: comm(&raw_comm),
         },
+        stack_id: u32::try_from(stack_id).ok(),
+        ino: (ino != 0).then_some(ino),
     })
 }
 
@@ -314,10 +330,11 @@ pub mod raw {
             dport: remote.1,
             _pad0: 0,
             connect_fd: -1,
-            _pad1: 0,
+            stack_id: -1,
             saddr,
             daddr,
             comm: comm("client"),
+            ino: 0,
         }
     }
 }
@@ -364,6 +381,8 @@ mod tests {
         rec.daddr = "2001:db8::1".parse::<Ipv6Addr>().expect("ip").octets();
         rec.connect_fd = 7;
         rec.netns = 0;
+        rec.stack_id = 3;
+        rec.ino = 99;
         let Record::State(ev) = decode(&state_bytes(&rec)).expect("valid") else {
             panic!("not a state record");
         };
@@ -372,6 +391,7 @@ mod tests {
         assert_eq!(ev.raddr.to_string(), "2001:db8::1");
         assert_eq!(ev.connect_fd, Some(7));
         assert_eq!(ev.netns, None);
+        assert_eq!((ev.stack_id, ev.ino), (Some(3), Some(99)));
     }
 
     #[test]
@@ -384,6 +404,9 @@ mod tests {
             ts_ns: 1,
             skaddr: 0xdead_beef,
             comm: comm("server-with-a-very-long-name"),
+            stack_id: 5,
+            _pad0: 0,
+            ino: 12345,
         };
         let Record::Accept(acc) = decode(&accept_bytes(&rec)).expect("valid") else {
             panic!("not an accept record");
@@ -391,6 +414,7 @@ mod tests {
         assert_eq!(acc.fd, 9);
         assert_eq!(acc.task.pid, 42);
         assert_eq!(acc.task.comm, "server-with-a-v");
+        assert_eq!((acc.stack_id, acc.ino), (Some(5), Some(12345)));
     }
 
     #[test]
@@ -407,6 +431,9 @@ mod tests {
             ts_ns: 0,
             skaddr: 1,
             comm: [0; 16],
+            stack_id: -1,
+            _pad0: 0,
+            ino: 0,
         });
         for len in 0..acc.len() {
             assert!(decode(&acc[..len]).is_err(), "length {len} accepted");
@@ -421,8 +448,8 @@ mod tests {
             decode(&bytes),
             Err(DecodeError::BadLength {
                 kind: "state",
-                expected: 104,
-                got: 112
+                expected: 112,
+                got: 120
             })
         );
     }

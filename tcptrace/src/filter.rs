@@ -61,6 +61,8 @@ mod tests {
                     comm: String::new(),
                 },
                 connect_fd: None,
+                stack_id: None,
+                ino: None,
             },
             prev_state_ms: None,
             owner: owner.map(|pid| Owner {

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use tcptrace_common::{KernelConfig, CONFIG_ACCEPT, CONFIG_NETNS};
+use tcptrace_common::{KernelConfig, CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS};
 
 use crate::btf::Btf;
 use crate::tracefs::{self, TracefsError};
@@ -74,6 +74,14 @@ fn btf_offsets(btf: &Btf, cfg: &mut KernelConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn btf_inode_offsets(btf: &Btf, cfg: &mut KernelConfig) -> anyhow::Result<()> {
+    cfg.sk_socket = btf.member_offset("sock", &["sk_socket"])?;
+    cfg.socket_inode = btf.member_offset("socket_alloc", &["vfs_inode"])?;
+    cfg.inode_ino = btf.member_offset("inode", &["i_ino"])?;
+    cfg.flags |= CONFIG_INODE;
+    Ok(())
+}
+
 fn btf_accept_offsets(btf: &Btf, cfg: &mut KernelConfig) -> anyhow::Result<()> {
     cfg.task_files = btf.member_offset("task_struct", &["files"])?;
     cfg.files_fdt = btf.member_offset("files_struct", &["fdt"])?;
@@ -119,6 +127,9 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
             log::warn!(
                 "cannot locate the socket's network namespace in BTF: {e:#}; netns will be null"
             );
+        }
+        if let Err(e) = btf_inode_offsets(btf, &mut cfg) {
+            log::warn!("cannot locate socket inodes in BTF: {e:#}; leak owners will be unknown");
         }
     }
 

@@ -220,6 +220,8 @@ mod tests {
                     comm: "ctx \"q\"".into(),
                 },
                 connect_fd: None,
+                stack_id: None,
+                ino: None,
             },
             prev_state_ms: Some(1.234_567_8),
             owner: owner.then(|| Owner {

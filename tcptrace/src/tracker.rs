@@ -201,6 +201,8 @@ mod tests {
                 comm: format!("p{ctx_pid}"),
             },
             connect_fd: None,
+            stack_id: None,
+            ino: None,
         }
     }
 
@@ -214,6 +216,8 @@ mod tests {
                 tid: pid,
                 comm: "server".into(),
             },
+            stack_id: None,
+            ino: None,
         }
     }
 
