@@ -70,6 +70,8 @@ mod tests {
                 fd: None,
                 comm: String::new(),
             }),
+            origin: None,
+            ino: None,
         }
     }
 

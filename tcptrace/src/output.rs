@@ -229,6 +229,8 @@ mod tests {
                 fd: Some(3),
                 comm: "orders-svc".into(),
             }),
+            origin: None,
+            ino: None,
         }
     }
 

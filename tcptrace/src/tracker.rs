@@ -24,6 +24,45 @@ pub struct Owner {
     pub comm: String,
 }
 
+/// The system call that created a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Syscall {
+    /// `connect()`: an outgoing connection.
+    Connect,
+    /// `accept()`/`accept4()`: an incoming connection.
+    Accept,
+}
+
+impl Syscall {
+    /// `"connect"` or `"accept"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Accept => "accept",
+        }
+    }
+}
+
+/// Where a connection came from: the call, the task that made it, when,
+/// and its user stack (an id in the kernel's stack map).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// The creating system call.
+    pub syscall: Syscall,
+    /// Process id of the caller.
+    pub pid: u32,
+    /// Thread id of the caller.
+    pub tid: u32,
+    /// Command name of the caller.
+    pub comm: String,
+    /// The fd it got (accept) or passed (connect), when known.
+    pub fd: Option<i32>,
+    /// CLOCK_MONOTONIC nanoseconds of the call.
+    pub ts_ns: u64,
+    /// User stack id, when the kernel could take the stack.
+    pub stack_id: Option<u32>,
+}
+
 /// A state change with what the tracker knows about the socket.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transition {
@@ -34,6 +73,10 @@ pub struct Transition {
     pub prev_state_ms: Option<f64>,
     /// The socket's owner, when known.
     pub owner: Option<Owner>,
+    /// How the connection was created, when the agent saw it.
+    pub origin: Option<Origin>,
+    /// Inode of the socket file, when known.
+    pub ino: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -42,8 +85,22 @@ struct Entry {
     /// owner is known (an accept seen before any transition).
     state: Option<(TcpState, u64)>,
     owner: Option<Owner>,
+    origin: Option<Origin>,
+    ino: Option<u64>,
     /// Last record time, for eviction.
     touched_ns: u64,
+}
+
+impl Entry {
+    fn new(ts_ns: u64) -> Self {
+        Self {
+            state: None,
+            owner: None,
+            origin: None,
+            ino: None,
+            touched_ns: ts_ns,
+        }
+    }
 }
 
 /// Default number of sockets tracked at once.
@@ -71,6 +128,18 @@ fn starts_new_life(change: &StateChange) -> bool {
 
 /// CLOSE->SYN_SENT runs inside connect() (or a fast-open sendmsg) and
 /// CLOSE->LISTEN inside listen(): the context task is the owner.
+fn origin_from_context(change: &StateChange) -> Option<Origin> {
+    (change.old == TcpState::Close && change.new == TcpState::SynSent).then(|| Origin {
+        syscall: Syscall::Connect,
+        pid: change.ctx.pid,
+        tid: change.ctx.tid,
+        comm: change.ctx.comm.clone(),
+        fd: change.connect_fd,
+        ts_ns: change.ts_ns,
+        stack_id: change.stack_id,
+    })
+}
+
 fn owner_from_context(change: &StateChange) -> Option<Owner> {
     let in_owner_syscall =
         change.old == TcpState::Close && matches!(change.new, TcpState::SynSent | TcpState::Listen);
@@ -120,40 +189,51 @@ impl Tracker {
             (state == change.old && ts >= since).then(|| (ts - since) as f64 / 1e6)
         });
         let owner = owner_from_context(&change).or_else(|| prev.and_then(|e| e.owner.clone()));
+        let origin = origin_from_context(&change).or_else(|| prev.and_then(|e| e.origin.clone()));
+        let ino = change.ino.or_else(|| prev.and_then(|e| e.ino));
 
         if change.new == TcpState::Close {
             self.sockets.remove(&change.sk);
         } else {
             self.make_room(change.sk);
-            let entry = self.sockets.entry(change.sk).or_insert(Entry {
-                state: None,
-                owner: None,
-                touched_ns: ts,
-            });
+            let entry = self.sockets.entry(change.sk).or_insert(Entry::new(ts));
             entry.state = Some((change.new, ts));
             entry.owner.clone_from(&owner);
+            entry.origin.clone_from(&origin);
+            entry.ino = ino;
             entry.touched_ns = ts;
         }
         Transition {
             change,
             prev_state_ms,
             owner,
+            origin,
+            ino,
         }
     }
 
     /// Records the owner of an accepted socket.
     pub fn on_accept(&mut self, accept: &Accept) {
         self.make_room(accept.sk);
-        let entry = self.sockets.entry(accept.sk).or_insert(Entry {
-            state: None,
-            owner: None,
-            touched_ns: accept.ts_ns,
-        });
+        let entry = self
+            .sockets
+            .entry(accept.sk)
+            .or_insert(Entry::new(accept.ts_ns));
         entry.owner = Some(Owner {
             pid: accept.task.pid,
             fd: Some(accept.fd),
             comm: accept.task.comm.clone(),
         });
+        entry.origin = Some(Origin {
+            syscall: Syscall::Accept,
+            pid: accept.task.pid,
+            tid: accept.task.tid,
+            comm: accept.task.comm.clone(),
+            fd: Some(accept.fd),
+            ts_ns: accept.ts_ns,
+            stack_id: accept.stack_id,
+        });
+        entry.ino = accept.ino.or(entry.ino);
         entry.touched_ns = entry.touched_ns.max(accept.ts_ns);
     }
 
@@ -226,6 +306,8 @@ mod tests {
         let mut t = Tracker::default();
         let mut first = change(1, 10, Close, SynSent, 7);
         first.connect_fd = Some(3);
+        first.stack_id = Some(11);
+        first.ino = Some(777);
         let tr = t.on_state(first);
         assert_eq!(tr.prev_state_ms, None);
         assert_eq!(
@@ -244,6 +326,12 @@ mod tests {
         t.on_state(change(1, 113, FinWait1, FinWait2, 9));
         let tr = t.on_state(change(1, 120, FinWait2, Close, 9));
         assert_eq!(tr.prev_state_ms, Some(7.0));
+        let origin = tr.origin.clone().expect("origin from connect");
+        assert_eq!(
+            (origin.syscall, origin.pid, origin.stack_id),
+            (Syscall::Connect, 7, Some(11))
+        );
+        assert_eq!(tr.ino, Some(777));
         assert_eq!(tr.owner.map(|o| o.pid), Some(7));
         assert!(t.is_empty(), "CLOSE ends the socket's life");
     }

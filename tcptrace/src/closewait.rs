@@ -1,0 +1,355 @@
+//! CLOSE_WAIT linger and leak detection. Pure: fed transitions and a clock.
+//!
+//! A socket in CLOSE_WAIT has received its peer's FIN; only its owner's
+//! `close()` (or `shutdown()`) moves it on, to LAST_ACK. The detector
+//! remembers every socket that enters CLOSE_WAIT until it leaves: when it
+//! leaves, a [`CloseWaitEnd`] says how long it stayed; when it stays longer
+//! than the threshold, it becomes a leak, reported once ([`LeakCandidate`],
+//! enriched by the agent with owners and the origin stack), and a
+//! [`LeakEnd`] follows if it ever closes.
+
+use std::collections::HashMap;
+
+use crate::decode::Task;
+use crate::state::TcpState;
+use crate::tracker::Transition;
+
+/// A socket that left CLOSE_WAIT.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CloseWaitEnd {
+    /// The transition out of CLOSE_WAIT (its context task is the closer
+    /// when `new` is LAST_ACK: it runs inside the owner's `close()`).
+    pub transition: Transition,
+    /// Milliseconds spent in CLOSE_WAIT.
+    pub close_wait_ms: f64,
+    /// True when the socket had been reported as a leak.
+    pub was_leak: bool,
+}
+
+/// A socket in CLOSE_WAIT for longer than the threshold, reported once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeakCandidate {
+    /// The transition into CLOSE_WAIT (four-tuple, netns, owner, origin, inode).
+    pub entered: Transition,
+    /// Milliseconds in CLOSE_WAIT so far.
+    pub close_wait_ms: f64,
+}
+
+/// A leaked socket that finally left CLOSE_WAIT.
+pub type LeakEnd = CloseWaitEnd;
+
+/// Per-process histogram of CLOSE_WAIT linger times, in powers of ten of
+/// milliseconds: `<1ms, <10ms, <100ms, <1s, <10s, <100s, >=100s`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LingerHistogram {
+    /// Counts per bucket.
+    pub buckets: [u64; 7],
+    /// Sum of all linger times, milliseconds.
+    pub sum_ms: f64,
+    /// Number of samples.
+    pub count: u64,
+}
+
+/// Upper bounds (exclusive, milliseconds) of the first six buckets.
+pub const LINGER_BOUNDS_MS: [f64; 6] = [1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0];
+
+impl LingerHistogram {
+    /// Adds one linger time.
+    pub fn record(&mut self, ms: f64) {
+        let i = LINGER_BOUNDS_MS
+            .iter()
+            .position(|&b| ms < b)
+            .unwrap_or(LINGER_BOUNDS_MS.len());
+        self.buckets[i] += 1;
+        self.sum_ms += ms;
+        self.count += 1;
+    }
+}
+
+#[derive(Debug)]
+struct Lingering {
+    entered: Transition,
+    since_ns: u64,
+    leaked: bool,
+}
+
+/// Most processes with a histogram at once; past that the smallest goes.
+const MAX_HISTOGRAMS: usize = 4096;
+/// Most sockets remembered in CLOSE_WAIT at once.
+pub const DEFAULT_MAX_LINGERING: usize = 262_144;
+
+/// Tracks sockets in CLOSE_WAIT.
+#[derive(Debug)]
+pub struct CloseWaitDetector {
+    leak_after_ns: u64,
+    lingering: HashMap<u64, Lingering>,
+    max_lingering: usize,
+    histograms: HashMap<u32, LingerHistogram>,
+    /// Sockets not remembered because the table was full.
+    pub dropped: u64,
+}
+
+fn ms_between(from_ns: u64, to_ns: u64) -> f64 {
+    to_ns.saturating_sub(from_ns) as f64 / 1e6
+}
+
+impl CloseWaitDetector {
+    /// A detector calling a socket leaked after `leak_after_ns` in CLOSE_WAIT.
+    pub fn new(leak_after_ns: u64) -> Self {
+        Self::with_capacity(leak_after_ns, DEFAULT_MAX_LINGERING)
+    }
+
+    /// As [`CloseWaitDetector::new`], remembering at most `max` sockets.
+    pub fn with_capacity(leak_after_ns: u64, max: usize) -> Self {
+        Self {
+            leak_after_ns,
+            lingering: HashMap::new(),
+            max_lingering: max.max(1),
+            histograms: HashMap::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Sockets in CLOSE_WAIT now.
+    pub fn lingering(&self) -> usize {
+        self.lingering.len()
+    }
+
+    /// Linger histograms by owner pid (`0` when the owner is unknown).
+    pub fn histograms(&self) -> &HashMap<u32, LingerHistogram> {
+        &self.histograms
+    }
+
+    /// Feeds one transition; returns the end of a CLOSE_WAIT when this
+    /// transition ends one.
+    pub fn on_transition(&mut self, t: &Transition) -> Option<CloseWaitEnd> {
+        let c = &t.change;
+        // Leaving CLOSE_WAIT, or a new life under the same address (the
+        // CLOSE was lost): either way the remembered socket is gone.
+        let ended = if c.new == TcpState::CloseWait {
+            None
+        } else {
+            self.lingering.remove(&c.sk)
+        };
+        let end = ended.and_then(|l| {
+            // Only a real exit from CLOSE_WAIT has a meaningful duration.
+            (c.old == TcpState::CloseWait).then(|| {
+                let ms = ms_between(l.since_ns, c.ts_ns);
+                let pid = t.owner.as_ref().map_or(0, |o| o.pid);
+                self.record_linger(pid, ms);
+                CloseWaitEnd {
+                    transition: t.clone(),
+                    close_wait_ms: ms,
+                    was_leak: l.leaked,
+                }
+            })
+        });
+        if c.new == TcpState::CloseWait {
+            if self.lingering.len() >= self.max_lingering && !self.lingering.contains_key(&c.sk) {
+                self.dropped += 1;
+            } else {
+                self.lingering.insert(
+                    c.sk,
+                    Lingering {
+                        entered: t.clone(),
+                        since_ns: c.ts_ns,
+                        leaked: false,
+                    },
+                );
+            }
+        }
+        end
+    }
+
+    /// Learns what the tracker learned after the socket entered CLOSE_WAIT
+    /// (an `accept()` that came later names the owner and origin).
+    pub fn refresh(&mut self, sk: u64, t: &Transition) {
+        if let Some(l) = self.lingering.get_mut(&sk) {
+            if l.entered.owner.is_none() {
+                l.entered.owner.clone_from(&t.owner);
+            }
+            if l.entered.origin.is_none() {
+                l.entered.origin.clone_from(&t.origin);
+            }
+            if l.entered.ino.is_none() {
+                l.entered.ino = t.ino;
+            }
+        }
+    }
+
+    /// Sockets that crossed the threshold since the last call, at `now_ns`.
+    pub fn due(&mut self, now_ns: u64) -> Vec<LeakCandidate> {
+        let mut out: Vec<LeakCandidate> = self
+            .lingering
+            .values_mut()
+            .filter(|l| !l.leaked && now_ns.saturating_sub(l.since_ns) >= self.leak_after_ns)
+            .map(|l| {
+                l.leaked = true;
+                LeakCandidate {
+                    entered: l.entered.clone(),
+                    close_wait_ms: ms_between(l.since_ns, now_ns),
+                }
+            })
+            .collect();
+        // Oldest first: the one that matters most comes out first.
+        out.sort_by(|a, b| b.close_wait_ms.total_cmp(&a.close_wait_ms));
+        out
+    }
+
+    /// Tasks are forgotten as they exit; histograms of the smallest
+    /// processes go first when too many are kept.
+    fn record_linger(&mut self, pid: u32, ms: f64) {
+        if self.histograms.len() >= MAX_HISTOGRAMS && !self.histograms.contains_key(&pid) {
+            if let Some(smallest) = self
+                .histograms
+                .iter()
+                .min_by_key(|(_, h)| h.count)
+                .map(|(pid, _)| *pid)
+            {
+                self.histograms.remove(&smallest);
+            }
+        }
+        self.histograms.entry(pid).or_default().record(ms);
+    }
+}
+
+/// The task that moved a socket out of CLOSE_WAIT.
+pub fn closer(end: &CloseWaitEnd) -> &Task {
+    &end.transition.change.ctx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Family, StateChange};
+    use crate::tracker::{Owner, Tracker};
+    use std::net::{IpAddr, Ipv4Addr};
+    use TcpState::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn change(sk: u64, ts_ms: u64, old: TcpState, new: TcpState) -> StateChange {
+        StateChange {
+            ts_ns: ts_ms * MS,
+            sk,
+            netns: Some(1),
+            family: Family::Ipv4,
+            laddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            lport: 5000,
+            raddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            rport: 40000 + sk as u16,
+            old,
+            new,
+            ctx: Task {
+                pid: 9,
+                tid: 9,
+                comm: "ctx".into(),
+            },
+            connect_fd: None,
+            stack_id: None,
+            ino: None,
+        }
+    }
+
+    /// Drives tracker and detector together, as the agent does.
+    fn feed(
+        tr: &mut Tracker,
+        d: &mut CloseWaitDetector,
+        c: StateChange,
+    ) -> (Transition, Option<CloseWaitEnd>) {
+        let t = tr.on_state(c);
+        let end = d.on_transition(&t);
+        (t, end)
+    }
+
+    #[test]
+    fn prompt_close_gives_close_wait_end_and_no_leak() {
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(30_000 * MS));
+        feed(&mut tr, &mut d, change(1, 0, Established, CloseWait));
+        assert!(d.due(10 * MS).is_empty());
+        let (_, end) = feed(&mut tr, &mut d, change(1, 25, CloseWait, LastAck));
+        let end = end.expect("close_wait_end");
+        assert_eq!(end.close_wait_ms, 25.0);
+        assert!(!end.was_leak);
+        assert_eq!(closer(&end).pid, 9);
+        assert_eq!(d.lingering(), 0);
+        assert!(d.due(60_000 * MS).is_empty());
+        assert_eq!(d.histograms()[&0].buckets[2], 1, "25 ms lands in <100ms");
+    }
+
+    #[test]
+    fn a_leak_is_reported_once_then_ends() {
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(1_000 * MS));
+        feed(&mut tr, &mut d, change(1, 0, Established, CloseWait));
+        assert!(d.due(999 * MS).is_empty());
+        let due = d.due(1_500 * MS);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].close_wait_ms, 1_500.0);
+        assert!(
+            d.due(5_000 * MS).is_empty(),
+            "one leak event, not one per tick"
+        );
+        let (_, end) = feed(&mut tr, &mut d, change(1, 7_000, CloseWait, LastAck));
+        let end = end.expect("leak end");
+        assert!(end.was_leak);
+        assert_eq!(end.close_wait_ms, 7_000.0);
+    }
+
+    #[test]
+    fn leaks_come_oldest_first() {
+        let mut d = CloseWaitDetector::new(MS);
+        let mut tr = Tracker::default();
+        feed(&mut tr, &mut d, change(1, 50, Established, CloseWait));
+        feed(&mut tr, &mut d, change(2, 10, Established, CloseWait));
+        let due = d.due(100 * MS);
+        assert_eq!(due[0].entered.change.sk, 2);
+    }
+
+    #[test]
+    fn reused_address_does_not_inherit_the_lingering_socket() {
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(MS));
+        feed(&mut tr, &mut d, change(1, 0, Established, CloseWait));
+        // The CLOSE was lost; the address comes back as a new client.
+        let (_, end) = feed(&mut tr, &mut d, change(1, 100, Close, SynSent));
+        assert!(
+            end.is_none(),
+            "no linger time for a socket we did not see leave"
+        );
+        assert_eq!(d.lingering(), 0);
+        assert!(d.due(1_000 * MS).is_empty());
+    }
+
+    #[test]
+    fn owner_learned_after_entering_close_wait_is_kept() {
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(MS));
+        let (mut t, _) = feed(&mut tr, &mut d, change(1, 0, Established, CloseWait));
+        t.owner = Some(Owner {
+            pid: 50,
+            fd: Some(4),
+            comm: "srv".into(),
+        });
+        d.refresh(1, &t);
+        let due = d.due(10 * MS);
+        assert_eq!(due[0].entered.owner.as_ref().map(|o| o.pid), Some(50));
+    }
+
+    #[test]
+    fn capacity_is_bounded_and_overflow_counted() {
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::with_capacity(MS, 2));
+        for sk in 0..5 {
+            feed(&mut tr, &mut d, change(sk, 0, Established, CloseWait));
+        }
+        assert_eq!(d.lingering(), 2);
+        assert_eq!(d.dropped, 3);
+    }
+
+    #[test]
+    fn histogram_buckets() {
+        let mut h = LingerHistogram::default();
+        for ms in [0.5, 5.0, 50.0, 500.0, 5_000.0, 50_000.0, 500_000.0] {
+            h.record(ms);
+        }
+        assert_eq!(h.buckets, [1; 7]);
+        assert_eq!(h.count, 7);
+    }
+}
