@@ -9,9 +9,14 @@ use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::Cli;
+use aya::maps::{MapData, StackTraceMap};
+
 use crate::clock::WallClock;
+use crate::groups::LeakGroups;
+use crate::leak::{group_key, summary, Enricher};
 use crate::output::Lost;
 use crate::pipeline::Pipeline;
+use crate::pipeline::{tuple_key, CurrentLeak, LEAK_LINE_WINDOW_NS};
 use crate::probe::{self, Probes};
 use crate::{layout, privileges, tracefs};
 
@@ -78,10 +83,24 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         ebpf: _attached,
         ring,
         lost,
+        stacks,
     } = probe::load_and_attach(&layout, cli.ring_buffer_size)?;
 
     let format = cli.format(io::stdout().is_terminal());
-    let mut pipeline = Pipeline::new(cli.filter(), format, WallClock::new());
+    let leak_after_ns = u64::try_from(cli.leak_after.as_nanos()).unwrap_or(u64::MAX);
+    let mut pipeline = Pipeline::new(cli.filter(), format, WallClock::new(), leak_after_ns);
+    pipeline.groups = LeakGroups::new(
+        cli.leak_lines_per_group,
+        LEAK_LINE_WINDOW_NS,
+        u64::try_from(cli.leak_group_interval.as_nanos()).unwrap_or(u64::MAX),
+    );
+    let mut enricher = Enricher::new();
+    let mut state = StateFile::new(&cli.state_file);
+    // Leaks are due within a quarter of the threshold (at most a second)
+    // after they pass it.
+    let mut leak_tick = tokio::time::interval(
+        (cli.leak_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
+    );
     let mut out = Out {
         w: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
     };
@@ -99,6 +118,20 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval(LOST_CHECK_INTERVAL);
     let mut lost_seen = 0u64;
+
+    // After attaching, so a socket entering CLOSE_WAIT now is seen live
+    // (the live record then replaces its inventory record).
+    let (found, spaces) = crate::inventory::take(WallClock::now_ns());
+    if !found.is_empty() {
+        log::info!(
+            "inventory: {} sockets already in CLOSE_WAIT in {spaces} network namespaces; \
+             reported as leaks once past --leak-after, with estimated ages",
+            found.len()
+        );
+    }
+    for f in found {
+        pipeline.closewait.seed(f.entered, f.since_ns);
+    }
 
     log::info!(
         "ready: tracing TCP state changes (ring buffer {} bytes, connect hooks {}, accept hooks {})",
@@ -119,6 +152,10 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 report_lost(lost.total()?, &mut lost_seen, &pipeline, &mut out)?;
                 pipeline.clock.resync();
             }
+            _ = leak_tick.tick() => {
+                report_leaks(&mut pipeline, &mut enricher, &stacks, &mut out)?;
+                report_leak_groups(&mut pipeline, &mut out, &mut state)?;
+            }
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
         }
@@ -128,6 +165,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     drain(ring.get_mut(), &mut pipeline, &mut out)?;
     report_lost(lost.total()?, &mut lost_seen, &pipeline, &mut out)?;
     out.flush()?;
+    state.remove();
     if pipeline.malformed > 0 {
         log::warn!("{} malformed records were dropped", pipeline.malformed);
     }
@@ -152,17 +190,148 @@ fn drain(
     pipeline: &mut Pipeline,
     out: &mut Out,
 ) -> anyhow::Result<()> {
+    let mut lines = Vec::new();
     while let Some(item) = ring.next() {
-        match pipeline.handle(&item) {
-            Ok(Some(line)) => out.line(&line)?,
-            Ok(None) => {}
+        match pipeline.handle(&item, &mut lines) {
+            Ok(()) => {}
             Err(e) if pipeline.malformed <= MALFORMED_LOG_LIMIT => {
                 log::warn!("dropping a malformed record: {e}");
             }
             Err(_) => {}
         }
+        for line in lines.drain(..) {
+            out.line(&line)?;
+        }
     }
     Ok(())
+}
+
+fn report_leaks(
+    pipeline: &mut Pipeline,
+    enricher: &mut Enricher,
+    stacks: &StackTraceMap<MapData>,
+    out: &mut Out,
+) -> anyhow::Result<()> {
+    let now_ns = WallClock::now_ns();
+    let due = pipeline.due_leaks(now_ns);
+    if due.is_empty() {
+        return Ok(());
+    }
+    let stack_of = |id: u32| -> Option<Vec<u64>> {
+        stacks
+            .get(&id, 0)
+            .ok()
+            .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
+    };
+    let now = std::time::SystemTime::now();
+    for leak in enricher.enrich(due, stack_of) {
+        let member = tuple_key(&leak.candidate.entered.change);
+        let since = leak.candidate.entered.change.ts_ns;
+        pipeline.current_leaks.insert(
+            member,
+            CurrentLeak {
+                entry: crate::leak::report_entry(&leak),
+                since_ns: since,
+            },
+        );
+        let print = pipeline
+            .groups
+            .on_leak(group_key(&leak), member, since, now_ns, || summary(&leak));
+        if print {
+            log::warn!("CLOSE_WAIT leak: {}", summary(&leak));
+            out.line(&pipeline.format.leak(&leak, now, &pipeline.clock))?;
+        }
+    }
+    out.flush()
+}
+
+fn report_leak_groups(
+    pipeline: &mut Pipeline,
+    out: &mut Out,
+    state: &mut StateFile,
+) -> anyhow::Result<()> {
+    let now_ns = WallClock::now_ns();
+    let now = std::time::SystemTime::now();
+    let reports = pipeline.groups.due_reports(now_ns);
+    for report in &reports {
+        out.line(&pipeline.format.leak_group(report, now, now_ns))?;
+    }
+    state.write(pipeline, now_ns);
+    out.flush()
+}
+
+/// The current leaks on disk for `tcptrace leaks`, rewritten atomically
+/// when they change (at most every tick). Failures are logged once: the
+/// trace itself must not stop because /run is read-only.
+struct StateFile {
+    path: Option<std::path::PathBuf>,
+    written: Option<usize>,
+    calls: u32,
+    warned: bool,
+}
+
+impl StateFile {
+    fn new(path: &str) -> Self {
+        Self {
+            path: (path != "none" && !path.is_empty()).then(|| path.into()),
+            written: None,
+            calls: 0,
+            warned: false,
+        }
+    }
+
+    fn write(&mut self, pipeline: &Pipeline, now_ns: u64) {
+        let Some(path) = &self.path else { return };
+        // Rewrite when the set changed, and anyway every ~10 ticks so ages stay fresh.
+        let n = pipeline.current_leaks.len();
+        self.calls = self.calls.wrapping_add(1);
+        if self.written == Some(n) && !self.calls.is_multiple_of(10) {
+            return;
+        }
+        let snapshot = crate::report::Snapshot {
+            schema: crate::report::SNAPSHOT_SCHEMA,
+            agent_pid: std::process::id(),
+            taken_at: crate::output::rfc3339(std::time::SystemTime::now()),
+            leaks: pipeline
+                .current_leaks
+                .values()
+                .map(|c| {
+                    let mut e = c.entry.clone();
+                    e.close_wait_ms = now_ns.saturating_sub(c.since_ns) as f64 / 1e6;
+                    e
+                })
+                .collect(),
+        };
+        let result = (|| -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec(&snapshot).map_err(std::io::Error::other)?,
+            )?;
+            std::fs::rename(&tmp, path)
+        })();
+        match result {
+            Ok(()) => self.written = Some(n),
+            Err(e) if !self.warned => {
+                self.warned = true;
+                log::warn!(
+                    "cannot write the leak state file {} ({e}); `tcptrace leaks` will take a live \
+                     inventory instead; set --state-file to a writable path or `none`",
+                    path.display()
+                );
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn remove(&self) {
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 fn report_lost(

@@ -27,10 +27,16 @@ Needs root, or CAP_BPF and CAP_PERFMON, and Linux >= 5.8 with BTF.",
 tcptrace                          every transition, JSON lines when piped\n  \
 tcptrace --format text --port 3306  transitions of connections to or from port 3306\n  \
 tcptrace --state close_wait        transitions into and out of CLOSE_WAIT\n  \
-tcptrace --pid 4242 -6             IPv6 sockets owned by process 4242\n\n\
+tcptrace --pid 4242 -6             IPv6 sockets owned by process 4242\n  \
+tcptrace leaks                     the CLOSE_WAIT leaks now, grouped by process and code path\n\n\
 Logs go to stderr; set RUST_LOG=debug for more."
 )]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    /// A report instead of the live trace.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Output format [default: json when stdout is not a terminal, text when it is]
     #[arg(long, value_enum)]
     pub format: Option<Format>,
@@ -61,6 +67,55 @@ pub struct Cli {
     /// suffixes accepted. Raise it if the agent reports lost records.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
+
+    /// A socket still in CLOSE_WAIT after DURATION is a leak: one `leak` event names its
+    /// owner, fd and the code that opened it (e.g. 500ms, 10s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub leak_after: std::time::Duration,
+
+    /// At most N individual `leak` lines per leak group (same process, remote endpoint and
+    /// origin stack) per minute; the rest are counted in `leak_group` summaries.
+    #[arg(long, value_name = "N", default_value_t = crate::pipeline::DEFAULT_LEAK_LINES_PER_GROUP)]
+    pub leak_lines_per_group: u32,
+
+    /// How often a `leak_group` summary (count, oldest age) is printed for each group that
+    /// still has leaked sockets.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub leak_group_interval: std::time::Duration,
+
+    /// Where the agent keeps the current leaks for `tcptrace leaks` (rewritten at each
+    /// leak-group interval); `none` disables it.
+    #[arg(long, value_name = "PATH", default_value = crate::report::DEFAULT_STATE_FILE)]
+    pub state_file: String,
+}
+
+/// Reports.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// The CLOSE_WAIT leaks now, grouped by process and by the code path that opened them,
+    /// largest first. Reads the running agent's state file; with no agent running, takes a
+    /// live inventory (ages estimated, code paths unknown).
+    Leaks {
+        /// Output format [default: text on a terminal, json otherwise]
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// The running agent's state file.
+        #[arg(long, value_name = "PATH", default_value = crate::report::DEFAULT_STATE_FILE)]
+        state_file: String,
+        /// Without an agent: sockets in CLOSE_WAIT for longer than this count as leaks.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        leak_after: std::time::Duration,
+    },
+}
+
+/// Parses a positive duration: `500ms`, `10s`, `5m`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); examples: 500ms, 10s, 5m"))?;
+    if d.is_zero() {
+        return Err("the duration must be more than zero".to_string());
+    }
+    Ok(d)
 }
 
 /// Parses a ring buffer size: `4096`, `256K`, `16M`.
@@ -123,6 +178,20 @@ mod tests {
     }
 
     #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("5m"),
+            Ok(std::time::Duration::from_secs(300))
+        );
+        let cli = Cli::try_parse_from(["tcptrace"]).expect("defaults");
+        assert_eq!(cli.leak_after, std::time::Duration::from_secs(30));
+    }
+
+    #[test]
     fn ring_sizes() {
         assert_eq!(parse_ring_size("4096"), Ok(4096));
         assert_eq!(parse_ring_size("256K"), Ok(256 << 10));
@@ -166,6 +235,8 @@ mod tests {
             &["tcptrace", "--state", "BOGUS"],
             &["tcptrace", "--format", "xml"],
             &["tcptrace", "-4", "-6"],
+            &["tcptrace", "--leak-after", "soon"],
+            &["tcptrace", "--leak-after", "0s"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
         }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use crate::decode::Task;
 use crate::state::TcpState;
-use crate::tracker::Transition;
+use crate::tracker::{Known, Transition};
 
 /// A socket that left CLOSE_WAIT.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,7 +33,23 @@ pub struct LeakCandidate {
     pub entered: Transition,
     /// Milliseconds in CLOSE_WAIT so far.
     pub close_wait_ms: f64,
+    /// True for a socket found by the start-up inventory: its age is an
+    /// estimate (time since the last data received) and its origin unknown.
+    pub estimated: bool,
 }
+
+/// Identity of a socket without its kernel address: sock_diag does not
+/// give one, so inventory sockets are matched to later transitions by
+/// namespace and four-tuple (unique within a namespace).
+type TupleKey = (Option<u32>, std::net::IpAddr, u16, std::net::IpAddr, u16);
+
+fn tuple_of(t: &Transition) -> TupleKey {
+    let c = &t.change;
+    (c.netns, c.laddr, c.lport, c.raddr, c.rport)
+}
+
+/// Inventory sockets get keys from this range, which no kernel address uses.
+const SEED_KEY_BASE: u64 = 1;
 
 /// A leaked socket that finally left CLOSE_WAIT.
 pub type LeakEnd = CloseWaitEnd;
@@ -71,6 +87,7 @@ struct Lingering {
     entered: Transition,
     since_ns: u64,
     leaked: bool,
+    estimated: bool,
 }
 
 /// Most processes with a histogram at once; past that the smallest goes.
@@ -85,6 +102,9 @@ pub struct CloseWaitDetector {
     lingering: HashMap<u64, Lingering>,
     max_lingering: usize,
     histograms: HashMap<u32, LingerHistogram>,
+    /// Inventory sockets by four-tuple, to their seed key.
+    seeded: HashMap<TupleKey, u64>,
+    next_seed: u64,
     /// Sockets not remembered because the table was full.
     pub dropped: u64,
 }
@@ -106,8 +126,43 @@ impl CloseWaitDetector {
             lingering: HashMap::new(),
             max_lingering: max.max(1),
             histograms: HashMap::new(),
+            seeded: HashMap::new(),
+            next_seed: SEED_KEY_BASE,
             dropped: 0,
         }
+    }
+
+    /// Remembers a socket that was in CLOSE_WAIT before the agent started
+    /// (from the inventory), since about `since_ns`.
+    pub fn seed(&mut self, mut entered: Transition, since_ns: u64) {
+        let key = self.next_seed;
+        self.next_seed += 1;
+        // A unique stand-in for the unknown kernel address.
+        entered.change.sk = key;
+        if self.lingering.len() >= self.max_lingering {
+            self.dropped += 1;
+            return;
+        }
+        self.seeded.insert(tuple_of(&entered), key);
+        self.lingering.insert(
+            key,
+            Lingering {
+                entered,
+                since_ns,
+                leaked: false,
+                estimated: true,
+            },
+        );
+    }
+
+    /// The remembered socket `t` is about, by address or, for inventory
+    /// sockets, by four-tuple.
+    fn take(&mut self, t: &Transition) -> Option<Lingering> {
+        if let Some(l) = self.lingering.remove(&t.change.sk) {
+            return Some(l);
+        }
+        let key = self.seeded.remove(&tuple_of(t))?;
+        self.lingering.remove(&key)
     }
 
     /// Sockets in CLOSE_WAIT now.
@@ -127,9 +182,13 @@ impl CloseWaitDetector {
         // Leaving CLOSE_WAIT, or a new life under the same address (the
         // CLOSE was lost): either way the remembered socket is gone.
         let ended = if c.new == TcpState::CloseWait {
+            // A live entry replaces any inventory record of the same socket.
+            if let Some(key) = self.seeded.remove(&tuple_of(t)) {
+                self.lingering.remove(&key);
+            }
             None
         } else {
-            self.lingering.remove(&c.sk)
+            self.take(t)
         };
         let end = ended.and_then(|l| {
             // Only a real exit from CLOSE_WAIT has a meaningful duration.
@@ -154,6 +213,7 @@ impl CloseWaitDetector {
                         entered: t.clone(),
                         since_ns: c.ts_ns,
                         leaked: false,
+                        estimated: false,
                     },
                 );
             }
@@ -163,16 +223,16 @@ impl CloseWaitDetector {
 
     /// Learns what the tracker learned after the socket entered CLOSE_WAIT
     /// (an `accept()` that came later names the owner and origin).
-    pub fn refresh(&mut self, sk: u64, t: &Transition) {
+    pub fn refresh(&mut self, sk: u64, known: &Known) {
         if let Some(l) = self.lingering.get_mut(&sk) {
             if l.entered.owner.is_none() {
-                l.entered.owner.clone_from(&t.owner);
+                l.entered.owner.clone_from(&known.owner);
             }
             if l.entered.origin.is_none() {
-                l.entered.origin.clone_from(&t.origin);
+                l.entered.origin.clone_from(&known.origin);
             }
             if l.entered.ino.is_none() {
-                l.entered.ino = t.ino;
+                l.entered.ino = known.ino;
             }
         }
     }
@@ -188,6 +248,7 @@ impl CloseWaitDetector {
                 LeakCandidate {
                     entered: l.entered.clone(),
                     close_wait_ms: ms_between(l.since_ns, now_ns),
+                    estimated: l.estimated,
                 }
             })
             .collect();
@@ -322,15 +383,20 @@ mod tests {
     #[test]
     fn owner_learned_after_entering_close_wait_is_kept() {
         let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(MS));
-        let (mut t, _) = feed(&mut tr, &mut d, change(1, 0, Established, CloseWait));
-        t.owner = Some(Owner {
-            pid: 50,
-            fd: Some(4),
-            comm: "srv".into(),
-        });
-        d.refresh(1, &t);
+        feed(&mut tr, &mut d, change(1, 0, Established, CloseWait));
+        let known = Known {
+            owner: Some(Owner {
+                pid: 50,
+                fd: Some(4),
+                comm: "srv".into(),
+            }),
+            origin: None,
+            ino: Some(3),
+        };
+        d.refresh(1, &known);
         let due = d.due(10 * MS);
         assert_eq!(due[0].entered.owner.as_ref().map(|o| o.pid), Some(50));
+        assert_eq!(due[0].entered.ino, Some(3));
     }
 
     #[test]
@@ -341,6 +407,23 @@ mod tests {
         }
         assert_eq!(d.lingering(), 2);
         assert_eq!(d.dropped, 3);
+    }
+
+    #[test]
+    fn inventory_socket_leaks_with_an_estimate_and_ends_by_tuple() {
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(1_000 * MS));
+        let seed = tr.on_state(change(0, 0, Established, CloseWait));
+        d.seed(seed, 0);
+        let due = d.due(2_000 * MS);
+        assert_eq!(due.len(), 1);
+        assert!(due[0].estimated);
+        // The owner finally closes: the transition has the real address.
+        let mut close = change(0, 3_000, CloseWait, LastAck);
+        close.sk = 0xffff_8888_0000_0000; // the real address, never seen before
+        let (_, end) = feed(&mut tr, &mut d, close);
+        let end = end.expect("matched by four-tuple");
+        assert!(end.was_leak);
+        assert_eq!(d.lingering(), 0);
     }
 
     #[test]

@@ -4,13 +4,30 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use tcptrace::{agent, cli::Cli};
+use tcptrace::{
+    agent,
+    cli::{Cli, Command},
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
+    if let Some(Command::Leaks {
+        format,
+        state_file,
+        leak_after,
+    }) = &cli.command
+    {
+        return match tcptrace::leaks_cmd::run(*format, state_file, *leak_after) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -6,6 +6,12 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::clock::WallClock;
+use crate::closewait::CloseWaitEnd;
+use crate::groups::GroupReport;
+use crate::leak::{summary, Leak};
+use crate::procfs::Holder;
+use crate::symbolize::Frame;
 use crate::tracker::Transition;
 
 /// Version of the JSON line schema documented in the README. Bump it when a
@@ -56,6 +62,95 @@ struct StateChangeLine<'a> {
     ctx_pid: u32,
     ctx_tid: u32,
     ctx_comm: &'a str,
+}
+
+/// The four-tuple and socket identity shared by the per-socket events.
+#[derive(Serialize)]
+struct SocketFields {
+    family: &'static str,
+    laddr: String,
+    lport: u16,
+    raddr: String,
+    rport: u16,
+    netns: Option<u32>,
+    sk: String,
+}
+
+impl SocketFields {
+    fn of(t: &Transition) -> Self {
+        let c = &t.change;
+        Self {
+            family: c.family.name(),
+            laddr: c.laddr.to_string(),
+            lport: c.lport,
+            raddr: c.raddr.to_string(),
+            rport: c.rport,
+            netns: c.netns,
+            sk: format!("{:x}", c.sk),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CloseWaitEndLine<'a> {
+    schema: u32,
+    ts: String,
+    event: &'static str,
+    #[serde(flatten)]
+    socket: SocketFields,
+    close_wait_ms: f64,
+    leak: bool,
+    pid: Option<u32>,
+    fd: Option<i32>,
+    comm: Option<&'a str>,
+    ctx_pid: u32,
+    ctx_tid: u32,
+    ctx_comm: &'a str,
+}
+
+#[derive(Serialize)]
+struct OriginFields<'a> {
+    syscall: &'static str,
+    pid: u32,
+    tid: u32,
+    comm: &'a str,
+    fd: Option<i32>,
+    ts: String,
+    stack: &'a [Frame],
+}
+
+#[derive(Serialize)]
+struct LeakLine<'a> {
+    schema: u32,
+    ts: String,
+    event: &'static str,
+    #[serde(flatten)]
+    socket: SocketFields,
+    ino: Option<u64>,
+    close_wait_ms: f64,
+    since: String,
+    estimated: bool,
+    reason: &'static str,
+    recv_q: Option<u64>,
+    owner: &'a [Holder],
+    origin: Option<OriginFields<'a>>,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct LeakGroupLine<'a> {
+    schema: u32,
+    ts: String,
+    event: &'static str,
+    pid: u32,
+    comm: &'a str,
+    side: &'static str,
+    service: String,
+    netns: Option<u32>,
+    count: u64,
+    oldest_ms: f64,
+    suppressed: u64,
+    example: &'a str,
 }
 
 #[derive(Serialize)]
@@ -166,6 +261,128 @@ impl Format {
                     c.ctx.comm
                 );
                 line
+            }
+        }
+    }
+
+    /// A socket left CLOSE_WAIT (`close_wait_end`), or a leaked one finally
+    /// did (`leak_end`, when `as_leak_end`).
+    pub fn close_wait_end(self, end: &CloseWaitEnd, wall: SystemTime, as_leak_end: bool) -> String {
+        let t = &end.transition;
+        let c = &t.change;
+        let event = if as_leak_end {
+            "leak_end"
+        } else {
+            "close_wait_end"
+        };
+        match self {
+            Self::Json => to_json(&CloseWaitEndLine {
+                schema: SCHEMA_VERSION,
+                ts: rfc3339(wall),
+                event,
+                socket: SocketFields::of(t),
+                close_wait_ms: round_ms(end.close_wait_ms),
+                leak: end.was_leak,
+                pid: t.owner.as_ref().map(|o| o.pid),
+                fd: t.owner.as_ref().and_then(|o| o.fd),
+                comm: t.owner.as_ref().map(|o| o.comm.as_str()),
+                ctx_pid: c.ctx.pid,
+                ctx_tid: c.ctx.tid,
+                ctx_comm: &c.ctx.comm,
+            }),
+            Self::Text => {
+                let ts = rfc3339(wall);
+                format!(
+                    "{:<15} {} {}:{} -> {}:{} left CLOSE_WAIT after {:.3} ms (closed by {}/{})",
+                    ts.get(11..26).unwrap_or(&ts),
+                    if as_leak_end {
+                        "LEAK END"
+                    } else {
+                        "CLOSE_WAIT END"
+                    },
+                    c.laddr,
+                    c.lport,
+                    c.raddr,
+                    c.rport,
+                    end.close_wait_ms,
+                    c.ctx.pid,
+                    c.ctx.comm
+                )
+            }
+        }
+    }
+
+    /// A leaked socket, enriched.
+    pub fn leak(self, leak: &Leak, now: SystemTime, clock: &WallClock) -> String {
+        let t = &leak.candidate.entered;
+        match self {
+            Self::Json => to_json(&LeakLine {
+                schema: SCHEMA_VERSION,
+                ts: rfc3339(now),
+                event: "leak",
+                socket: SocketFields::of(t),
+                ino: t.ino,
+                close_wait_ms: round_ms(leak.candidate.close_wait_ms),
+                since: rfc3339(clock.wall(t.change.ts_ns)),
+                estimated: leak.candidate.estimated,
+                reason: leak.reason.name(),
+                recv_q: leak.recv_q,
+                owner: &leak.owners,
+                origin: t.origin.as_ref().map(|o| OriginFields {
+                    syscall: o.syscall.name(),
+                    pid: o.pid,
+                    tid: o.tid,
+                    comm: &o.comm,
+                    fd: o.fd,
+                    ts: rfc3339(clock.wall(o.ts_ns)),
+                    stack: &leak.stack,
+                }),
+                message: summary(leak),
+            }),
+            Self::Text => {
+                let ts = rfc3339(now);
+                format!(
+                    "{:<15} LEAK {}",
+                    ts.get(11..26).unwrap_or(&ts),
+                    summary(leak)
+                )
+            }
+        }
+    }
+
+    /// A leak group summary at monotonic time `now_ns`.
+    pub fn leak_group(self, g: &GroupReport, now: SystemTime, now_ns: u64) -> String {
+        let oldest_ms = round_ms(now_ns.saturating_sub(g.oldest_since_ns) as f64 / 1e6);
+        match self {
+            Self::Json => to_json(&LeakGroupLine {
+                schema: SCHEMA_VERSION,
+                ts: rfc3339(now),
+                event: "leak_group",
+                pid: g.key.pid,
+                comm: &g.key.comm,
+                side: g.key.side.map_or("unknown", |s| s.name()),
+                service: std::net::SocketAddr::new(g.key.service_addr, g.key.service_port)
+                    .to_string(),
+                netns: g.key.netns,
+                count: g.count,
+                oldest_ms,
+                suppressed: g.suppressed,
+                example: &g.example,
+            }),
+            Self::Text => {
+                let ts = rfc3339(now);
+                format!(
+                    "{:<15} LEAK GROUP pid {} ({}) {} {}: {} sockets in CLOSE_WAIT, oldest {:.1} s ({} leak lines suppressed); e.g. {}",
+                    ts.get(11..26).unwrap_or(&ts),
+                    g.key.pid,
+                    g.key.comm,
+                    g.key.side.map_or("with", |s| s.name()),
+                    std::net::SocketAddr::new(g.key.service_addr, g.key.service_port),
+                    g.count,
+                    oldest_ms / 1000.0,
+                    g.suppressed,
+                    g.example
+                )
             }
         }
     }

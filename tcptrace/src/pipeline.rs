@@ -4,10 +4,37 @@
 use std::time::SystemTime;
 
 use crate::clock::WallClock;
+use crate::closewait::{CloseWaitDetector, LeakCandidate};
 use crate::decode::{self, DecodeError, Record};
 use crate::filter::Filter;
+use crate::groups::LeakGroups;
 use crate::output::{Format, Lost};
+use crate::state::TcpState;
 use crate::tracker::Tracker;
+
+/// Individual `leak` lines per group and window, by default.
+pub const DEFAULT_LEAK_LINES_PER_GROUP: u32 = 10;
+/// The window of that limit.
+pub const LEAK_LINE_WINDOW_NS: u64 = 60_000_000_000;
+/// How often `leak_group` summaries are printed, by default.
+pub const DEFAULT_GROUP_REPORT_NS: u64 = 10_000_000_000;
+
+/// A socket's identity without its kernel address: namespace and four-tuple.
+pub type TupleKey = (Option<u32>, std::net::IpAddr, u16, std::net::IpAddr, u16);
+
+/// The key of a transition's socket.
+pub fn tuple_key(c: &crate::decode::StateChange) -> TupleKey {
+    (c.netns, c.laddr, c.lport, c.raddr, c.rport)
+}
+
+/// A leak reported and not yet ended, for `tcptrace leaks`.
+#[derive(Clone, Debug)]
+pub struct CurrentLeak {
+    /// Everything but its age.
+    pub entry: crate::report::LeakEntry,
+    /// Monotonic ns it entered CLOSE_WAIT.
+    pub since_ns: u64,
+}
 
 /// The middle of the agent.
 #[derive(Debug)]
@@ -20,38 +47,80 @@ pub struct Pipeline {
     pub format: Format,
     /// Kernel time to wall time.
     pub clock: WallClock,
+    /// CLOSE_WAIT linger and leaks.
+    pub closewait: CloseWaitDetector,
+    /// Leak rate limits and group summaries.
+    pub groups: LeakGroups,
+    /// Leaks reported and not ended.
+    pub current_leaks: std::collections::HashMap<TupleKey, CurrentLeak>,
     /// Records rejected by the decoder.
     pub malformed: u64,
 }
 
 impl Pipeline {
-    /// A pipeline with an empty tracker.
-    pub fn new(filter: Filter, format: Format, clock: WallClock) -> Self {
+    /// A pipeline with an empty tracker; sockets in CLOSE_WAIT longer than
+    /// `leak_after_ns` are leaks.
+    pub fn new(filter: Filter, format: Format, clock: WallClock, leak_after_ns: u64) -> Self {
         Self {
             tracker: Tracker::default(),
             filter,
             format,
             clock,
+            closewait: CloseWaitDetector::new(leak_after_ns),
+            groups: LeakGroups::new(
+                DEFAULT_LEAK_LINES_PER_GROUP,
+                LEAK_LINE_WINDOW_NS,
+                DEFAULT_GROUP_REPORT_NS,
+            ),
+            current_leaks: std::collections::HashMap::new(),
             malformed: 0,
         }
     }
 
-    /// Handles one raw record: `Ok(Some(line))` when it produces output,
-    /// `Err` when it is malformed (counted, never fatal).
-    pub fn handle(&mut self, raw: &[u8]) -> Result<Option<String>, DecodeError> {
+    /// Handles one raw record, appending its output lines to `out`; `Err`
+    /// when it is malformed (counted, never fatal).
+    pub fn handle(&mut self, raw: &[u8], out: &mut Vec<String>) -> Result<(), DecodeError> {
         let record = decode::decode(raw).inspect_err(|_| self.malformed += 1)?;
-        Ok(match record {
+        match record {
             Record::State(change) => {
                 let t = self.tracker.on_state(change);
-                self.filter
-                    .matches(&t)
-                    .then(|| self.format.transition(&t, self.clock.wall(t.change.ts_ns)))
+                let end = self.closewait.on_transition(&t);
+                if t.change.new != TcpState::CloseWait {
+                    let key = tuple_key(&t.change);
+                    self.groups.on_end(&key);
+                    if !self.current_leaks.is_empty() {
+                        self.current_leaks.remove(&key);
+                    }
+                }
+                if self.filter.matches(&t) {
+                    let wall = self.clock.wall(t.change.ts_ns);
+                    out.push(self.format.transition(&t, wall));
+                    if let Some(end) = end {
+                        out.push(self.format.close_wait_end(&end, wall, false));
+                        if end.was_leak {
+                            out.push(self.format.close_wait_end(&end, wall, true));
+                        }
+                    }
+                }
             }
             Record::Accept(accept) => {
                 self.tracker.on_accept(&accept);
-                None
+                if let Some(known) = self.tracker.known(accept.sk) {
+                    self.closewait.refresh(accept.sk, &known);
+                }
             }
-        })
+        }
+        Ok(())
+    }
+
+    /// Sockets that became leaks by `now_ns` and pass the filter.
+    pub fn due_leaks(&mut self, now_ns: u64) -> Vec<LeakCandidate> {
+        let filter = &self.filter;
+        self.closewait
+            .due(now_ns)
+            .into_iter()
+            .filter(|c| filter.matches(&c.entered))
+            .collect()
     }
 
     /// The line reporting `lost` records.
@@ -72,6 +141,7 @@ mod tests {
             Filter::default(),
             Format::Json,
             WallClock::with_offset_ns(0),
+            u64::MAX,
         );
         let states = [
             (k::CLOSE, k::SYN_SENT),
@@ -93,11 +163,8 @@ mod tests {
             if i == 0 {
                 rec.connect_fd = 3;
             }
-            lines.push(
-                p.handle(&raw::state_bytes(&rec))
-                    .expect("valid")
-                    .expect("unfiltered"),
-            );
+            p.handle(&raw::state_bytes(&rec), &mut lines)
+                .expect("valid");
         }
         let v: Vec<serde_json::Value> = lines
             .iter()
@@ -111,14 +178,40 @@ mod tests {
     }
 
     #[test]
+    fn close_wait_end_follows_the_transition_out_of_close_wait() {
+        let mut p = Pipeline::new(
+            Filter::default(),
+            Format::Json,
+            WallClock::with_offset_ns(0),
+            u64::MAX,
+        );
+        let mut out = Vec::new();
+        for (ts, old, new) in [
+            (0, k::ESTABLISHED, k::CLOSE_WAIT),
+            (5_000_000, k::CLOSE_WAIT, k::LAST_ACK),
+        ] {
+            let rec = raw::ipv4_state(2, ts, old, new, ([127, 0, 0, 1], 5), ([127, 0, 0, 1], 4));
+            p.handle(&raw::state_bytes(&rec), &mut out).expect("valid");
+        }
+        assert_eq!(out.len(), 3, "{out:?}");
+        let end: serde_json::Value = serde_json::from_str(&out[2]).expect("json");
+        assert_eq!(end["event"], "close_wait_end");
+        assert_eq!(end["close_wait_ms"], 5.0);
+        assert_eq!(end["leak"], false);
+        assert!(p.due_leaks(u64::MAX).is_empty());
+    }
+
+    #[test]
     fn malformed_records_are_counted_and_do_not_stop_the_stream() {
         let mut p = Pipeline::new(
             Filter::default(),
             Format::Json,
             WallClock::with_offset_ns(0),
+            u64::MAX,
         );
-        assert!(p.handle(&[1, 2, 3]).is_err());
-        assert!(p.handle(&[0; 200]).is_err());
+        let mut out = Vec::new();
+        assert!(p.handle(&[1, 2, 3], &mut out).is_err());
+        assert!(p.handle(&[0; 200], &mut out).is_err());
         assert_eq!(p.malformed, 2);
         let rec = raw::ipv4_state(
             1,
@@ -128,6 +221,7 @@ mod tests {
             ([127, 0, 0, 1], 4),
             ([127, 0, 0, 1], 5),
         );
-        assert!(p.handle(&raw::state_bytes(&rec)).expect("valid").is_some());
+        p.handle(&raw::state_bytes(&rec), &mut out).expect("valid");
+        assert_eq!(out.len(), 1);
     }
 }

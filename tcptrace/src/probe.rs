@@ -2,7 +2,7 @@
 //! the BPF syscall.
 
 use anyhow::{anyhow, Context as _};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray, RingBuf, StackTraceMap};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 
@@ -24,6 +24,8 @@ pub struct Probes {
     pub ring: RingBuf<MapData>,
     /// Records dropped because the ring was full.
     pub lost: LostCounter,
+    /// User stacks taken at connect() and accept().
+    pub stacks: StackTraceMap<MapData>,
 }
 
 /// The kernel's per-CPU count of records it could not reserve room for.
@@ -82,7 +84,16 @@ fn load_inner(layout: &Layout, ring_bytes: u32) -> anyhow::Result<Probes> {
         .take_map("LOST")
         .ok_or_else(|| anyhow!("the eBPF object has no LOST map"))?;
     let lost = LostCounter(PerCpuArray::try_from(lost).context("opening the LOST counter")?);
-    Ok(Probes { ebpf, ring, lost })
+    let stacks = ebpf
+        .take_map("STACKS")
+        .ok_or_else(|| anyhow!("the eBPF object has no STACKS map"))?;
+    let stacks = StackTraceMap::try_from(stacks).context("opening the STACKS map")?;
+    Ok(Probes {
+        ebpf,
+        ring,
+        lost,
+        stacks,
+    })
 }
 
 fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> anyhow::Result<()> {

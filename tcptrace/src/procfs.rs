@@ -156,16 +156,16 @@ pub fn parse_net_tcp(text: &str) -> Vec<TcpRow> {
         .collect()
 }
 
-/// The receive queue of socket `ino` as seen from process `pid`'s network
+/// Receive queues by socket inode, as seen from process `pid`'s network
 /// namespace: what the program has not read (a received FIN counts one).
-pub fn recv_queue(pid: u32, ino: u64) -> Option<u64> {
-    ["tcp", "tcp6"].iter().find_map(|file| {
-        let text = fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok()?;
-        parse_net_tcp(&text)
-            .into_iter()
-            .find(|r| r.inode == ino)
-            .map(|r| r.rx_queue)
-    })
+pub fn recv_queues(pid: u32) -> HashMap<u64, u64> {
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|file| fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok())
+        .flat_map(|text| parse_net_tcp(&text))
+        .filter(|r| r.inode != 0)
+        .map(|r| (r.inode, r.rx_queue))
+        .collect()
 }
 
 #[cfg(test)]
@@ -216,7 +216,7 @@ mod tests {
         assert_eq!(list[0].pid, std::process::id());
         assert_eq!(list[0].fd, client.as_raw_fd());
         assert!(list[0].exe.is_some());
-        assert_eq!(recv_queue(std::process::id(), ino), Some(0));
+        assert_eq!(recv_queues(std::process::id()).get(&ino), Some(&0));
         // Sanity: the same inode as fstat reports.
         let meta = fs::metadata(format!("/proc/self/fd/{}", client.as_raw_fd())).expect("stat");
         assert_eq!(meta.ino(), ino);

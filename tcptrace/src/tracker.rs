@@ -79,6 +79,17 @@ pub struct Transition {
     pub ino: Option<u64>,
 }
 
+/// What the tracker knows about a socket besides its state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Known {
+    /// Owner, when known.
+    pub owner: Option<Owner>,
+    /// Origin, when seen.
+    pub origin: Option<Origin>,
+    /// Socket inode, when known.
+    pub ino: Option<u64>,
+}
+
 #[derive(Debug)]
 struct Entry {
     /// Current state and since when (monotonic ns); `None` when only the
@@ -210,6 +221,15 @@ impl Tracker {
             origin,
             ino,
         }
+    }
+
+    /// What is known about socket `sk`.
+    pub fn known(&self, sk: u64) -> Option<Known> {
+        self.sockets.get(&sk).map(|e| Known {
+            owner: e.owner.clone(),
+            origin: e.origin.clone(),
+            ino: e.ino,
+        })
     }
 
     /// Records the owner of an accepted socket.

@@ -80,7 +80,8 @@ enum Cmd {
     /// Needs root (the tests load BPF programs): when not root, the whole
     /// command is run again through `sudo -E`. Test tools installed when
     /// missing: `ip`, `ss` (iproute2), `unshare`, `setpriv` (util-linux),
-    /// `mount`, `umount` (mount). Example:
+    /// `mount`, `umount` (mount), `cc` (gcc, for the leaking C fixtures),
+    /// `redis-server` (a real upstream that closes idle clients). Example:
     /// `cargo xtask test -- --package tcptrace-tests -- --nocapture`.
     Test {
         /// Arguments for `cargo test` (after `--`); a second `--` passes

@@ -292,6 +292,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("mount", "mount"),
     ("umount", "mount"),
+    ("cc", "gcc"),
+    ("redis-server", "redis-server"),
 ];
 
 /// Makes sure every command of [`TEST_TOOLS`] exists, installing the

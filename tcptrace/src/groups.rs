@@ -1,0 +1,253 @@
+//! Leak groups: a program that leaks thousands of sockets from one call
+//! site must not flood the collector, and the biggest or oldest leak must
+//! never hide behind the rate limit. Pure: fed leaks and a clock.
+//!
+//! A group is (owner process, the service the sockets talk to, namespace,
+//! origin stack). The service is the remote endpoint of outgoing
+//! connections and the local endpoint of accepted ones (their remote
+//! ports are all different). Each group gets at most `lines_per_window` individual `leak`
+//! lines per window; every `report_every` a `leak_group` summary (count,
+//! oldest age, lines suppressed) is due for each group that still has
+//! leaked sockets.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use crate::tracker::Syscall;
+
+/// A leaked socket's identity: namespace and four-tuple (inventory sockets
+/// have no kernel address).
+pub type Member = crate::pipeline::TupleKey;
+
+/// What makes leaks "the same leak".
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    /// Owner pid (first holder, else the origin's pid; 0 when unknown).
+    pub pid: u32,
+    /// Owner command name.
+    pub comm: String,
+    /// How the connections were made (`None`: unknown origin, grouped by
+    /// remote endpoint).
+    pub side: Option<Syscall>,
+    /// Service address: remote for connect, local for accept.
+    pub service_addr: IpAddr,
+    /// Service port: remote for connect, local for accept.
+    pub service_port: u16,
+    /// Network namespace of the socket.
+    pub netns: Option<u32>,
+    /// Origin stack id (`None`: unknown origin).
+    pub stack_id: Option<u32>,
+}
+
+/// A group's state, as reported in `leak_group`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupReport {
+    /// The group.
+    pub key: GroupKey,
+    /// Sockets of the group in CLOSE_WAIT now.
+    pub count: u64,
+    /// Monotonic ns when the oldest of them entered CLOSE_WAIT.
+    pub oldest_since_ns: u64,
+    /// Individual `leak` lines not printed because of the limit, in total.
+    pub suppressed: u64,
+    /// The one-line summary of the group's first leak: the call site.
+    pub example: String,
+}
+
+#[derive(Debug)]
+struct Group {
+    /// Leaked sockets now, with the time they entered CLOSE_WAIT.
+    members: HashMap<Member, u64>,
+    window_start_ns: u64,
+    lines_in_window: u32,
+    suppressed: u64,
+    example: String,
+}
+
+/// Rate limits and summarizes leaks per group.
+#[derive(Debug)]
+pub struct LeakGroups {
+    lines_per_window: u32,
+    window_ns: u64,
+    report_every_ns: u64,
+    last_report_ns: u64,
+    groups: HashMap<GroupKey, Group>,
+    member_of: HashMap<Member, GroupKey>,
+}
+
+impl LeakGroups {
+    /// At most `lines_per_window` leak lines per group per `window_ns`;
+    /// summaries every `report_every_ns`.
+    pub fn new(lines_per_window: u32, window_ns: u64, report_every_ns: u64) -> Self {
+        Self {
+            lines_per_window,
+            window_ns,
+            report_every_ns,
+            last_report_ns: 0,
+            groups: HashMap::new(),
+            member_of: HashMap::new(),
+        }
+    }
+
+    /// A socket `sk` (in CLOSE_WAIT since `since_ns`) of group `key` leaked
+    /// at `now_ns`: returns true when its own `leak` line should be printed.
+    /// `example` describes it, kept when it starts a group.
+    pub fn on_leak(
+        &mut self,
+        key: GroupKey,
+        sk: Member,
+        since_ns: u64,
+        now_ns: u64,
+        example: impl FnOnce() -> String,
+    ) -> bool {
+        let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
+            members: HashMap::new(),
+            window_start_ns: now_ns,
+            lines_in_window: 0,
+            suppressed: 0,
+            example: example(),
+        });
+        group.members.insert(sk, since_ns);
+        self.member_of.insert(sk, key);
+        if now_ns.saturating_sub(group.window_start_ns) >= self.window_ns {
+            group.window_start_ns = now_ns;
+            group.lines_in_window = 0;
+        }
+        if group.lines_in_window < self.lines_per_window {
+            group.lines_in_window += 1;
+            true
+        } else {
+            group.suppressed += 1;
+            false
+        }
+    }
+
+    /// A leaked socket left CLOSE_WAIT (or its life ended).
+    pub fn on_end(&mut self, sk: &Member) {
+        if self.member_of.is_empty() {
+            return;
+        }
+        if let Some(key) = self.member_of.remove(sk) {
+            if let Some(group) = self.groups.get_mut(&key) {
+                group.members.remove(sk);
+                if group.members.is_empty() {
+                    self.groups.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Summaries due at `now_ns`: every group with leaked sockets, largest
+    /// first, once per `report_every_ns`.
+    pub fn due_reports(&mut self, now_ns: u64) -> Vec<GroupReport> {
+        if self.groups.is_empty()
+            || now_ns.saturating_sub(self.last_report_ns) < self.report_every_ns
+        {
+            return Vec::new();
+        }
+        self.last_report_ns = now_ns;
+        self.reports()
+    }
+
+    /// Every group now, largest first, then oldest first.
+    pub fn reports(&self) -> Vec<GroupReport> {
+        let mut out: Vec<GroupReport> = self
+            .groups
+            .iter()
+            .filter_map(|(key, g)| {
+                let oldest = g.members.values().min()?;
+                Some(GroupReport {
+                    key: key.clone(),
+                    count: g.members.len() as u64,
+                    oldest_since_ns: *oldest,
+                    suppressed: g.suppressed,
+                    example: g.example.clone(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then(a.oldest_since_ns.cmp(&b.oldest_since_ns))
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn m(n: u64) -> Member {
+        (
+            Some(1),
+            "127.0.0.1".parse().expect("ip"),
+            n as u16,
+            "10.0.0.3".parse().expect("ip"),
+            3306,
+        )
+    }
+
+    fn key(pid: u32, stack: u32) -> GroupKey {
+        GroupKey {
+            pid,
+            comm: "svc".into(),
+            side: Some(Syscall::Connect),
+            service_addr: "10.0.0.3".parse().expect("ip"),
+            service_port: 3306,
+            netns: Some(1),
+            stack_id: Some(stack),
+        }
+    }
+
+    #[test]
+    fn two_thousand_leaks_give_a_bounded_number_of_lines() {
+        let mut g = LeakGroups::new(10, 60 * S, 10 * S);
+        let printed = (0..2000)
+            .filter(|&sk| g.on_leak(key(1, 7), m(sk), sk, 100 * S, String::new))
+            .count();
+        assert_eq!(printed, 10);
+        let reports = g.due_reports(100 * S);
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].count, 2000);
+        assert_eq!(reports[0].suppressed, 1990);
+        assert_eq!(reports[0].oldest_since_ns, 0);
+        assert!(g.due_reports(105 * S).is_empty(), "once per interval");
+        assert_eq!(g.due_reports(110 * S).len(), 1);
+    }
+
+    #[test]
+    fn the_window_reopens() {
+        let mut g = LeakGroups::new(1, 60 * S, 10 * S);
+        assert!(g.on_leak(key(1, 7), m(1), 0, 0, String::new));
+        assert!(!g.on_leak(key(1, 7), m(2), 0, S, String::new));
+        assert!(g.on_leak(key(1, 7), m(3), 0, 61 * S, String::new));
+    }
+
+    #[test]
+    fn groups_are_separate_and_sorted_by_size() {
+        let mut g = LeakGroups::new(10, 60 * S, S);
+        g.on_leak(key(1, 7), m(1), 5, 10 * S, String::new);
+        for sk in 2..5 {
+            g.on_leak(key(2, 8), m(sk), 50, 10 * S, String::new);
+        }
+        let r = g.due_reports(10 * S);
+        assert_eq!(r.iter().map(|r| r.count).collect::<Vec<_>>(), [3, 1]);
+    }
+
+    #[test]
+    fn ended_leaks_leave_their_group_and_empty_groups_vanish() {
+        let mut g = LeakGroups::new(10, 60 * S, S);
+        g.on_leak(key(1, 7), m(1), 0, 0, String::new);
+        g.on_leak(key(1, 7), m(2), 3, 0, String::new);
+        g.on_end(&m(1));
+        let r = g.reports();
+        assert_eq!((r[0].count, r[0].oldest_since_ns), (1, 3));
+        g.on_end(&m(2));
+        g.on_end(&m(99));
+        assert!(g.reports().is_empty());
+        assert!(g.due_reports(100 * S).is_empty());
+    }
+}

@@ -1,0 +1,406 @@
+//! A CLOSE_WAIT leak with everything an operator needs to fix it: who holds
+//! the socket now, why it leaks, and the code path that opened it.
+//!
+//! [`classify`] and [`summary`] are pure; [`Enricher`] reads /proc and the
+//! kernel's stack map, only for leak candidates and in one batch per tick.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::closewait::LeakCandidate;
+use crate::groups::GroupKey;
+use crate::procfs::{self, Holder};
+use crate::symbolize::{Frame, Symbolizer};
+use crate::tracker::Syscall;
+
+/// Why a socket stays in CLOSE_WAIT, from its receive queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Recv-Q is 0: the program read the EOF (a read returned 0) and never
+    /// closed the socket: a `close()` forgotten on some path.
+    ReadEofNeverClosed,
+    /// Recv-Q > 0: the program stopped reading the socket (unread data or
+    /// an unread FIN): a stuck or dead worker.
+    StoppedReading,
+    /// No holder could be read (the process exited or hid its fds).
+    Unknown,
+}
+
+impl Reason {
+    /// Stable name for the JSON `reason` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ReadEofNeverClosed => "read_eof_never_closed",
+            Self::StoppedReading => "stopped_reading",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// One sentence for people.
+    pub fn explain(self) -> &'static str {
+        match self {
+            Self::ReadEofNeverClosed => {
+                "the program read the EOF and never called close(): look for a return path that skips close()"
+            }
+            Self::StoppedReading => {
+                "the program stopped reading this socket: a stuck or dead worker"
+            }
+            Self::Unknown => "the holder could not be inspected",
+        }
+    }
+}
+
+/// Classifies from the receive queue (`None`: unknown).
+pub fn classify(recv_q: Option<u64>) -> Reason {
+    match recv_q {
+        Some(0) => Reason::ReadEofNeverClosed,
+        Some(_) => Reason::StoppedReading,
+        None => Reason::Unknown,
+    }
+}
+
+/// A leak, enriched.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Leak {
+    /// What the detector knew.
+    pub candidate: LeakCandidate,
+    /// Every process holding an fd for the socket now.
+    pub owners: Vec<Holder>,
+    /// Receive queue, from a holder's view of /proc/net/tcp.
+    pub recv_q: Option<u64>,
+    /// Why it leaks.
+    pub reason: Reason,
+    /// The origin's user stack, symbolized (empty when unknown).
+    pub stack: Vec<Frame>,
+}
+
+fn secs(ms: f64) -> String {
+    if ms >= 10_000.0 {
+        format!("{:.0} s", ms / 1000.0)
+    } else {
+        format!("{:.1} s", ms / 1000.0)
+    }
+}
+
+/// The story's one line: who, which connection, how long, which fd, and
+/// the code that opened it.
+pub fn summary(leak: &Leak) -> String {
+    let t = &leak.candidate.entered;
+    let c = &t.change;
+    let endpoint = |a: &std::net::IpAddr, p: u16| match a {
+        std::net::IpAddr::V4(a) => format!("{a}:{p}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{p}"),
+    };
+    let (who, on_fd) = match leak.owners.split_first() {
+        Some((h, others)) => {
+            let mut fd = format!(" on fd {}", h.fd);
+            for o in others {
+                fd += &format!(", pid {} ({}) fd {}", o.pid, o.comm, o.fd);
+            }
+            (format!("pid {} ({}) has held", h.pid, h.comm), fd)
+        }
+        None => match &t.owner {
+            Some(o) => (format!("pid {} ({}) held", o.pid, o.comm), String::new()),
+            None => ("an unknown process holds".to_string(), String::new()),
+        },
+    };
+    let mut line = format!(
+        "{who} {} -> {} in CLOSE_WAIT for {}{}{on_fd}",
+        endpoint(&c.laddr, c.lport),
+        endpoint(&c.raddr, c.rport),
+        if leak.candidate.estimated {
+            "about "
+        } else {
+            ""
+        },
+        secs(leak.candidate.close_wait_ms)
+    );
+    let frames: Vec<String> = leak
+        .stack
+        .iter()
+        .filter(|f| f.function.is_some())
+        .take(4)
+        .map(Frame::display)
+        .collect();
+    match &t.origin {
+        Some(o) if !frames.is_empty() => {
+            line += &format!(
+                "; the connection was opened by {}() at {}",
+                o.syscall.name(),
+                frames.join(" <- ")
+            );
+        }
+        Some(o) => line += &format!("; opened by {}() in pid {}", o.syscall.name(), o.pid),
+        None => line += "; origin unknown (opened before the agent started)",
+    }
+    line += &format!("; {}", leak.reason.explain());
+    line
+}
+
+/// The leak as `tcptrace leaks` lists it (its age is set when written).
+pub fn report_entry(leak: &Leak) -> crate::report::LeakEntry {
+    let t = &leak.candidate.entered;
+    let c = &t.change;
+    let holder = leak.owners.first();
+    crate::report::LeakEntry {
+        pid: holder
+            .map(|h| h.pid)
+            .or(t.owner.as_ref().map(|o| o.pid))
+            .unwrap_or(0),
+        comm: holder
+            .map(|h| h.comm.clone())
+            .or(t.owner.as_ref().map(|o| o.comm.clone()))
+            .unwrap_or_default(),
+        exe: holder.and_then(|h| h.exe.clone()),
+        cgroup: holder.and_then(|h| h.cgroup.clone()),
+        fd: holder.map(|h| h.fd).or(t.owner.as_ref().and_then(|o| o.fd)),
+        local: std::net::SocketAddr::new(c.laddr, c.lport).to_string(),
+        remote: std::net::SocketAddr::new(c.raddr, c.rport).to_string(),
+        netns: c.netns,
+        close_wait_ms: leak.candidate.close_wait_ms,
+        estimated: leak.candidate.estimated,
+        reason: leak.reason.name().to_string(),
+        origin: t.origin.as_ref().map(|o| o.syscall.name().to_string()),
+        stack: leak
+            .stack
+            .iter()
+            .filter(|f| f.function.is_some())
+            .map(Frame::display)
+            .collect(),
+    }
+}
+
+/// The group a leak belongs to: owner process, remote endpoint, origin stack.
+pub fn group_key(leak: &Leak) -> GroupKey {
+    let t = &leak.candidate.entered;
+    let (pid, comm) = match (leak.owners.first(), &t.owner, &t.origin) {
+        (Some(h), _, _) => (h.pid, h.comm.clone()),
+        (None, Some(o), _) => (o.pid, o.comm.clone()),
+        (None, None, Some(o)) => (o.pid, o.comm.clone()),
+        (None, None, None) => (0, String::new()),
+    };
+    let side = t.origin.as_ref().map(|o| o.syscall);
+    let (service_addr, service_port) = match side {
+        Some(Syscall::Accept) => (t.change.laddr, t.change.lport),
+        _ => (t.change.raddr, t.change.rport),
+    };
+    GroupKey {
+        pid,
+        comm,
+        side,
+        service_addr,
+        service_port,
+        netns: t.change.netns,
+        stack_id: t.origin.as_ref().and_then(|o| o.stack_id),
+    }
+}
+
+/// Reads what a leak line needs from /proc and the kernel's stack map.
+///
+/// A program leaking thousands of sockets from one call site must cost one
+/// /proc scan, one `/proc/PID/net/tcp` read and one symbolization per batch,
+/// not one per socket.
+pub struct Enricher {
+    symbolizer: Symbolizer,
+    /// Symbolized stacks by (pid, stack id); cleared when it grows large.
+    stacks: HashMap<(u32, u32), Vec<Frame>>,
+}
+
+/// Symbolizes a kernel stack (innermost first). Every frame but the first
+/// holds a return address, the instruction after a call: looking up the
+/// byte before it gives the call's own function and line, which is what a
+/// person wants to read.
+fn symbolize_stack(symbolizer: &mut Symbolizer, pid: u32, addrs: &[u64]) -> Vec<Frame> {
+    let lookup: Vec<u64> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
+        .collect();
+    let mut frames = symbolizer.symbolize(pid, &lookup);
+    for (frame, (&addr, &looked)) in frames.iter_mut().zip(addrs.iter().zip(&lookup)) {
+        frame.addr = addr;
+        frame.offset = frame.offset.map(|o| o + (addr - looked));
+    }
+    frames
+}
+
+/// Most symbolized stacks kept between batches.
+const MAX_CACHED_STACKS: usize = 1024;
+
+impl Default for Enricher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Enricher {
+    /// A new enricher with an empty symbol cache.
+    pub fn new() -> Self {
+        Self {
+            symbolizer: Symbolizer::new(),
+            stacks: HashMap::new(),
+        }
+    }
+
+    /// Enriches a batch; `stack_of` returns the addresses of a stack id.
+    pub fn enrich(
+        &mut self,
+        candidates: Vec<LeakCandidate>,
+        stack_of: impl Fn(u32) -> Option<Vec<u64>>,
+    ) -> Vec<Leak> {
+        let inodes: HashSet<u64> = candidates.iter().filter_map(|c| c.entered.ino).collect();
+        let mut holders = procfs::holders(&inodes);
+        // Receive queues by holder pid, each /proc/PID/net/tcp{,6} read once.
+        let mut queues: HashMap<u32, HashMap<u64, u64>> = HashMap::new();
+        if self.stacks.len() > MAX_CACHED_STACKS {
+            self.stacks.clear();
+        }
+        candidates
+            .into_iter()
+            .map(|candidate| {
+                let ino = candidate.entered.ino;
+                let owners = ino.and_then(|ino| holders.remove(&ino)).unwrap_or_default();
+                let recv_q = ino.and_then(|ino| {
+                    owners.iter().find_map(|h| {
+                        queues
+                            .entry(h.pid)
+                            .or_insert_with(|| procfs::recv_queues(h.pid))
+                            .get(&ino)
+                            .copied()
+                    })
+                });
+                let stack = match candidate
+                    .entered
+                    .origin
+                    .as_ref()
+                    .and_then(|o| o.stack_id.map(|id| (o.pid, id)))
+                {
+                    Some(key) => {
+                        if !self.stacks.contains_key(&key) {
+                            let frames = stack_of(key.1)
+                                .map(|addrs| symbolize_stack(&mut self.symbolizer, key.0, &addrs))
+                                .unwrap_or_default();
+                            self.stacks.insert(key, frames);
+                        }
+                        self.stacks.get(&key).cloned().unwrap_or_default()
+                    }
+                    None => Vec::new(),
+                };
+                Leak {
+                    reason: classify(recv_q),
+                    candidate,
+                    owners,
+                    recv_q,
+                    stack,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Family, StateChange, Task};
+    use crate::state::TcpState;
+    use crate::tracker::{Origin, Owner, Transition};
+
+    fn leak(owners: Vec<Holder>, stack: Vec<Frame>, origin: bool) -> Leak {
+        let change = StateChange {
+            ts_ns: 0,
+            sk: 1,
+            netns: Some(1),
+            family: Family::Ipv4,
+            laddr: "127.0.0.1".parse().expect("ip"),
+            lport: 45346,
+            raddr: "10.0.0.3".parse().expect("ip"),
+            rport: 3306,
+            old: TcpState::Established,
+            new: TcpState::CloseWait,
+            ctx: Task {
+                pid: 1,
+                tid: 1,
+                comm: "x".into(),
+            },
+            connect_fd: None,
+            stack_id: None,
+            ino: Some(5),
+        };
+        Leak {
+            candidate: LeakCandidate {
+                entered: Transition {
+                    change,
+                    prev_state_ms: None,
+                    owner: Some(Owner {
+                        pid: 4242,
+                        fd: Some(7),
+                        comm: "orders-svc".into(),
+                    }),
+                    origin: origin.then(|| Origin {
+                        syscall: Syscall::Connect,
+                        pid: 4242,
+                        tid: 4242,
+                        comm: "orders-svc".into(),
+                        fd: Some(7),
+                        ts_ns: 0,
+                        stack_id: Some(1),
+                    }),
+                    ino: Some(5),
+                },
+                close_wait_ms: 61_000.0,
+                estimated: false,
+            },
+            owners,
+            recv_q: Some(0),
+            reason: Reason::ReadEofNeverClosed,
+            stack,
+        }
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(Some(0)), Reason::ReadEofNeverClosed);
+        assert_eq!(classify(Some(1)), Reason::StoppedReading);
+        assert_eq!(classify(None), Reason::Unknown);
+    }
+
+    #[test]
+    fn summary_tells_the_story() {
+        let holder = Holder {
+            pid: 4242,
+            comm: "orders-svc".into(),
+            fd: 7,
+            exe: None,
+            cgroup: None,
+        };
+        let frame = |f: &str, file: &str, line: u32| Frame {
+            addr: 0x1000,
+            function: Some(f.into()),
+            offset: Some(0x1f),
+            file: Some(file.into()),
+            line: Some(line),
+        };
+        let l = leak(
+            vec![holder],
+            vec![
+                frame("main.update", "main.go", 22),
+                frame("main.main", "main.go", 40),
+            ],
+            true,
+        );
+        let s = summary(&l);
+        assert!(
+            s.starts_with("pid 4242 (orders-svc) has held 127.0.0.1:45346 -> 10.0.0.3:3306 in CLOSE_WAIT for 61 s on fd 7; the connection was opened by connect() at main.update"),
+            "{s}"
+        );
+        assert!(s.contains("main.go:22"), "{s}");
+        assert!(s.contains("<- main.main"), "{s}");
+        assert!(s.contains("close()"), "{s}");
+    }
+
+    #[test]
+    fn summary_without_origin_or_holders_says_so() {
+        let s = summary(&leak(Vec::new(), Vec::new(), false));
+        assert!(s.starts_with("pid 4242 (orders-svc) held"), "{s}");
+        assert!(s.contains("origin unknown"), "{s}");
+    }
+}

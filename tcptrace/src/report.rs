@@ -1,0 +1,276 @@
+//! `tcptrace leaks`: the current CLOSE_WAIT leaks, grouped by process and
+//! origin stack, largest first, for a person in ten seconds or for a
+//! machine as JSON. Pure: renders a [`Snapshot`], which the running agent
+//! writes to its state file (or `tcptrace leaks` builds from a live
+//! inventory when no agent runs).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the snapshot file layout.
+pub const SNAPSHOT_SCHEMA: u32 = 1;
+
+/// Where the agent writes its snapshot by default.
+pub const DEFAULT_STATE_FILE: &str = "/run/tcptrace/leaks.json";
+
+/// One leaked socket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeakEntry {
+    /// Holder pid (the first when several hold it; 0 when unknown).
+    pub pid: u32,
+    /// Holder command name.
+    pub comm: String,
+    /// Holder executable.
+    pub exe: Option<String>,
+    /// Holder cgroup.
+    pub cgroup: Option<String>,
+    /// Holder fd.
+    pub fd: Option<i32>,
+    /// Local endpoint, `addr:port`.
+    pub local: String,
+    /// Remote endpoint, `addr:port`.
+    pub remote: String,
+    /// Network namespace inode.
+    pub netns: Option<u32>,
+    /// Milliseconds in CLOSE_WAIT when the snapshot was taken.
+    pub close_wait_ms: f64,
+    /// True when the age is an estimate (socket older than the agent).
+    pub estimated: bool,
+    /// `read_eof_never_closed`, `stopped_reading` or `unknown`.
+    pub reason: String,
+    /// `connect` or `accept`; `None` when the origin is unknown.
+    pub origin: Option<String>,
+    /// The origin stack, one `function+0x.. (file:line)` per frame.
+    pub stack: Vec<String>,
+}
+
+/// The leaks at one moment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// [`SNAPSHOT_SCHEMA`].
+    pub schema: u32,
+    /// The agent that wrote it (0: built by `tcptrace leaks` itself).
+    pub agent_pid: u32,
+    /// RFC 3339 time it was taken.
+    pub taken_at: String,
+    /// The leaks.
+    pub leaks: Vec<LeakEntry>,
+}
+
+/// Leaks that share a process and an origin stack.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Group {
+    /// Holder pid.
+    pub pid: u32,
+    /// Holder command name.
+    pub comm: String,
+    /// Holder executable.
+    pub exe: Option<String>,
+    /// Holder cgroup.
+    pub cgroup: Option<String>,
+    /// `connect`, `accept` or `None` (unknown).
+    pub origin: Option<String>,
+    /// The shared origin stack.
+    pub stack: Vec<String>,
+    /// How many sockets.
+    pub count: usize,
+    /// Age of the oldest, milliseconds.
+    pub oldest_ms: f64,
+    /// The leaks, oldest first.
+    pub leaks: Vec<LeakEntry>,
+}
+
+/// Groups by (process, origin, stack), largest group first, then oldest.
+pub fn group(snapshot: &Snapshot) -> Vec<Group> {
+    let mut by: BTreeMap<(u32, Option<String>, Vec<String>), Vec<LeakEntry>> = BTreeMap::new();
+    for l in &snapshot.leaks {
+        by.entry((l.pid, l.origin.clone(), l.stack.clone()))
+            .or_default()
+            .push(l.clone());
+    }
+    let mut groups: Vec<Group> = by
+        .into_iter()
+        .map(|((pid, origin, stack), mut leaks)| {
+            leaks.sort_by(|a, b| b.close_wait_ms.total_cmp(&a.close_wait_ms));
+            let first = &leaks[0];
+            Group {
+                pid,
+                comm: first.comm.clone(),
+                exe: first.exe.clone(),
+                cgroup: first.cgroup.clone(),
+                origin,
+                stack,
+                count: leaks.len(),
+                oldest_ms: first.close_wait_ms,
+                leaks,
+            }
+        })
+        .collect();
+    groups.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(b.oldest_ms.total_cmp(&a.oldest_ms))
+    });
+    groups
+}
+
+fn age(ms: f64) -> String {
+    let s = ms / 1000.0;
+    if s >= 3600.0 {
+        format!("{:.1} h", s / 3600.0)
+    } else if s >= 60.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// The human report; `source` says where the snapshot came from.
+pub fn render_text(snapshot: &Snapshot, source: &str) -> String {
+    let groups = group(snapshot);
+    let mut out = format!("CLOSE_WAIT leaks ({source}, {})\n", snapshot.taken_at);
+    out += "CLOSE_WAIT means the peer closed the connection and the program never called close(): \
+            look for a return path (an error, an EOF) that skips close() after the call shown below.\n";
+    if groups.is_empty() {
+        out += "\nNo socket is in CLOSE_WAIT past the leak threshold.\n";
+        return out;
+    }
+    for g in &groups {
+        out += &format!(
+            "\npid {} {}: {} socket{} in CLOSE_WAIT, oldest {}{}\n",
+            g.pid,
+            g.comm,
+            g.count,
+            if g.count == 1 { "" } else { "s" },
+            age(g.oldest_ms),
+            if g.leaks.iter().any(|l| l.estimated) {
+                " (estimated)"
+            } else {
+                ""
+            }
+        );
+        if let Some(exe) = &g.exe {
+            out += &format!("  executable {exe}");
+            if let Some(cg) = &g.cgroup {
+                out += &format!(", cgroup {cg}");
+            }
+            out += "\n";
+        }
+        match (&g.origin, g.stack.is_empty()) {
+            (Some(o), false) => {
+                out += &format!("  opened by {o}() at:\n");
+                for frame in g.stack.iter().take(8) {
+                    out += &format!("    {frame}\n");
+                }
+            }
+            (Some(o), true) => {
+                out += &format!("  opened by {o}() (no stack: frame pointers missing?)\n")
+            }
+            (None, _) => out += "  origin unknown: opened before the agent started\n",
+        }
+        for l in g.leaks.iter().take(3) {
+            out += &format!(
+                "  e.g. {} -> {}{} for {} ({})\n",
+                l.local,
+                l.remote,
+                l.fd.map_or_else(String::new, |fd| format!(" fd {fd}")),
+                age(l.close_wait_ms),
+                match l.reason.as_str() {
+                    "read_eof_never_closed" => "read the EOF, never closed",
+                    "stopped_reading" => "stopped reading: unread data",
+                    _ => "holder unknown",
+                }
+            );
+        }
+        if g.count > 3 {
+            out += &format!("  ... and {} more\n", g.count - 3);
+        }
+    }
+    out
+}
+
+/// The machine report: the groups as one JSON document.
+pub fn render_json(snapshot: &Snapshot) -> String {
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        schema: u32,
+        taken_at: &'a str,
+        agent_pid: u32,
+        groups: Vec<Group>,
+    }
+    serde_json::to_string_pretty(&Doc {
+        schema: SNAPSHOT_SCHEMA,
+        taken_at: &snapshot.taken_at,
+        agent_pid: snapshot.agent_pid,
+        groups: group(snapshot),
+    })
+    .unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(pid: u32, ms: f64, stack: &[&str]) -> LeakEntry {
+        LeakEntry {
+            pid,
+            comm: format!("svc{pid}"),
+            exe: Some(format!("/usr/bin/svc{pid}")),
+            cgroup: Some("/system.slice/svc.service".into()),
+            fd: Some(7),
+            local: "127.0.0.1:45346".into(),
+            remote: "10.0.0.3:3306".into(),
+            netns: Some(1),
+            close_wait_ms: ms,
+            estimated: false,
+            reason: "read_eof_never_closed".into(),
+            origin: Some("connect".into()),
+            stack: stack.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            schema: SNAPSHOT_SCHEMA,
+            agent_pid: 1,
+            taken_at: "2026-11-24T19:00:00Z".into(),
+            leaks: vec![
+                entry(2, 5_000.0, &["b (b.c:1)"]),
+                entry(1, 61_000.0, &["update (main.go:22)", "main (main.go:40)"]),
+                entry(1, 30_000.0, &["update (main.go:22)", "main (main.go:40)"]),
+                entry(1, 1_000.0, &["other (x.go:1)"]),
+            ],
+        }
+    }
+
+    #[test]
+    fn groups_by_process_and_stack_largest_first() {
+        let g = group(&snapshot());
+        assert_eq!(g.len(), 3);
+        assert_eq!((g[0].pid, g[0].count, g[0].oldest_ms), (1, 2, 61_000.0));
+        assert_eq!(g[1].oldest_ms, 5_000.0, "then the oldest");
+    }
+
+    #[test]
+    fn text_report_reads_in_ten_seconds() {
+        let text = render_text(&snapshot(), "from the running agent");
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].starts_with("CLOSE_WAIT means the peer closed"));
+        assert!(text.contains("pid 1 svc1: 2 sockets in CLOSE_WAIT, oldest 1.0 min"));
+        assert!(text.contains("    update (main.go:22)"));
+        assert!(text.contains("fd 7 for 1.0 min (read the EOF, never closed)"));
+        let empty = Snapshot {
+            leaks: Vec::new(),
+            ..snapshot()
+        };
+        assert!(render_text(&empty, "x").contains("No socket is in CLOSE_WAIT"));
+    }
+
+    #[test]
+    fn json_report_round_trips_groups() {
+        let v: serde_json::Value = serde_json::from_str(&render_json(&snapshot())).expect("json");
+        assert_eq!(v["groups"][0]["count"], 2);
+        assert_eq!(v["groups"][0]["stack"][0], "update (main.go:22)");
+    }
+}

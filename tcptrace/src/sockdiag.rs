@@ -1,0 +1,352 @@
+//! NETLINK_SOCK_DIAG: the kernel's own list of TCP sockets in a state, as
+//! `ss` reads it. Used at start-up to find sockets that were already in
+//! CLOSE_WAIT before the agent ran, in every network namespace, with an age
+//! estimate from `tcpi_last_data_recv` (the peer's FIN is the last data
+//! received).
+//!
+//! The message layouts are the stable uapi of `linux/inet_diag.h`; the
+//! builder and parser are pure and tested on synthetic bytes.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::path::Path;
+
+/// `SOCK_DIAG_BY_FAMILY`.
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// `NLMSG_ERROR`.
+const NLMSG_ERROR: u16 = 2;
+/// `NLMSG_DONE`.
+const NLMSG_DONE: u16 = 3;
+/// `NLM_F_REQUEST | NLM_F_DUMP`.
+const DUMP_FLAGS: u16 = 0x1 | 0x300;
+/// `INET_DIAG_INFO`: the attribute carrying `struct tcp_info`.
+const INET_DIAG_INFO: u16 = 2;
+/// Offset of `tcpi_last_data_recv` in `struct tcp_info`.
+const TCPI_LAST_DATA_RECV: usize = 52;
+/// Size of `struct inet_diag_msg`.
+const DIAG_MSG_LEN: usize = 72;
+/// Size of `struct nlmsghdr`.
+const NLMSG_HDR_LEN: usize = 16;
+/// Kernel state number of CLOSE_WAIT.
+pub const TCP_CLOSE_WAIT: u8 = 8;
+
+/// One socket as sock_diag reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiagSocket {
+    /// Kernel TCP state number.
+    pub state: u8,
+    /// Local address.
+    pub laddr: IpAddr,
+    /// Local port.
+    pub lport: u16,
+    /// Remote address.
+    pub raddr: IpAddr,
+    /// Remote port.
+    pub rport: u16,
+    /// Bytes (and FIN) received, not read.
+    pub rqueue: u32,
+    /// Socket inode (0 for orphans).
+    pub inode: u32,
+    /// Milliseconds since data (or the FIN) was last received.
+    pub last_data_recv_ms: Option<u32>,
+}
+
+/// The dump request for `family` (AF_INET or AF_INET6) and the states in
+/// the bit mask `states` (bit N = state N), asking for `tcp_info`.
+pub fn build_request(family: u8, states: u32, seq: u32) -> Vec<u8> {
+    let len = NLMSG_HDR_LEN + 56;
+    let mut b = Vec::with_capacity(len);
+    b.extend_from_slice(&(len as u32).to_ne_bytes());
+    b.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    b.extend_from_slice(&DUMP_FLAGS.to_ne_bytes());
+    b.extend_from_slice(&seq.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    // struct inet_diag_req_v2
+    b.push(family);
+    b.push(libc::IPPROTO_TCP as u8);
+    b.push(1 << (INET_DIAG_INFO - 1));
+    b.push(0);
+    b.extend_from_slice(&states.to_ne_bytes());
+    b.extend_from_slice(&[0u8; 48]); // struct inet_diag_sockid: match all
+    b
+}
+
+/// Why a dump failed.
+#[derive(Debug)]
+pub enum DiagError {
+    /// The kernel answered with an error.
+    Kernel(io::Error),
+    /// A message was cut short or malformed.
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for DiagError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Kernel(e) => write!(f, "sock_diag error: {e}"),
+            Self::Malformed(what) => write!(f, "malformed sock_diag message: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for DiagError {}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn addr(family: u8, raw: &[u8]) -> Option<IpAddr> {
+    Some(if i32::from(family) == libc::AF_INET6 {
+        let octets: [u8; 16] = raw.get(..16)?.try_into().ok()?;
+        IpAddr::V6(Ipv6Addr::from(octets))
+    } else {
+        let o: [u8; 4] = raw.get(..4)?.try_into().ok()?;
+        IpAddr::V4(Ipv4Addr::from(o))
+    })
+}
+
+fn parse_diag_msg(payload: &[u8]) -> Option<DiagSocket> {
+    if payload.len() < DIAG_MSG_LEN {
+        return None;
+    }
+    let family = payload[0];
+    // Ports are big endian on the wire.
+    let lport = u16::from_be_bytes([payload[4], payload[5]]);
+    let rport = u16::from_be_bytes([payload[6], payload[7]]);
+    let mut sock = DiagSocket {
+        state: payload[1],
+        laddr: addr(family, &payload[8..24])?,
+        lport,
+        raddr: addr(family, &payload[24..40])?,
+        rport,
+        rqueue: u32_at(payload, 56)?,
+        inode: u32_at(payload, 68)?,
+        last_data_recv_ms: None,
+    };
+    // Attributes: struct rtattr { u16 len; u16 type; } + data, 4-aligned.
+    let mut at = DIAG_MSG_LEN;
+    while at + 4 <= payload.len() {
+        let len = usize::from(u16_at(payload, at)?);
+        let kind = u16_at(payload, at + 2)?;
+        if len < 4 || at + len > payload.len() {
+            break;
+        }
+        if kind == INET_DIAG_INFO {
+            sock.last_data_recv_ms = u32_at(&payload[at + 4..at + len], TCPI_LAST_DATA_RECV);
+        }
+        at += (len + 3) & !3;
+    }
+    Some(sock)
+}
+
+/// Parses one `recv` worth of netlink messages: the sockets, and whether
+/// the dump is complete.
+pub fn parse_messages(buf: &[u8]) -> Result<(Vec<DiagSocket>, bool), DiagError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + NLMSG_HDR_LEN <= buf.len() {
+        let len = u32_at(buf, at).ok_or(DiagError::Malformed("header"))? as usize;
+        let kind = u16_at(buf, at + 4).ok_or(DiagError::Malformed("header"))?;
+        if len < NLMSG_HDR_LEN || at + len > buf.len() {
+            return Err(DiagError::Malformed("message length"));
+        }
+        let payload = &buf[at + NLMSG_HDR_LEN..at + len];
+        match kind {
+            NLMSG_DONE => return Ok((out, true)),
+            NLMSG_ERROR => {
+                let errno = u32_at(payload, 0).ok_or(DiagError::Malformed("error"))? as i32;
+                if errno != 0 {
+                    return Err(DiagError::Kernel(io::Error::from_raw_os_error(-errno)));
+                }
+            }
+            SOCK_DIAG_BY_FAMILY => {
+                out.push(parse_diag_msg(payload).ok_or(DiagError::Malformed("inet_diag_msg"))?);
+            }
+            _ => {}
+        }
+        at += (len + 3) & !3;
+    }
+    Ok((out, false))
+}
+
+/// Dumps the TCP sockets in the states of mask `states`, both families, in
+/// the calling thread's network namespace.
+pub fn dump(states: u32) -> io::Result<Vec<DiagSocket>> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut all = Vec::new();
+    for (seq, family) in [(1u32, libc::AF_INET as u8), (2, libc::AF_INET6 as u8)] {
+        let req = build_request(family, states, seq);
+        // SAFETY: valid buffer and length; the kernel is the destination
+        // (a zeroed sockaddr_nl is pid 0).
+        let sent = unsafe {
+            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+            sa.nl_family = libc::AF_NETLINK as u16;
+            libc::sendto(
+                fd.as_raw_fd(),
+                req.as_ptr().cast(),
+                req.len(),
+                0,
+                (&sa as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: valid buffer of that length.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let (socks, done) = parse_messages(&buf[..n as usize]).map_err(io::Error::other)?;
+            all.extend(socks);
+            if done || n == 0 {
+                break;
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// [`dump`] inside the network namespace at `netns` (e.g.
+/// `/proc/PID/ns/net`), from a short-lived thread: `setns` changes only the
+/// calling thread, and a netlink socket answers for the namespace it was
+/// created in.
+pub fn dump_in(netns: &Path, states: u32) -> io::Result<Vec<DiagSocket>> {
+    let file = std::fs::File::open(netns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: a valid namespace fd; affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            dump(states)
+        })
+        .join()
+        .map_err(|_| io::Error::other("sock_diag thread panicked"))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diag_msg(state: u8, lport: u16, inode: u32, last_recv: Option<u32>) -> Vec<u8> {
+        let mut p = vec![0u8; DIAG_MSG_LEN];
+        p[0] = libc::AF_INET as u8;
+        p[1] = state;
+        p[4..6].copy_from_slice(&lport.to_be_bytes());
+        p[6..8].copy_from_slice(&3306u16.to_be_bytes());
+        p[8..12].copy_from_slice(&[127, 0, 0, 1]);
+        p[24..28].copy_from_slice(&[10, 0, 0, 3]);
+        p[56..60].copy_from_slice(&1u32.to_ne_bytes());
+        p[68..72].copy_from_slice(&inode.to_ne_bytes());
+        if let Some(ms) = last_recv {
+            let mut info = vec![0u8; 104];
+            info[TCPI_LAST_DATA_RECV..TCPI_LAST_DATA_RECV + 4].copy_from_slice(&ms.to_ne_bytes());
+            p.extend_from_slice(&((4 + info.len()) as u16).to_ne_bytes());
+            p.extend_from_slice(&INET_DIAG_INFO.to_ne_bytes());
+            p.extend_from_slice(&info);
+        }
+        p
+    }
+
+    fn nlmsg(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let len = NLMSG_HDR_LEN + payload.len();
+        let mut b = Vec::new();
+        b.extend_from_slice(&(len as u32).to_ne_bytes());
+        b.extend_from_slice(&kind.to_ne_bytes());
+        b.extend_from_slice(&[0u8; 10]);
+        b.extend_from_slice(payload);
+        while b.len() % 4 != 0 {
+            b.push(0);
+        }
+        b
+    }
+
+    #[test]
+    fn request_layout() {
+        let r = build_request(libc::AF_INET6 as u8, 1 << 8, 7);
+        assert_eq!(r.len(), 72);
+        assert_eq!(u16_at(&r, 4), Some(SOCK_DIAG_BY_FAMILY));
+        assert_eq!(r[16], libc::AF_INET6 as u8);
+        assert_eq!(r[17], 6);
+        assert_eq!(u32_at(&r, 20), Some(1 << 8));
+    }
+
+    #[test]
+    fn parses_sockets_info_and_done() {
+        let mut buf = nlmsg(SOCK_DIAG_BY_FAMILY, &diag_msg(8, 45346, 99, Some(61_000)));
+        buf.extend(nlmsg(SOCK_DIAG_BY_FAMILY, &diag_msg(8, 45347, 100, None)));
+        buf.extend(nlmsg(NLMSG_DONE, &[0; 4]));
+        let (socks, done) = parse_messages(&buf).expect("valid");
+        assert!(done);
+        assert_eq!(socks.len(), 2);
+        assert_eq!(socks[0].lport, 45346);
+        assert_eq!(socks[0].rport, 3306);
+        assert_eq!(socks[0].raddr, "10.0.0.3".parse::<IpAddr>().expect("ip"));
+        assert_eq!(socks[0].inode, 99);
+        assert_eq!(socks[0].rqueue, 1);
+        assert_eq!(socks[0].last_data_recv_ms, Some(61_000));
+        assert_eq!(socks[1].last_data_recv_ms, None);
+    }
+
+    #[test]
+    fn kernel_errors_and_garbage_are_errors_not_panics() {
+        let err = nlmsg(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes());
+        assert!(matches!(parse_messages(&err), Err(DiagError::Kernel(_))));
+        let good = nlmsg(SOCK_DIAG_BY_FAMILY, &diag_msg(8, 1, 1, Some(5)));
+        for len in 0..good.len() {
+            let _ = parse_messages(&good[..len]);
+        }
+        let mut bad = good.clone();
+        bad[0..4].copy_from_slice(&9999u32.to_ne_bytes());
+        assert!(parse_messages(&bad).is_err());
+    }
+
+    #[test]
+    fn dumps_a_real_close_wait_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        drop(client); // the server's socket goes to CLOSE_WAIT
+        let port = server.local_addr().expect("addr").port();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let socks = dump(1 << TCP_CLOSE_WAIT).expect("sock_diag dump (needs no privilege)");
+            if let Some(s) = socks.iter().find(|s| s.lport == port) {
+                assert_eq!(s.state, TCP_CLOSE_WAIT);
+                assert!(s.inode > 0);
+                assert!(s.last_data_recv_ms.is_some());
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not found in {socks:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let via_ns = dump_in(Path::new("/proc/self/ns/net"), 1 << TCP_CLOSE_WAIT).expect("dump_in");
+        assert!(via_ns.iter().any(|s| s.lport == port));
+    }
+}
