@@ -664,3 +664,115 @@ pub fn assert_pair(
         );
     }
 }
+
+/// Compiles the C fixture `tests/fixtures/NAME.c` (frame pointers, debug
+/// info: what the agent's stack walk and symbolizer need) into a
+/// per-process temporary directory, once, and returns the binary.
+pub fn fixture(name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join(format!("tcptrace-fixtures-{}", std::process::id()));
+    let bin = dir.join(name);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|n| n == name) {
+        std::fs::create_dir_all(&dir).expect("fixture dir");
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(format!("{name}.c"));
+        let (code, _, err) = run_to_end(
+            Command::new("cc")
+                .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall", "-o"])
+                .arg(&bin)
+                .arg(&src),
+        );
+        assert_eq!(code, Some(0), "compiling {}: {err}", src.display());
+        built.push(name.to_string());
+    }
+    bin
+}
+
+/// A fixture command, optionally inside network namespace `netns`.
+pub fn fixture_cmd(bin: &std::path::Path, netns: Option<&Netns>, args: &[&str]) -> Command {
+    match netns {
+        None => {
+            let mut c = Command::new(bin);
+            c.args(args);
+            c
+        }
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name]).arg(bin).args(args);
+            c
+        }
+    }
+}
+
+/// `ss -tanpH state close-wait` in `netns` (or here): one line per socket.
+pub fn ss_close_wait(netns: Option<&Netns>) -> Vec<String> {
+    let mut cmd = match netns {
+        None => Command::new("ss"),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name, "ss"]);
+            c
+        }
+    };
+    let (code, out, err) = run_to_end(cmd.args(["-tanpH", "state", "close-wait"]));
+    assert_eq!(code, Some(0), "ss failed: {err}");
+    out.lines().map(str::to_string).collect()
+}
+
+/// The `(pid, fd)` pairs in an `ss -p` users column.
+pub fn ss_users(line: &str) -> Vec<(u32, i32)> {
+    line.split("pid=")
+        .skip(1)
+        .filter_map(|rest| {
+            let (pid, rest) = rest.split_once(",fd=")?;
+            let fd: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            Some((pid.parse().ok()?, fd.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A real `redis-server` on loopback that closes clients idle for
+/// `timeout` seconds: an upstream that hangs up, as load balancers do.
+pub struct Redis {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Redis {
+    /// Starts it on a free port and waits until it accepts connections.
+    pub fn start(timeout_secs: u32) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--timeout", &timeout_secs.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--protected-mode", "no", "--loglevel", "warning"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server (apt-get install redis-server)");
+        let redis = Redis { child, port };
+        let deadline = Instant::now() + TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server never listened on {port}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

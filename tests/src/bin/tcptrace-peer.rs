@@ -7,10 +7,11 @@
 //!     listen (port 0 = any), print `listening PORT`, accept one connection,
 //!     print `accepted PEER`, read to EOF, print `eof`; with --close-on-stdin
 //!     wait for a line on stdin first; then close both sockets, print `done`.
-//! tcptrace-peer client ADDR:PORT [--wait-stdin] [--exit]
+//! tcptrace-peer client ADDR:PORT [--wait-stdin] [--exit] [--count N] [--no-data]
 //!     with --wait-stdin print `pid-ready` and wait for a line on stdin;
-//!     connect, print `connected LOCAL`, write, close (the client closes
-//!     first), print `done`; then wait for stdin to close unless --exit.
+//!     connect, print `connected LOCAL`, write (unless --no-data), close
+//!     (the client closes first), N times (default 1), print `done`; then
+//!     wait for stdin to close unless --exit.
 //! ```
 
 use std::io::{BufRead, Read, Write};
@@ -45,15 +46,25 @@ fn server(addr: SocketAddr, close_on_stdin: bool) -> std::io::Result<()> {
     say("done")
 }
 
-fn client(addr: SocketAddr, wait_stdin: bool, exit: bool) -> std::io::Result<()> {
+fn client(
+    addr: SocketAddr,
+    wait_stdin: bool,
+    exit: bool,
+    count: u32,
+    data: bool,
+) -> std::io::Result<()> {
     if wait_stdin {
         say("pid-ready")?;
         wait_stdin_line()?;
     }
-    let mut conn = TcpStream::connect(addr)?;
-    say(&format!("connected {}", conn.local_addr()?))?;
-    conn.write_all(b"hello from tcptrace-peer\n")?;
-    drop(conn);
+    for _ in 0..count {
+        let mut conn = TcpStream::connect(addr)?;
+        say(&format!("connected {}", conn.local_addr()?))?;
+        if data {
+            conn.write_all(b"hello from tcptrace-peer\n")?;
+        }
+        drop(conn);
+    }
     say("done")?;
     if !exit {
         // Keep the pid alive until the test has read the agent's output.
@@ -65,7 +76,7 @@ fn client(addr: SocketAddr, wait_stdin: bool, exit: bool) -> std::io::Result<()>
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: tcptrace-peer server ADDR:PORT [--close-on-stdin] | client ADDR:PORT [--wait-stdin] [--exit]";
+    let usage = "usage: tcptrace-peer server ADDR:PORT [--close-on-stdin] | client ADDR:PORT [--wait-stdin] [--exit] [--count N] [--no-data]";
     let (Some(role), Some(addr)) = (args.first(), args.get(1)) else {
         eprintln!("{usage}");
         return ExitCode::from(2);
@@ -77,7 +88,24 @@ fn main() -> ExitCode {
     let flag = |f: &str| args.iter().skip(2).any(|a| a == f);
     let result = match role.as_str() {
         "server" => server(addr, flag("--close-on-stdin")),
-        "client" => client(addr, flag("--wait-stdin"), flag("--exit")),
+        "client" => {
+            let count = args
+                .iter()
+                .position(|a| a == "--count")
+                .and_then(|i| args.get(i + 1))
+                .map_or(Ok(1), |n| n.parse::<u32>());
+            let Ok(count) = count else {
+                eprintln!("bad --count; {usage}");
+                return ExitCode::from(2);
+            };
+            client(
+                addr,
+                flag("--wait-stdin"),
+                flag("--exit"),
+                count,
+                !flag("--no-data"),
+            )
+        }
         _ => {
             eprintln!("{usage}");
             return ExitCode::from(2);

@@ -1,0 +1,366 @@
+//! CLOSE_WAIT leaks pinned to the process, the fd and the function that
+//! accepted the connection, checked against `ss -tanp` ground truth.
+
+use serde_json::Value;
+use tcptrace_tests::{
+    endpoint, fixture, fixture_cmd, netns_pair, own_netns, peer_bin, peer_cmd, ss_close_wait,
+    ss_users, Agent, Netns, Peer, Redis,
+};
+
+fn leaks_on_port(events: &[Value], port: u16) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "leak" && e["lport"] == port)
+        .cloned()
+        .collect()
+}
+
+fn stack_functions(leak: &Value) -> Vec<String> {
+    leak["origin"]["stack"]
+        .as_array()
+        .map(|frames| {
+            frames
+                .iter()
+                .filter_map(|f| f["function"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A leaky server (in `server_ns`) accepts one connection from a client
+/// (in `client_ns`) that then hangs up; the agent must name the server.
+fn server_leak(server_ns: Option<&Netns>, client_ns: Option<&Netns>, host: &str, netns: u64) {
+    let agent = Agent::start(&["--leak-after", "500ms"]);
+    let bin = fixture("leaky_server");
+    let mut server = Peer::spawn(fixture_cmd(&bin, server_ns, &[host, "0", "1"]));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        client_ns,
+        &["client", &endpoint(host, port), "--exit"],
+    ));
+    client.expect("done");
+    let fd: i64 = server.expect("leaked fd").parse().expect("fd");
+    let events = agent.wait_for("a leak on the server port", |ev| {
+        !leaks_on_port(ev, port).is_empty()
+    });
+    let leaks = leaks_on_port(&events, port);
+    assert_eq!(leaks.len(), 1, "one leak event per socket: {leaks:?}");
+    let leak = &leaks[0];
+    let context = agent.dump();
+
+    assert_eq!(leak["owner"].as_array().map(Vec::len), Some(1), "{leak}");
+    assert_eq!(
+        leak["owner"][0]["pid"],
+        server.pid(),
+        "owner is the server\n{context}"
+    );
+    assert_eq!(leak["owner"][0]["fd"], fd, "{leak}");
+    assert_eq!(leak["owner"][0]["comm"], "leaky_server", "{leak}");
+    assert!(leak["owner"][0]["exe"]
+        .as_str()
+        .is_some_and(|e| e.ends_with("leaky_server")));
+    assert_ne!(leak["owner"][0]["pid"], client.pid(), "never the client");
+    assert_eq!(leak["laddr"], host, "{leak}");
+    assert_eq!(leak["netns"], netns, "{leak}");
+    assert!(
+        leak["close_wait_ms"].as_f64().is_some_and(|ms| ms >= 500.0),
+        "{leak}"
+    );
+    assert_eq!(leak["reason"], "read_eof_never_closed", "{leak}");
+    assert_eq!(leak["recv_q"], 0, "{leak}");
+    assert_eq!(leak["origin"]["syscall"], "accept", "{leak}");
+    assert_eq!(leak["origin"]["pid"], server.pid(), "{leak}");
+    let functions = stack_functions(leak);
+    assert!(
+        functions.iter().any(|f| f == "accept_orders"),
+        "origin stack {functions:?} lacks accept_orders\n{leak}"
+    );
+    assert!(
+        leak["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("accept_orders")),
+        "{leak}"
+    );
+
+    // Ground truth: ss sees the same socket, held by the same pid and fd.
+    let rport = leak["rport"].as_u64().expect("rport");
+    assert_ss_agrees(server_ns, u64::from(port), rport, server.pid(), fd);
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+/// Ground truth: ss shows the socket `lport -> rport` in CLOSE_WAIT held
+/// by exactly `(pid, fd)`.
+fn assert_ss_agrees(netns: Option<&Netns>, lport: u64, rport: u64, pid: u32, fd: i64) {
+    let ss = ss_close_wait(netns);
+    let line = ss
+        .iter()
+        .find(|l| l.contains(&format!(":{lport} ")) && l.contains(&format!(":{rport} ")))
+        .unwrap_or_else(|| panic!("ss does not show {lport} -> {rport}: {ss:?}"));
+    assert_eq!(ss_users(line), vec![(pid, fd as i32)], "{line}");
+}
+
+#[test]
+fn client_leak_against_an_upstream_that_closes_idle_connections() {
+    let redis = Redis::start(1);
+    let agent = Agent::start(&["--leak-after", "500ms"]);
+    let bin = fixture("leaky_client");
+    let mut client = Peer::spawn(fixture_cmd(
+        &bin,
+        None,
+        &["127.0.0.1", &redis.port.to_string()],
+    ));
+    let connected = client.expect("connected");
+    let (fd, lport) = connected.split_once(' ').expect("fd and port");
+    let (fd, lport): (i64, u16) = (fd.parse().expect("fd"), lport.parse().expect("port"));
+    client.expect("leaked fd");
+    let events = agent.wait_for("a leak on the client port", |ev| {
+        !leaks_on_port(ev, lport).is_empty()
+    });
+    let leaks = leaks_on_port(&events, lport);
+    assert_eq!(leaks.len(), 1, "{leaks:?}");
+    let leak = &leaks[0];
+    assert_eq!(leak["owner"].as_array().map(Vec::len), Some(1), "{leak}");
+    assert_eq!(leak["owner"][0]["pid"], client.pid(), "{leak}");
+    assert_eq!(leak["owner"][0]["fd"], fd, "{leak}");
+    assert_eq!(leak["laddr"], "127.0.0.1");
+    assert_eq!(leak["raddr"], "127.0.0.1");
+    assert_eq!(leak["rport"], redis.port, "{leak}");
+    assert_eq!(leak["reason"], "read_eof_never_closed", "{leak}");
+    assert_eq!(leak["origin"]["syscall"], "connect", "{leak}");
+    assert_eq!(leak["origin"]["pid"], client.pid(), "{leak}");
+    assert_eq!(leak["origin"]["fd"], fd, "{leak}");
+    let functions = stack_functions(leak);
+    assert!(
+        functions.iter().any(|f| f == "open_upstream"),
+        "origin stack {functions:?} lacks open_upstream\n{leak}"
+    );
+    assert_ss_agrees(
+        None,
+        u64::from(lport),
+        u64::from(redis.port),
+        client.pid(),
+        fd,
+    );
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+#[test]
+fn server_leak_on_loopback() {
+    server_leak(None, None, "127.0.0.1", own_netns());
+}
+
+#[test]
+fn server_leak_over_ipv6() {
+    server_leak(None, None, "::1", own_netns());
+}
+
+#[test]
+fn server_leak_across_namespaces() {
+    let nets = netns_pair();
+    let host = nets.addr_a.clone();
+    server_leak(Some(&nets.a), Some(&nets.b), &host, nets.a.inode());
+}
+
+#[test]
+fn prompt_close_gives_close_wait_end_and_no_leak() {
+    let agent = Agent::start(&["--leak-after", "2s"]);
+    let mut server = Peer::spawn(peer_cmd(peer_bin!(), None, &["server", "127.0.0.1:0"]));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["client", &endpoint("127.0.0.1", port), "--exit"],
+    ));
+    client.expect("done");
+    server.expect("done");
+    let events = agent.wait_for("close_wait_end on the server port", |ev| {
+        ev.iter()
+            .any(|e| e["event"] == "close_wait_end" && e["lport"] == port)
+    });
+    let end = events
+        .iter()
+        .find(|e| e["event"] == "close_wait_end" && e["lport"] == port)
+        .expect("close_wait_end");
+    assert!(
+        end["close_wait_ms"]
+            .as_f64()
+            .is_some_and(|ms| (0.0..2000.0).contains(&ms)),
+        "{end}"
+    );
+    assert_eq!(end["leak"], false);
+    assert_eq!(end["pid"], server.pid(), "{end}");
+    // Past the threshold: still no leak for this socket.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let stopped = agent.stop();
+    assert!(
+        leaks_on_port(&stopped.events, port).is_empty(),
+        "unexpected leak"
+    );
+}
+
+#[test]
+fn socket_shared_with_a_forked_child_lists_both_owners() {
+    let agent = Agent::start(&["--leak-after", "500ms"]);
+    let bin = fixture("leaky_server");
+    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1", "fork"]));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["client", &endpoint("127.0.0.1", port), "--exit"],
+    ));
+    client.expect("done");
+    let fd: i64 = server.expect("leaked fd").parse().expect("fd");
+    let child: u32 = server.expect("child").parse().expect("child pid");
+    let events = agent.wait_for("a leak on the server port", |ev| {
+        !leaks_on_port(ev, port).is_empty()
+    });
+    let leak = &leaks_on_port(&events, port)[0];
+    let owners: Vec<(u64, i64)> = leak["owner"]
+        .as_array()
+        .expect("owner list")
+        .iter()
+        .map(|o| {
+            (
+                o["pid"].as_u64().unwrap_or(0),
+                o["fd"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let mut expected = vec![(u64::from(server.pid()), fd), (u64::from(child), fd)];
+    expected.sort();
+    assert_eq!(owners, expected, "{leak}");
+    let rport = leak["rport"].as_u64().expect("rport");
+    let ss = ss_close_wait(None);
+    let line = ss
+        .iter()
+        .find(|l| l.contains(&format!(":{port} ")) && l.contains(&format!(":{rport} ")))
+        .unwrap_or_else(|| panic!("ss does not show the socket: {ss:?}"));
+    let mut users = ss_users(line);
+    users.sort();
+    let mut want = vec![(server.pid(), fd as i32), (child, fd as i32)];
+    want.sort();
+    assert_eq!(users, want, "{line}");
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+#[test]
+fn two_thousand_leaks_from_one_call_site_do_not_flood() {
+    // A burst of 20 000 transitions: a large ring, and only the lines that
+    // matter, so that the debug-build agent keeps up.
+    let agent = Agent::start(&[
+        "--leak-after",
+        "500ms",
+        "--leak-group-interval",
+        "1s",
+        "--ring-buffer-size",
+        "16M",
+        "--state",
+        "close_wait",
+    ]);
+    let bin = fixture("leaky_server");
+    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "2000"]));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &[
+            "client",
+            &endpoint("127.0.0.1", port),
+            "--exit",
+            "--count",
+            "2000",
+        ],
+    ));
+    client.expect("done");
+    let service = format!("127.0.0.1:{port}");
+    let group_of = |e: &Value| e["event"] == "leak_group" && e["service"] == service.as_str();
+    let events = agent.wait_for("a leak_group of 2000 sockets", |ev| {
+        ev.iter().any(|e| group_of(e) && e["count"] == 2000)
+    });
+    let lines = leaks_on_port(&events, port).len();
+    assert!(lines <= 10, "{lines} leak lines for one call site");
+    let group = events
+        .iter()
+        .find(|e| group_of(e) && e["count"] == 2000)
+        .expect("group");
+    assert_eq!(group["pid"], server.pid(), "{group}");
+    assert_eq!(group["side"], "accept", "{group}");
+    assert!(
+        group["oldest_ms"].as_f64().is_some_and(|ms| ms >= 500.0),
+        "{group}"
+    );
+    assert_eq!(
+        group["suppressed"].as_u64(),
+        Some(2000 - lines as u64),
+        "{group}"
+    );
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+#[test]
+fn a_worker_that_stopped_reading_is_told_apart() {
+    let agent = Agent::start(&["--leak-after", "500ms"]);
+    let bin = fixture("leaky_server");
+    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1", "noread"]));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["client", &endpoint("127.0.0.1", port), "--exit"],
+    ));
+    client.expect("done");
+    server.expect("leaked fd");
+    let events = agent.wait_for("a leak on the server port", |ev| {
+        !leaks_on_port(ev, port).is_empty()
+    });
+    let leak = &leaks_on_port(&events, port)[0];
+    assert_eq!(leak["reason"], "stopped_reading", "{leak}");
+    assert!(leak["recv_q"].as_u64().is_some_and(|q| q > 0), "{leak}");
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+#[test]
+fn a_leak_older_than_the_agent_comes_from_the_inventory() {
+    let bin = fixture("leaky_server");
+    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1"]));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["client", &endpoint("127.0.0.1", port), "--exit"],
+    ));
+    client.expect("done");
+    let fd: i64 = server.expect("leaked fd").parse().expect("fd");
+    // Let the leak age before the agent exists.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let agent = Agent::start(&["--leak-after", "1s"]);
+    let events = agent.wait_for("the inventory leak", |ev| {
+        !leaks_on_port(ev, port).is_empty()
+    });
+    let leak = &leaks_on_port(&events, port)[0];
+    assert_eq!(leak["estimated"], true, "{leak}");
+    assert!(leak["origin"].is_null(), "origin unknown: {leak}");
+    assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
+    assert_eq!(leak["owner"][0]["fd"], fd, "{leak}");
+    assert!(
+        leak["close_wait_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms >= 1000.0),
+        "the age counts from before the agent: {leak}"
+    );
+    assert!(
+        leak["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("origin unknown")),
+        "{leak}"
+    );
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
