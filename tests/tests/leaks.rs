@@ -3,8 +3,8 @@
 
 use serde_json::Value;
 use tcptrace_tests::{
-    endpoint, fixture, fixture_cmd, netns_pair, own_netns, peer_bin, peer_cmd, ss_close_wait,
-    ss_users, Agent, Netns, Peer, Redis,
+    agent_bin, endpoint, fixture, fixture_cmd, netns_pair, own_netns, peer_bin, peer_cmd,
+    run_to_end, ss_close_wait, ss_users, Agent, Netns, Peer, Redis,
 };
 
 fn leaks_on_port(events: &[Value], port: u16) -> Vec<Value> {
@@ -363,4 +363,171 @@ fn a_leak_older_than_the_agent_comes_from_the_inventory() {
     );
     let stopped = agent.stop();
     assert!(stopped.status.success());
+}
+
+#[test]
+fn exactly_n_leaks_matching_ss() {
+    const N: usize = 5;
+    let agent = Agent::start(&["--leak-after", "500ms"]);
+    let bin = fixture("leaky_server");
+    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", &N.to_string()]));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &[
+            "client",
+            &endpoint("127.0.0.1", port),
+            "--exit",
+            "--count",
+            &N.to_string(),
+        ],
+    ));
+    client.expect("done");
+    for _ in 0..N {
+        server.expect("leaked fd");
+    }
+    let events = agent.wait_for("N leaks", |ev| leaks_on_port(ev, port).len() >= N);
+    // A little longer: no extra leak may follow.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let events = {
+        let later = agent.events();
+        assert_eq!(
+            leaks_on_port(&later, port).len(),
+            N,
+            "exactly N leak events"
+        );
+        drop(events);
+        later
+    };
+    let mut from_agent: Vec<(u64, u64, i64)> = leaks_on_port(&events, port)
+        .iter()
+        .map(|l| {
+            (
+                l["rport"].as_u64().unwrap_or(0),
+                l["owner"][0]["pid"].as_u64().unwrap_or(0),
+                l["owner"][0]["fd"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    from_agent.sort();
+    let mut from_ss: Vec<(u64, u64, i64)> = ss_close_wait(None)
+        .iter()
+        .filter(|l| l.contains(&format!("127.0.0.1:{port} ")))
+        .flat_map(|l| {
+            let rport: u64 = l
+                .split_whitespace()
+                .nth(3)
+                .and_then(|peer| peer.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            ss_users(l)
+                .into_iter()
+                .map(move |(pid, fd)| (rport, u64::from(pid), i64::from(fd)))
+        })
+        .collect();
+    from_ss.sort();
+    assert_eq!(from_agent.len(), N);
+    assert_eq!(from_agent, from_ss, "agent vs ss -tanp state close-wait");
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+#[test]
+fn leaks_report_from_the_agent_and_without_it() {
+    let bin = fixture("leaky_server");
+    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1"]));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["client", &endpoint("127.0.0.1", port), "--exit"],
+    ));
+    client.expect("done");
+    server.expect("leaked fd");
+    let state = std::env::temp_dir().join(format!("tcptrace-state-{}.json", std::process::id()));
+    let state = state.to_string_lossy().into_owned();
+    let leaks = |fmt: &str| {
+        let (code, out, err) = run_to_end(std::process::Command::new(agent_bin()).args([
+            "leaks",
+            "--format",
+            fmt,
+            "--state-file",
+            &state,
+            "--leak-after",
+            "200ms",
+        ]));
+        assert_eq!(code, Some(0), "{err}");
+        out
+    };
+    let service = format!("127.0.0.1:{port}");
+    // No agent: a live inventory, origin unknown.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let doc: Value = serde_json::from_str(&leaks("json")).expect("json report");
+    let group = doc["groups"]
+        .as_array()
+        .and_then(|g| {
+            g.iter()
+                .find(|g| g["leaks"][0]["local"] == service.as_str())
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("no group for {service}: {doc}"));
+    assert_eq!(group["pid"], server.pid());
+    assert!(group["origin"].is_null());
+    assert!(leaks("text").contains("CLOSE_WAIT means the peer closed"));
+
+    // With the agent: its state file, with the origin stack.
+    let agent = Agent::start(&[
+        "--leak-after",
+        "200ms",
+        "--leak-group-interval",
+        "200ms",
+        "--state-file",
+        &state,
+    ]);
+    // A second leak, made while the agent runs: its origin stack is known.
+    let mut server2 = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1"]));
+    let port2: u16 = server2.expect("listening").parse().expect("port");
+    let mut client2 = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["client", &endpoint("127.0.0.1", port2), "--exit"],
+    ));
+    client2.expect("done");
+    server2.expect("leaked fd");
+    let service2 = format!("127.0.0.1:{port2}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        let text = leaks("text");
+        if text.contains("from the running agent")
+            && text.contains(&service)
+            && text.contains(&service2)
+        {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{text}\n{}",
+            agent.dump()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let section = |pid: u32| {
+        let start = text
+            .find(&format!("pid {pid} leaky_server"))
+            .unwrap_or_else(|| panic!("no section for pid {pid}:\n{text}"));
+        let rest = &text[start..];
+        rest[..rest[1..].find("\npid ").map_or(rest.len(), |i| i + 1)].to_string()
+    };
+    let old = section(server.pid());
+    assert!(old.contains("origin unknown"), "{old}");
+    let new = section(server2.pid());
+    assert!(new.contains("opened by accept() at:"), "{new}");
+    assert!(new.contains("accept_orders"), "{new}");
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+    assert!(
+        !std::path::Path::new(&state).exists(),
+        "the agent removes its state file"
+    );
 }
