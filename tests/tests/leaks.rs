@@ -131,6 +131,13 @@ fn client_leak_against_an_upstream_that_closes_idle_connections() {
     assert_eq!(leak["origin"]["syscall"], "connect", "{leak}");
     assert_eq!(leak["origin"]["pid"], client.pid(), "{leak}");
     assert_eq!(leak["origin"]["fd"], fd, "{leak}");
+    // The story's bar: named within the threshold plus one second.
+    assert!(
+        leak["close_wait_ms"]
+            .as_f64()
+            .is_some_and(|ms| (500.0..1500.0).contains(&ms)),
+        "{leak}"
+    );
     let functions = stack_functions(leak);
     assert!(
         functions.iter().any(|f| f == "open_upstream"),
