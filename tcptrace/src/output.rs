@@ -56,12 +56,33 @@ struct StateChangeLine<'a> {
     new: &'static str,
     prev_state_ms: Option<f64>,
     sk: String,
+    #[serde(flatten)]
+    who: OwnerAndContext<'a>,
+}
+
+/// The socket's owner and the task that made the change, shared by the
+/// per-transition events.
+#[derive(Serialize)]
+struct OwnerAndContext<'a> {
     pid: Option<u32>,
     fd: Option<i32>,
     comm: Option<&'a str>,
     ctx_pid: u32,
     ctx_tid: u32,
     ctx_comm: &'a str,
+}
+
+impl<'a> OwnerAndContext<'a> {
+    fn of(t: &'a Transition) -> Self {
+        Self {
+            pid: t.owner.as_ref().map(|o| o.pid),
+            fd: t.owner.as_ref().and_then(|o| o.fd),
+            comm: t.owner.as_ref().map(|o| o.comm.as_str()),
+            ctx_pid: t.change.ctx.pid,
+            ctx_tid: t.change.ctx.tid,
+            ctx_comm: &t.change.ctx.comm,
+        }
+    }
 }
 
 /// The four-tuple and socket identity shared by the per-socket events.
@@ -100,12 +121,8 @@ struct CloseWaitEndLine<'a> {
     socket: SocketFields,
     close_wait_ms: f64,
     leak: bool,
-    pid: Option<u32>,
-    fd: Option<i32>,
-    comm: Option<&'a str>,
-    ctx_pid: u32,
-    ctx_tid: u32,
-    ctx_comm: &'a str,
+    #[serde(flatten)]
+    who: OwnerAndContext<'a>,
 }
 
 #[derive(Serialize)]
@@ -214,12 +231,7 @@ impl Format {
                 new: c.new.name(),
                 prev_state_ms: t.prev_state_ms.map(round_ms),
                 sk: format!("{:x}", c.sk),
-                pid: t.owner.as_ref().map(|o| o.pid),
-                fd: t.owner.as_ref().and_then(|o| o.fd),
-                comm: t.owner.as_ref().map(|o| o.comm.as_str()),
-                ctx_pid: c.ctx.pid,
-                ctx_tid: c.ctx.tid,
-                ctx_comm: &c.ctx.comm,
+                who: OwnerAndContext::of(t),
             }),
             Self::Text => {
                 // Addresses get 23 columns ("255.255.255.255:65535" and short
@@ -283,12 +295,7 @@ impl Format {
                 socket: SocketFields::of(t),
                 close_wait_ms: round_ms(end.close_wait_ms),
                 leak: end.was_leak,
-                pid: t.owner.as_ref().map(|o| o.pid),
-                fd: t.owner.as_ref().and_then(|o| o.fd),
-                comm: t.owner.as_ref().map(|o| o.comm.as_str()),
-                ctx_pid: c.ctx.pid,
-                ctx_tid: c.ctx.tid,
-                ctx_comm: &c.ctx.comm,
+                who: OwnerAndContext::of(t),
             }),
             Self::Text => {
                 let ts = rfc3339(wall);

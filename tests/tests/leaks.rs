@@ -27,19 +27,58 @@ fn stack_functions(leak: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A `leaky_server` (in `server_ns`, on `host`) after `n` clients (in
+/// `client_ns`) connected and hung up: its process and port, and the
+/// client process (exited, or still there for its pid).
+struct Leaked {
+    server: Peer,
+    port: u16,
+    client: Peer,
+}
+
+fn leaky_server(
+    server_ns: Option<&Netns>,
+    client_ns: Option<&Netns>,
+    host: &str,
+    n: usize,
+    mode: Option<&str>,
+) -> Leaked {
+    let bin = fixture("leaky_server");
+    let count = n.to_string();
+    let mut args = vec![host, "0", count.as_str()];
+    args.extend(mode);
+    let mut server = Peer::spawn(fixture_cmd(&bin, server_ns, &args));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let target = endpoint(host, port);
+    let mut client_args = vec![
+        "client",
+        target.as_str(),
+        "--exit",
+        "--count",
+        count.as_str(),
+    ];
+    if n > 1 {
+        // Many connections: no payload, so each costs one round trip.
+        client_args.push("--no-data");
+    }
+    let mut client = Peer::spawn(peer_cmd(peer_bin!(), client_ns, &client_args));
+    client.expect("done");
+    Leaked {
+        server,
+        port,
+        client,
+    }
+}
+
 /// A leaky server (in `server_ns`) accepts one connection from a client
 /// (in `client_ns`) that then hangs up; the agent must name the server.
 fn server_leak(server_ns: Option<&Netns>, client_ns: Option<&Netns>, host: &str, netns: u64) {
     let agent = Agent::start(&["--leak-after", "500ms"]);
-    let bin = fixture("leaky_server");
-    let mut server = Peer::spawn(fixture_cmd(&bin, server_ns, &[host, "0", "1"]));
-    let port: u16 = server.expect("listening").parse().expect("port");
-    let mut client = Peer::spawn(peer_cmd(
-        peer_bin!(),
-        client_ns,
-        &["client", &endpoint(host, port), "--exit"],
-    ));
-    client.expect("done");
+    let Leaked {
+        mut server,
+        port,
+        client,
+    } = leaky_server(server_ns, client_ns, host, 1, None);
     let fd: i64 = server.expect("leaked fd").parse().expect("fd");
     let events = agent.wait_for("a leak on the server port", |ev| {
         !leaks_on_port(ev, port).is_empty()
@@ -211,15 +250,11 @@ fn prompt_close_gives_close_wait_end_and_no_leak() {
 #[test]
 fn socket_shared_with_a_forked_child_lists_both_owners() {
     let agent = Agent::start(&["--leak-after", "500ms"]);
-    let bin = fixture("leaky_server");
-    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1", "fork"]));
-    let port: u16 = server.expect("listening").parse().expect("port");
-    let mut client = Peer::spawn(peer_cmd(
-        peer_bin!(),
-        None,
-        &["client", &endpoint("127.0.0.1", port), "--exit"],
-    ));
-    client.expect("done");
+    let Leaked {
+        mut server,
+        port,
+        client: _client,
+    } = leaky_server(None, None, "127.0.0.1", 1, Some("fork"));
     let fd: i64 = server.expect("leaked fd").parse().expect("fd");
     let child: u32 = server.expect("child").parse().expect("child pid");
     let events = agent.wait_for("a leak on the server port", |ev| {
@@ -269,21 +304,11 @@ fn two_thousand_leaks_from_one_call_site_do_not_flood() {
         "--state",
         "close_wait",
     ]);
-    let bin = fixture("leaky_server");
-    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "2000"]));
-    let port: u16 = server.expect("listening").parse().expect("port");
-    let mut client = Peer::spawn(peer_cmd(
-        peer_bin!(),
-        None,
-        &[
-            "client",
-            &endpoint("127.0.0.1", port),
-            "--exit",
-            "--count",
-            "2000",
-        ],
-    ));
-    client.expect("done");
+    let Leaked {
+        server,
+        port,
+        client: _client,
+    } = leaky_server(None, None, "127.0.0.1", 2000, None);
     let service = format!("127.0.0.1:{port}");
     let group_of = |e: &Value| e["event"] == "leak_group" && e["service"] == service.as_str();
     let events = agent.wait_for("a leak_group of 2000 sockets", |ev| {
@@ -313,15 +338,11 @@ fn two_thousand_leaks_from_one_call_site_do_not_flood() {
 #[test]
 fn a_worker_that_stopped_reading_is_told_apart() {
     let agent = Agent::start(&["--leak-after", "500ms"]);
-    let bin = fixture("leaky_server");
-    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1", "noread"]));
-    let port: u16 = server.expect("listening").parse().expect("port");
-    let mut client = Peer::spawn(peer_cmd(
-        peer_bin!(),
-        None,
-        &["client", &endpoint("127.0.0.1", port), "--exit"],
-    ));
-    client.expect("done");
+    let Leaked {
+        mut server,
+        port,
+        client: _client,
+    } = leaky_server(None, None, "127.0.0.1", 1, Some("noread"));
     server.expect("leaked fd");
     let events = agent.wait_for("a leak on the server port", |ev| {
         !leaks_on_port(ev, port).is_empty()
@@ -335,15 +356,11 @@ fn a_worker_that_stopped_reading_is_told_apart() {
 
 #[test]
 fn a_leak_older_than_the_agent_comes_from_the_inventory() {
-    let bin = fixture("leaky_server");
-    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1"]));
-    let port: u16 = server.expect("listening").parse().expect("port");
-    let mut client = Peer::spawn(peer_cmd(
-        peer_bin!(),
-        None,
-        &["client", &endpoint("127.0.0.1", port), "--exit"],
-    ));
-    client.expect("done");
+    let Leaked {
+        mut server,
+        port,
+        client: _client,
+    } = leaky_server(None, None, "127.0.0.1", 1, None);
     let fd: i64 = server.expect("leaked fd").parse().expect("fd");
     // Let the leak age before the agent exists.
     std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -376,21 +393,11 @@ fn a_leak_older_than_the_agent_comes_from_the_inventory() {
 fn exactly_n_leaks_matching_ss() {
     const N: usize = 5;
     let agent = Agent::start(&["--leak-after", "500ms"]);
-    let bin = fixture("leaky_server");
-    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", &N.to_string()]));
-    let port: u16 = server.expect("listening").parse().expect("port");
-    let mut client = Peer::spawn(peer_cmd(
-        peer_bin!(),
-        None,
-        &[
-            "client",
-            &endpoint("127.0.0.1", port),
-            "--exit",
-            "--count",
-            &N.to_string(),
-        ],
-    ));
-    client.expect("done");
+    let Leaked {
+        mut server,
+        port,
+        client: _client,
+    } = leaky_server(None, None, "127.0.0.1", N, None);
     for _ in 0..N {
         server.expect("leaked fd");
     }
@@ -442,15 +449,11 @@ fn exactly_n_leaks_matching_ss() {
 
 #[test]
 fn leaks_report_from_the_agent_and_without_it() {
-    let bin = fixture("leaky_server");
-    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1"]));
-    let port: u16 = server.expect("listening").parse().expect("port");
-    let mut client = Peer::spawn(peer_cmd(
-        peer_bin!(),
-        None,
-        &["client", &endpoint("127.0.0.1", port), "--exit"],
-    ));
-    client.expect("done");
+    let Leaked {
+        mut server,
+        port,
+        client: _client,
+    } = leaky_server(None, None, "127.0.0.1", 1, None);
     server.expect("leaked fd");
     let state = std::env::temp_dir().join(format!("tcptrace-state-{}.json", std::process::id()));
     let state = state.to_string_lossy().into_owned();
@@ -493,14 +496,11 @@ fn leaks_report_from_the_agent_and_without_it() {
         &state,
     ]);
     // A second leak, made while the agent runs: its origin stack is known.
-    let mut server2 = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1"]));
-    let port2: u16 = server2.expect("listening").parse().expect("port");
-    let mut client2 = Peer::spawn(peer_cmd(
-        peer_bin!(),
-        None,
-        &["client", &endpoint("127.0.0.1", port2), "--exit"],
-    ));
-    client2.expect("done");
+    let Leaked {
+        server: mut server2,
+        port: port2,
+        client: _client2,
+    } = leaky_server(None, None, "127.0.0.1", 1, None);
     server2.expect("leaked fd");
     let service2 = format!("127.0.0.1:{port2}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
