@@ -166,6 +166,9 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     report_lost(lost.total()?, &mut lost_seen, &pipeline, &mut out)?;
     out.flush()?;
     state.remove();
+    for line in pipeline.closewait.linger_summary(10) {
+        log::info!("CLOSE_WAIT linger, {line}");
+    }
     if pipeline.malformed > 0 {
         log::warn!("{} malformed records were dropped", pipeline.malformed);
     }

@@ -175,6 +175,29 @@ impl CloseWaitDetector {
         &self.histograms
     }
 
+    /// One line per process (most CLOSE_WAIT closes first, at most `top`):
+    /// how many, the mean linger and how many lingered a second or more.
+    pub fn linger_summary(&self, top: usize) -> Vec<String> {
+        let mut by: Vec<(&u32, &LingerHistogram)> = self.histograms.iter().collect();
+        by.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(b.0)));
+        by.into_iter()
+            .take(top)
+            .map(|(pid, h)| {
+                let slow: u64 = h.buckets[4..].iter().sum();
+                let who = if *pid == 0 {
+                    "unknown owner".to_string()
+                } else {
+                    format!("pid {pid}")
+                };
+                format!(
+                    "{who}: {} sockets left CLOSE_WAIT, mean {:.1} ms, {slow} after 1 s or more",
+                    h.count,
+                    h.sum_ms / h.count.max(1) as f64
+                )
+            })
+            .collect()
+    }
+
     /// Feeds one transition; returns the end of a CLOSE_WAIT when this
     /// transition ends one.
     pub fn on_transition(&mut self, t: &Transition) -> Option<CloseWaitEnd> {
@@ -336,6 +359,10 @@ mod tests {
         assert_eq!(d.lingering(), 0);
         assert!(d.due(60_000 * MS).is_empty());
         assert_eq!(d.histograms()[&0].buckets[2], 1, "25 ms lands in <100ms");
+        assert_eq!(
+            d.linger_summary(5),
+            ["unknown owner: 1 sockets left CLOSE_WAIT, mean 25.0 ms, 0 after 1 s or more"]
+        );
     }
 
     #[test]

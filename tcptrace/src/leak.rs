@@ -205,6 +205,57 @@ pub struct Enricher {
     stacks: HashMap<(u32, u32), Vec<Frame>>,
 }
 
+/// Finds the inode of candidates the kernel could not read it for (no BTF
+/// offsets, or no socket file at that moment) the way `ss` does: a
+/// NETLINK_SOCK_DIAG dump of CLOSE_WAIT sockets in the candidate's network
+/// namespace, matched by four-tuple. One dump per namespace per batch.
+fn fill_missing_inodes(candidates: &mut [LeakCandidate]) {
+    let wanted: HashSet<Option<u32>> = candidates
+        .iter()
+        .filter(|c| c.entered.ino.is_none())
+        .map(|c| c.entered.change.netns)
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let spaces = crate::inventory::namespaces();
+    let mut by_tuple: HashMap<crate::pipeline::TupleKey, u64> = HashMap::new();
+    for (netns, path) in spaces {
+        if !wanted.contains(&Some(netns)) && !wanted.contains(&None) {
+            continue;
+        }
+        let Ok(socks) = crate::sockdiag::dump_in(&path, 1 << crate::sockdiag::TCP_CLOSE_WAIT)
+        else {
+            continue;
+        };
+        for s in socks.into_iter().filter(|s| s.inode != 0) {
+            by_tuple.insert(
+                (Some(netns), s.laddr, s.lport, s.raddr, s.rport),
+                u64::from(s.inode),
+            );
+        }
+    }
+    for c in candidates.iter_mut().filter(|c| c.entered.ino.is_none()) {
+        let t = &c.entered.change;
+        let found = by_tuple
+            .get(&crate::pipeline::tuple_key(t))
+            .copied()
+            .or_else(|| {
+                // Without a known namespace, a unique four-tuple anywhere will do.
+                let mut matches = by_tuple.iter().filter(|((_, la, lp, ra, rp), _)| {
+                    t.netns.is_none()
+                        && *la == t.laddr
+                        && *lp == t.lport
+                        && *ra == t.raddr
+                        && *rp == t.rport
+                });
+                let first = matches.next().map(|(_, ino)| *ino);
+                first.filter(|_| matches.next().is_none())
+            });
+        c.entered.ino = found;
+    }
+}
+
 /// Symbolizes a kernel stack (innermost first). Every frame but the first
 /// holds a return address, the instruction after a call: looking up the
 /// byte before it gives the call's own function and line, which is what a
@@ -247,6 +298,8 @@ impl Enricher {
         candidates: Vec<LeakCandidate>,
         stack_of: impl Fn(u32) -> Option<Vec<u64>>,
     ) -> Vec<Leak> {
+        let mut candidates = candidates;
+        fill_missing_inodes(&mut candidates);
         let inodes: HashSet<u64> = candidates.iter().filter_map(|c| c.entered.ino).collect();
         let mut holders = procfs::holders(&inodes);
         // Receive queues by holder pid, each /proc/PID/net/tcp{,6} read once.
@@ -354,6 +407,40 @@ mod tests {
             reason: Reason::ReadEofNeverClosed,
             stack,
         }
+    }
+
+    #[test]
+    fn missing_inode_is_found_through_sock_diag() {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let (laddr, raddr) = (
+            server.local_addr().expect("local"),
+            server.peer_addr().expect("peer"),
+        );
+        drop(client);
+        let ino = std::fs::metadata(format!("/proc/self/fd/{}", server.as_raw_fd()))
+            .expect("stat")
+            .ino();
+        let netns = std::fs::metadata("/proc/self/ns/net").expect("netns").ino() as u32;
+        let mut l = leak(Vec::new(), Vec::new(), false);
+        {
+            let c = &mut l.candidate.entered.change;
+            c.netns = Some(netns);
+            (c.laddr, c.lport, c.raddr, c.rport) =
+                (laddr.ip(), laddr.port(), raddr.ip(), raddr.port());
+        }
+        l.candidate.entered.ino = None;
+        let mut candidates = vec![l.candidate];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while candidates[0].entered.ino.is_none() && std::time::Instant::now() < deadline {
+            fill_missing_inodes(&mut candidates);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(candidates[0].entered.ino, Some(ino));
     }
 
     #[test]
