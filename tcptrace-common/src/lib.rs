@@ -8,12 +8,14 @@
 #![no_std]
 
 /// Bumped whenever a record layout below changes.
-pub const RECORD_LAYOUT_VERSION: u32 = 2;
+pub const RECORD_LAYOUT_VERSION: u32 = 3;
 
 /// Kind tag of a [`StateRecord`].
 pub const RECORD_STATE: u32 = 1;
 /// Kind tag of an [`AcceptRecord`].
 pub const RECORD_ACCEPT: u32 = 2;
+/// Kind tag of a [`ResetRecord`].
+pub const RECORD_RESET: u32 = 3;
 
 /// Length of a task's `comm`, as in the kernel's `TASK_COMM_LEN`.
 pub const COMM_LEN: usize = 16;
@@ -135,6 +137,26 @@ pub struct AcceptRecord {
     pub ino: u64,
 }
 
+/// A RST received or sent on a socket: its next CLOSE is an abort, not a
+/// passage into TIME_WAIT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResetRecord {
+    /// [`RECORD_RESET`].
+    pub kind: u32,
+    /// [`RESET_RECEIVED`] or [`RESET_SENT`].
+    pub direction: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the socket.
+    pub skaddr: u64,
+}
+
+/// [`ResetRecord::direction`]: `tcp:tcp_receive_reset`.
+pub const RESET_RECEIVED: u32 = 0;
+/// [`ResetRecord::direction`]: `tcp:tcp_send_reset`.
+pub const RESET_SENT: u32 = 1;
+
 /// Bit in [`KernelConfig::flags`]: the `sk_net`/`net_inum` offsets are valid.
 pub const CONFIG_NETNS: u32 = 1 << 0;
 /// Bit in [`KernelConfig::flags`]: the fd-to-socket walk offsets are valid.
@@ -208,6 +230,10 @@ pub struct KernelConfig {
     pub socket_inode: u32,
     /// Offset of `i_ino` in `struct inode`.
     pub inode_ino: u32,
+    /// `tcp_receive_reset.skaddr` offset.
+    pub rst_recv_skaddr: u32,
+    /// `tcp_send_reset.skaddr` offset.
+    pub rst_send_skaddr: u32,
     /// [`CONFIG_NETNS`] | [`CONFIG_ACCEPT`] | [`CONFIG_INODE`].
     pub flags: u32,
 }
@@ -243,6 +269,8 @@ impl KernelConfig {
         sk_socket: 0,
         socket_inode: 0,
         inode_ino: 0,
+        rst_recv_skaddr: 0,
+        rst_send_skaddr: 0,
         flags: 0,
     };
 }
@@ -256,6 +284,8 @@ mod user {
     unsafe impl aya::Pod for super::AcceptRecord {}
     // SAFETY: only `u32` fields.
     unsafe impl aya::Pod for super::KernelConfig {}
+    // SAFETY: plain integers, no padding.
+    unsafe impl aya::Pod for super::ResetRecord {}
 }
 
 #[cfg(test)]
@@ -269,6 +299,7 @@ mod tests {
         assert_eq!(size_of::<StateRecord>(), 112);
         assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
-        assert_eq!(size_of::<KernelConfig>(), 28 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 30 * 4);
+        assert_eq!(size_of::<ResetRecord>(), 24);
     }
 }

@@ -23,7 +23,8 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     tcp_state, AcceptRecord, KernelConfig, StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT,
-    CONFIG_INODE, CONFIG_NETNS, IPPROTO_TCP, RECORD_ACCEPT, RECORD_STATE,
+    CONFIG_INODE, CONFIG_NETNS, IPPROTO_TCP, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE,
+    RESET_RECEIVED, RESET_SENT, ResetRecord,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -189,6 +190,43 @@ fn on_state_change(ctx: &TracePointContext) -> Option<()> {
         addr_of_mut!((*rec).saddr).write(saddr);
         addr_of_mut!((*rec).daddr).write(daddr);
         addr_of_mut!((*rec).comm).write(bpf_get_current_comm().unwrap_or([0; 16]));
+    }
+    entry.submit(0);
+    Some(())
+}
+
+#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let cfg = TCPTRACE_CONFIG.load();
+    on_reset(&ctx, cfg.rst_recv_skaddr, RESET_RECEIVED);
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    let cfg = TCPTRACE_CONFIG.load();
+    on_reset(&ctx, cfg.rst_send_skaddr, RESET_SENT);
+    0
+}
+
+/// A RST on a socket: tells an abort from a passage into TIME_WAIT.
+#[inline(always)]
+fn on_reset(ctx: &TracePointContext, skaddr_offset: u32, direction: u32) -> Option<()> {
+    let skaddr = read_ctx::<u64>(ctx, skaddr_offset)?;
+    if skaddr == 0 {
+        // A RST answering a segment for no socket: nothing to attribute.
+        return None;
+    }
+    let Some(mut entry) = EVENTS.reserve::<ResetRecord>(0) else {
+        count_lost();
+        return None;
+    };
+    let rec = entry.as_mut_ptr();
+    unsafe {
+        addr_of_mut!((*rec).kind).write(RECORD_RESET);
+        addr_of_mut!((*rec).direction).write(direction);
+        addr_of_mut!((*rec).ts_ns).write(bpf_ktime_get_ns());
+        addr_of_mut!((*rec).skaddr).write(skaddr);
     }
     entry.submit(0);
     Some(())

@@ -8,7 +8,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cli::Cli;
+use crate::cli::{Cli, EventKind};
 use aya::maps::{MapData, StackTraceMap};
 
 use crate::clock::WallClock;
@@ -94,6 +94,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         LEAK_LINE_WINDOW_NS,
         u64::try_from(cli.leak_group_interval.as_nanos()).unwrap_or(u64::MAX),
     );
+    pipeline.events = cli.events.iter().copied().collect();
     let mut enricher = Enricher::new();
     let mut state = StateFile::new(&cli.state_file);
     // Leaks are due within a quarter of the threshold (at most a second)
@@ -242,7 +243,9 @@ fn report_leaks(
             .on_leak(group_key(&leak), member, since, now_ns, || summary(&leak));
         if print {
             log::warn!("CLOSE_WAIT leak: {}", summary(&leak));
-            out.line(&pipeline.format.leak(&leak, now, &pipeline.clock))?;
+            if pipeline.events.contains(&EventKind::Leak) {
+                out.line(&pipeline.format.leak(&leak, now, &pipeline.clock))?;
+            }
         }
     }
     out.flush()
@@ -256,8 +259,10 @@ fn report_leak_groups(
     let now_ns = WallClock::now_ns();
     let now = std::time::SystemTime::now();
     let reports = pipeline.groups.due_reports(now_ns);
-    for report in &reports {
-        out.line(&pipeline.format.leak_group(report, now, now_ns))?;
+    if pipeline.events.contains(&EventKind::Leak) {
+        for report in &reports {
+            out.line(&pipeline.format.leak_group(report, now, now_ns))?;
+        }
     }
     state.write(pipeline, now_ns);
     out.flush()

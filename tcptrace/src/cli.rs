@@ -83,10 +83,32 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub leak_group_interval: std::time::Duration,
 
+    /// Which events to print, comma-separated (`lost` lines are always printed).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "state-change,close-wait,leak"
+    )]
+    pub events: Vec<EventKind>,
+
     /// Where the agent keeps the current leaks for `tcptrace leaks` (rewritten at each
     /// leak-group interval); `none` disables it.
     #[arg(long, value_name = "PATH", default_value = crate::report::DEFAULT_STATE_FILE)]
     pub state_file: String,
+}
+
+/// Kinds of events the agent prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum EventKind {
+    /// Every state transition (`state_change`).
+    StateChange,
+    /// Sockets leaving CLOSE_WAIT (`close_wait_end`).
+    CloseWait,
+    /// CLOSE_WAIT leaks (`leak`, `leak_end`, `leak_group`).
+    Leak,
+    /// Connections entering TIME_WAIT (`time_wait`): can be the busiest stream.
+    TimeWait,
 }
 
 /// Reports.

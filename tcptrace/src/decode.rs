@@ -11,7 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytes::Buf;
 use tcptrace_common::{
-    AcceptRecord, StateRecord, AF_INET, AF_INET6, COMM_LEN, RECORD_ACCEPT, RECORD_STATE,
+    AcceptRecord, ResetRecord, StateRecord, AF_INET, AF_INET6, COMM_LEN, RECORD_ACCEPT,
+    RECORD_RESET, RECORD_STATE, RESET_SENT,
 };
 
 use crate::state::TcpState;
@@ -96,6 +97,17 @@ pub struct Accept {
     pub ino: Option<u64>,
 }
 
+/// A RST received or sent on socket `sk`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reset {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the socket.
+    pub sk: u64,
+    /// True when the RST was sent (false: received).
+    pub sent: bool,
+}
+
 /// A decoded ring-buffer record.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
@@ -103,6 +115,8 @@ pub enum Record {
     State(StateChange),
     /// An accepted socket.
     Accept(Accept),
+    /// A RST.
+    Reset(Reset),
 }
 
 /// Why a record was rejected.
@@ -160,6 +174,7 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
     match kind {
         RECORD_STATE => decode_state(buf).map(Record::State),
         RECORD_ACCEPT => decode_accept(buf).map(Record::Accept),
+        RECORD_RESET => decode_reset(buf).map(Record::Reset),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -243,6 +258,20 @@ fn decode_state(buf: &[u8]) -> Result<StateChange, DecodeError> {
         connect_fd: (connect_fd >= 0).then_some(connect_fd),
         stack_id: u32::try_from(stack_id).ok(),
         ino: (ino != 0).then_some(ino),
+    })
+}
+
+fn decode_reset(buf: &[u8]) -> Result<Reset, DecodeError> {
+    check_len(buf, "reset", size_of::<ResetRecord>())?;
+    let mut b = buf;
+    let _kind = b.get_u32_ne();
+    let direction = b.get_u32_ne();
+    let ts_ns = b.get_u64_ne();
+    let sk = b.get_u64_ne();
+    Ok(Reset {
+        ts_ns,
+        sk,
+        sent: direction == RESET_SENT,
     })
 }
 
@@ -438,6 +467,32 @@ mod tests {
         for len in 0..acc.len() {
             assert!(decode(&acc[..len]).is_err(), "length {len} accepted");
         }
+    }
+
+    #[test]
+    fn decodes_a_reset() {
+        let rec = tcptrace_common::ResetRecord {
+            kind: tcptrace_common::RECORD_RESET,
+            direction: tcptrace_common::RESET_SENT,
+            ts_ns: 9,
+            skaddr: 0xabc,
+        };
+        let bytes: Vec<u8> = [
+            &rec.kind.to_ne_bytes()[..],
+            &rec.direction.to_ne_bytes(),
+            &rec.ts_ns.to_ne_bytes(),
+            &rec.skaddr.to_ne_bytes(),
+        ]
+        .concat();
+        assert_eq!(
+            decode(&bytes),
+            Ok(Record::Reset(super::Reset {
+                ts_ns: 9,
+                sk: 0xabc,
+                sent: true
+            }))
+        );
+        assert!(decode(&bytes[..20]).is_err());
     }
 
     #[test]

@@ -72,6 +72,8 @@ mod tests {
             }),
             origin: None,
             ino: None,
+            closer: None,
+            reset: false,
         }
     }
 

@@ -96,6 +96,8 @@ pub fn take(now_ns: u64) -> (Vec<Found>, usize) {
                     owner: None,
                     origin: None,
                     ino: (s.inode != 0).then_some(u64::from(s.inode)),
+                    closer: None,
+                    reset: false,
                 },
                 since_ns,
             });

@@ -26,17 +26,29 @@ pub struct Layout {
     pub connect_hooks: bool,
     /// `sys_exit_accept`/`sys_exit_accept4` can be attached.
     pub accept_hooks: bool,
+    /// `tcp:tcp_receive_reset`/`tcp:tcp_send_reset` can be attached.
+    pub reset_hooks: bool,
 }
 
 impl Layout {
-    /// Optional syscall tracepoints to attach: (category, name, program name).
-    pub fn optional_tracepoints(&self) -> Vec<&'static str> {
+    /// Optional tracepoints to attach, as (category, name); each program
+    /// is named after its tracepoint.
+    pub fn optional_tracepoints(&self) -> Vec<(&'static str, &'static str)> {
         let mut v = Vec::new();
         if self.connect_hooks {
-            v.extend(["sys_enter_connect", "sys_exit_connect"]);
+            v.extend([
+                ("syscalls", "sys_enter_connect"),
+                ("syscalls", "sys_exit_connect"),
+            ]);
         }
         if self.accept_hooks {
-            v.extend(["sys_exit_accept4", "sys_exit_accept"]);
+            v.extend([
+                ("syscalls", "sys_exit_accept4"),
+                ("syscalls", "sys_exit_accept"),
+            ]);
+        }
+        if self.reset_hooks {
+            v.extend([("tcp", "tcp_receive_reset"), ("tcp", "tcp_send_reset")]);
         }
         v
     }
@@ -155,9 +167,32 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
         (Ok(_), None) => false,
     };
 
+    let resets = tracefs::read_format(tracefs, "tcp", "tcp_receive_reset")
+        .and_then(|f| f.offset("tcp:tcp_receive_reset", "skaddr", &[8]))
+        .and_then(|recv| {
+            tracefs::read_format(tracefs, "tcp", "tcp_send_reset")
+                .and_then(|f| f.offset("tcp:tcp_send_reset", "skaddr", &[8]))
+                .map(|send| (recv, send))
+        });
+    let reset_hooks = match resets {
+        Ok((recv, send)) => {
+            cfg.rst_recv_skaddr = recv;
+            cfg.rst_send_skaddr = send;
+            true
+        }
+        Err(e) => {
+            log::warn!(
+                "RST tracepoints unavailable ({e}); connections aborted by RST may be counted \
+                 as TIME_WAIT"
+            );
+            false
+        }
+    };
+
     Ok(Layout {
         config: cfg,
         connect_hooks,
         accept_hooks,
+        reset_hooks,
     })
 }

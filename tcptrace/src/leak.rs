@@ -398,6 +398,8 @@ mod tests {
                         stack_id: Some(1),
                     }),
                     ino: Some(5),
+                    closer: None,
+                    reset: false,
                 },
                 close_wait_ms: 61_000.0,
                 estimated: false,

@@ -126,6 +126,20 @@ struct CloseWaitEndLine<'a> {
 }
 
 #[derive(Serialize)]
+struct TimeWaitLine<'a> {
+    schema: u32,
+    ts: String,
+    event: &'static str,
+    #[serde(flatten)]
+    socket: SocketFields,
+    from: &'static str,
+    closer_pid: Option<u32>,
+    closer_comm: Option<&'a str>,
+    #[serde(flatten)]
+    who: OwnerAndContext<'a>,
+}
+
+#[derive(Serialize)]
 struct OriginFields<'a> {
     syscall: &'static str,
     pid: u32,
@@ -319,6 +333,39 @@ impl Format {
         }
     }
 
+    /// A connection handed to a TIME_WAIT mini-socket by the side that
+    /// closed first.
+    pub fn time_wait(self, t: &Transition, wall: SystemTime) -> String {
+        let c = &t.change;
+        match self {
+            Self::Json => to_json(&TimeWaitLine {
+                schema: SCHEMA_VERSION,
+                ts: rfc3339(wall),
+                event: "time_wait",
+                socket: SocketFields::of(t),
+                from: c.old.name(),
+                closer_pid: t.closer.as_ref().map(|k| k.pid),
+                closer_comm: t.closer.as_ref().map(|k| k.comm.as_str()),
+                who: OwnerAndContext::of(t),
+            }),
+            Self::Text => {
+                let ts = rfc3339(wall);
+                format!(
+                    "{:<15} TIME_WAIT {}:{} -> {}:{} (closed first by {})",
+                    ts.get(11..26).unwrap_or(&ts),
+                    c.laddr,
+                    c.lport,
+                    c.raddr,
+                    c.rport,
+                    t.closer.as_ref().map_or_else(
+                        || "an unknown task".to_string(),
+                        |k| format!("{}/{}", k.pid, k.comm)
+                    )
+                )
+            }
+        }
+    }
+
     /// A leaked socket, enriched.
     pub fn leak(self, leak: &Leak, now: SystemTime, clock: &WallClock) -> String {
         let t = &leak.candidate.entered;
@@ -455,6 +502,8 @@ mod tests {
             }),
             origin: None,
             ino: None,
+            closer: None,
+            reset: false,
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::time::SystemTime;
 
+use crate::cli::EventKind;
 use crate::clock::WallClock;
 use crate::closewait::{CloseWaitDetector, LeakCandidate};
 use crate::decode::{self, DecodeError, Record};
@@ -51,6 +52,8 @@ pub struct Pipeline {
     pub closewait: CloseWaitDetector,
     /// Leak rate limits and group summaries.
     pub groups: LeakGroups,
+    /// Which events are printed.
+    pub events: std::collections::HashSet<EventKind>,
     /// Leaks reported and not ended.
     pub current_leaks: std::collections::HashMap<TupleKey, CurrentLeak>,
     /// Records rejected by the decoder.
@@ -73,6 +76,12 @@ impl Pipeline {
                 DEFAULT_GROUP_REPORT_NS,
             ),
             current_leaks: std::collections::HashMap::new(),
+            events: [
+                EventKind::StateChange,
+                EventKind::CloseWait,
+                EventKind::Leak,
+            ]
+            .into(),
             malformed: 0,
         }
     }
@@ -94,15 +103,23 @@ impl Pipeline {
                 }
                 if self.filter.matches(&t) {
                     let wall = self.clock.wall(t.change.ts_ns);
-                    out.push(self.format.transition(&t, wall));
+                    if self.events.contains(&EventKind::StateChange) {
+                        out.push(self.format.transition(&t, wall));
+                    }
                     if let Some(end) = end {
-                        out.push(self.format.close_wait_end(&end, wall, false));
-                        if end.was_leak {
+                        if self.events.contains(&EventKind::CloseWait) {
+                            out.push(self.format.close_wait_end(&end, wall, false));
+                        }
+                        if end.was_leak && self.events.contains(&EventKind::Leak) {
                             out.push(self.format.close_wait_end(&end, wall, true));
                         }
                     }
+                    if self.events.contains(&EventKind::TimeWait) && t.enters_time_wait() {
+                        out.push(self.format.time_wait(&t, wall));
+                    }
                 }
             }
+            Record::Reset(reset) => self.tracker.on_reset(&reset),
             Record::Accept(accept) => {
                 self.tracker.on_accept(&accept);
                 if let Some(known) = self.tracker.known(accept.sk) {
@@ -175,6 +192,48 @@ mod tests {
         assert_eq!(v[4]["new"], "CLOSE");
         assert!(v.iter().all(|l| l["pid"] == 100 && l["fd"] == 3));
         assert!(p.tracker.is_empty());
+    }
+
+    #[test]
+    fn time_wait_events_only_when_asked() {
+        let life = [
+            (k::CLOSE, k::SYN_SENT),
+            (k::SYN_SENT, k::ESTABLISHED),
+            (k::ESTABLISHED, k::FIN_WAIT1),
+            (k::FIN_WAIT1, k::FIN_WAIT2),
+            (k::FIN_WAIT2, k::CLOSE),
+        ];
+        let run = |events: &[EventKind]| {
+            let mut p = Pipeline::new(
+                Filter::default(),
+                Format::Json,
+                WallClock::with_offset_ns(0),
+                u64::MAX,
+            );
+            p.events = events.iter().copied().collect();
+            let mut out = Vec::new();
+            for (i, (old, new)) in life.into_iter().enumerate() {
+                let rec = raw::ipv4_state(
+                    3,
+                    i as u64,
+                    old,
+                    new,
+                    ([127, 0, 0, 1], 4),
+                    ([127, 0, 0, 1], 5),
+                );
+                p.handle(&raw::state_bytes(&rec), &mut out).expect("valid");
+            }
+            out
+        };
+        let only_tw = run(&[EventKind::TimeWait]);
+        assert_eq!(only_tw.len(), 1, "{only_tw:?}");
+        let v: serde_json::Value = serde_json::from_str(&only_tw[0]).expect("json");
+        assert_eq!(v["event"], "time_wait");
+        assert_eq!(v["from"], "FIN_WAIT2");
+        assert_eq!(v["closer_pid"], 100);
+        assert!(run(&[EventKind::StateChange])
+            .iter()
+            .all(|l| l.contains("\"state_change\"")));
     }
 
     #[test]

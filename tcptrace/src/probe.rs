@@ -70,9 +70,11 @@ fn load_inner(layout: &Layout, ring_bytes: u32) -> anyhow::Result<Probes> {
     let (cat, name) = STATE_TP;
     attach(&mut ebpf, name, cat, name)
         .with_context(|| format!("attaching to tracepoint {cat}:{name}"))?;
-    for prog in layout.optional_tracepoints() {
-        if let Err(e) = attach(&mut ebpf, prog, "syscalls", prog) {
-            log::warn!("could not attach syscalls:{prog} ({e:#}); socket owners may be unknown");
+    for (category, prog) in layout.optional_tracepoints() {
+        if let Err(e) = attach(&mut ebpf, prog, category, prog) {
+            log::warn!(
+                "could not attach {category}:{prog} ({e:#}); owners or RST aborts may be unknown"
+            );
         }
     }
 

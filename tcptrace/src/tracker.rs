@@ -77,6 +77,25 @@ pub struct Transition {
     pub origin: Option<Origin>,
     /// Inode of the socket file, when known.
     pub ino: Option<u64>,
+    /// The task that closed first (ESTABLISHED -> FIN_WAIT1 runs inside its
+    /// `close()`/`shutdown()`), when this side closed first.
+    pub closer: Option<crate::decode::Task>,
+    /// A RST was received or sent in this life: its CLOSE is an abort.
+    pub reset: bool,
+}
+
+impl Transition {
+    /// True when this CLOSE hands the connection to a TIME_WAIT
+    /// mini-socket: the side that closed first leaves FIN_WAIT1, FIN_WAIT2
+    /// or CLOSING without a RST.
+    pub fn enters_time_wait(&self) -> bool {
+        self.change.new == TcpState::Close
+            && !self.reset
+            && matches!(
+                self.change.old,
+                TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing
+            )
+    }
 }
 
 /// What the tracker knows about a socket besides its state.
@@ -98,6 +117,8 @@ struct Entry {
     owner: Option<Owner>,
     origin: Option<Origin>,
     ino: Option<u64>,
+    closer: Option<crate::decode::Task>,
+    reset: bool,
     /// Last record time, for eviction.
     touched_ns: u64,
 }
@@ -109,6 +130,8 @@ impl Entry {
             owner: None,
             origin: None,
             ino: None,
+            closer: None,
+            reset: false,
             touched_ns: ts_ns,
         }
     }
@@ -202,6 +225,12 @@ impl Tracker {
         let owner = owner_from_context(&change).or_else(|| prev.and_then(|e| e.owner.clone()));
         let origin = origin_from_context(&change).or_else(|| prev.and_then(|e| e.origin.clone()));
         let ino = change.ino.or_else(|| prev.and_then(|e| e.ino));
+        let closer = if change.new == TcpState::FinWait1 {
+            Some(change.ctx.clone())
+        } else {
+            prev.and_then(|e| e.closer.clone())
+        };
+        let reset = prev.is_some_and(|e| e.reset);
 
         if change.new == TcpState::Close {
             self.sockets.remove(&change.sk);
@@ -212,6 +241,8 @@ impl Tracker {
             entry.owner.clone_from(&owner);
             entry.origin.clone_from(&origin);
             entry.ino = ino;
+            entry.closer.clone_from(&closer);
+            entry.reset = reset;
             entry.touched_ns = ts;
         }
         Transition {
@@ -220,6 +251,16 @@ impl Tracker {
             owner,
             origin,
             ino,
+            closer,
+            reset,
+        }
+    }
+
+    /// Notes a RST on socket `sk`: its coming CLOSE is an abort.
+    pub fn on_reset(&mut self, reset: &crate::decode::Reset) {
+        if let Some(e) = self.sockets.get_mut(&reset.sk) {
+            e.reset = true;
+            e.touched_ns = e.touched_ns.max(reset.ts_ns);
         }
     }
 
@@ -428,6 +469,49 @@ mod tests {
         let tr = t.on_state(change(7, 1001, Close, SynSent, 7));
         assert_eq!(tr.prev_state_ms, None);
         assert_eq!(tr.owner.map(|o| o.pid), Some(7));
+    }
+
+    #[test]
+    fn active_close_enters_time_wait_with_its_closer() {
+        let mut t = Tracker::default();
+        t.on_state(change(8, 0, Close, SynSent, 7));
+        t.on_state(change(8, 1, SynSent, Established, 0));
+        t.on_state(change(8, 2, Established, FinWait1, 7));
+        t.on_state(change(8, 3, FinWait1, FinWait2, 0));
+        let tr = t.on_state(change(8, 4, FinWait2, Close, 9));
+        assert!(tr.enters_time_wait());
+        assert_eq!(tr.closer.map(|c| c.pid), Some(7));
+    }
+
+    #[test]
+    fn reset_close_is_an_abort_not_time_wait() {
+        let mut t = Tracker::default();
+        t.on_state(change(9, 0, Close, SynSent, 7));
+        t.on_state(change(9, 1, SynSent, Established, 0));
+        t.on_state(change(9, 2, Established, FinWait1, 7));
+        t.on_reset(&crate::decode::Reset {
+            ts_ns: 3_000_000,
+            sk: 9,
+            sent: false,
+        });
+        let tr = t.on_state(change(9, 4, FinWait1, Close, 0));
+        assert!(!tr.enters_time_wait());
+        // A new life under the address forgets the RST.
+        t.on_state(change(9, 5, Close, SynSent, 7));
+        t.on_state(change(9, 6, SynSent, Established, 0));
+        t.on_state(change(9, 7, Established, FinWait1, 7));
+        let tr = t.on_state(change(9, 8, FinWait1, Close, 0));
+        assert!(tr.enters_time_wait());
+    }
+
+    #[test]
+    fn passive_close_never_enters_time_wait() {
+        let mut t = Tracker::default();
+        t.on_state(change(10, 0, Established, CloseWait, 1));
+        t.on_state(change(10, 1, CloseWait, LastAck, 2));
+        let tr = t.on_state(change(10, 2, LastAck, Close, 1));
+        assert!(!tr.enters_time_wait());
+        assert_eq!(tr.closer, None);
     }
 
     #[test]

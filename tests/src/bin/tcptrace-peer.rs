@@ -3,10 +3,14 @@
 //! one line per step, so a test can wait for a step instead of sleeping.
 //!
 //! ```text
-//! tcptrace-peer server ADDR:PORT [--close-on-stdin]
-//!     listen (port 0 = any), print `listening PORT`, accept one connection,
-//!     print `accepted PEER`, read to EOF, print `eof`; with --close-on-stdin
-//!     wait for a line on stdin first; then close both sockets, print `done`.
+//! tcptrace-peer server ADDR:PORT [--close-on-stdin] [--accept N] [--no-read]
+//!     listen (port 0 = any), print `listening PORT`, accept N connections
+//!     (default 1; with 1, print `accepted PEER`), read each to EOF (print
+//!     `eof`) unless --no-read; with --close-on-stdin wait for a line on
+//!     stdin first; close it (a RST when data is left unread); print `done`.
+//! tcptrace-peer client ADDR:PORT --shutdown
+//!     connect, write, shutdown(SHUT_WR) (print `shut`), read until EOF or
+//!     RST (print `eof` or `reset KIND`), close, print `done`.
 //! tcptrace-peer client ADDR:PORT [--wait-stdin] [--exit] [--count N] [--no-data]
 //!     with --wait-stdin print `pid-ready` and wait for a line on stdin;
 //!     connect, print `connected LOCAL`, write (unless --no-data), close
@@ -30,19 +34,53 @@ fn wait_stdin_line() -> std::io::Result<()> {
     Ok(())
 }
 
-fn server(addr: SocketAddr, close_on_stdin: bool) -> std::io::Result<()> {
+/// How the server treats each accepted connection.
+struct ServerOpts {
+    close_on_stdin: bool,
+    accept: u32,
+    no_read: bool,
+}
+
+fn server(addr: SocketAddr, opts: &ServerOpts) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     say(&format!("listening {}", listener.local_addr()?.port()))?;
-    let (mut conn, peer) = listener.accept()?;
-    say(&format!("accepted {peer}"))?;
+    for _ in 0..opts.accept {
+        let (mut conn, peer) = listener.accept()?;
+        if opts.accept == 1 {
+            say(&format!("accepted {peer}"))?;
+        }
+        if !opts.no_read {
+            let mut buf = Vec::new();
+            conn.read_to_end(&mut buf)?;
+            if opts.accept == 1 {
+                say("eof")?;
+            }
+        }
+        if opts.close_on_stdin {
+            wait_stdin_line()?;
+        }
+        // With unread data (--no-read), this close sends a RST.
+        drop(conn);
+    }
+    drop(listener);
+    say("done")
+}
+
+/// Sends data, half-closes (FIN_WAIT1, then FIN_WAIT2 once acknowledged,
+/// while the socket stays open), then reads until the peer closes or
+/// resets, and closes.
+fn client_shutdown(addr: SocketAddr) -> std::io::Result<()> {
+    let mut conn = TcpStream::connect(addr)?;
+    say(&format!("connected {}", conn.local_addr()?))?;
+    conn.write_all(b"data the server will never read\n")?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    say("shut")?;
     let mut buf = Vec::new();
-    conn.read_to_end(&mut buf)?;
-    say("eof")?;
-    if close_on_stdin {
-        wait_stdin_line()?;
+    match conn.read_to_end(&mut buf) {
+        Ok(_) => say("eof")?,
+        Err(e) => say(&format!("reset {}", e.kind()))?,
     }
     drop(conn);
-    drop(listener);
     say("done")
 }
 
@@ -76,7 +114,7 @@ fn client(
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: tcptrace-peer server ADDR:PORT [--close-on-stdin] | client ADDR:PORT [--wait-stdin] [--exit] [--count N] [--no-data]";
+    let usage = "usage: tcptrace-peer server ADDR:PORT [--close-on-stdin] [--accept N] [--no-read] | client ADDR:PORT [--wait-stdin] [--exit] [--count N] [--no-data] | client ADDR:PORT --shutdown";
     let (Some(role), Some(addr)) = (args.first(), args.get(1)) else {
         eprintln!("{usage}");
         return ExitCode::from(2);
@@ -86,14 +124,30 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let flag = |f: &str| args.iter().skip(2).any(|a| a == f);
+    let value = |f: &str| {
+        args.iter()
+            .position(|a| a == f)
+            .and_then(|i| args.get(i + 1))
+    };
     let result = match role.as_str() {
-        "server" => server(addr, flag("--close-on-stdin")),
+        "server" => {
+            let accept = value("--accept").map_or(Ok(1), |n| n.parse::<u32>());
+            let Ok(accept) = accept else {
+                eprintln!("bad --accept; {usage}");
+                return ExitCode::from(2);
+            };
+            server(
+                addr,
+                &ServerOpts {
+                    close_on_stdin: flag("--close-on-stdin"),
+                    accept,
+                    no_read: flag("--no-read"),
+                },
+            )
+        }
+        "client" if flag("--shutdown") => client_shutdown(addr),
         "client" => {
-            let count = args
-                .iter()
-                .position(|a| a == "--count")
-                .and_then(|i| args.get(i + 1))
-                .map_or(Ok(1), |n| n.parse::<u32>());
+            let count = value("--count").map_or(Ok(1), |n| n.parse::<u32>());
             let Ok(count) = count else {
                 eprintln!("bad --count; {usage}");
                 return ExitCode::from(2);

@@ -1,0 +1,111 @@
+//! TIME_WAIT: who closed first, counted like the kernel counts it, and
+//! connections aborted by RST kept out.
+
+use serde_json::Value;
+use tcptrace_tests::{endpoint, peer_bin, peer_cmd, port_of, reached, run_to_end, Agent, Peer};
+
+fn time_waits(events: &[Value], rport: u16) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "time_wait" && e["rport"] == rport)
+        .cloned()
+        .collect()
+}
+
+/// Sockets in TIME_WAIT toward `port`, as `ss` counts them.
+fn ss_time_wait_to(port: u16) -> usize {
+    let (code, out, err) = run_to_end(std::process::Command::new("ss").args([
+        "-tanH",
+        "state",
+        "time-wait",
+        &format!("( dport = :{port} )"),
+    ]));
+    assert_eq!(code, Some(0), "ss: {err}");
+    out.lines().count()
+}
+
+#[test]
+fn churn_is_counted_like_ss_and_names_the_closer() {
+    const K: usize = 200;
+    let mut server = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["server", "127.0.0.1:0", "--accept", &K.to_string()],
+    ));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let agent = Agent::start(&["--events", "time-wait", "--port", &port.to_string()]);
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &[
+            "client",
+            &endpoint("127.0.0.1", port),
+            "--exit",
+            "--count",
+            &K.to_string(),
+            "--no-data",
+        ],
+    ));
+    client.expect("done");
+    server.expect("done");
+    let events = agent.wait_for("K time_wait events", |ev| time_waits(ev, port).len() >= K);
+    let tw = time_waits(&events, port);
+    assert_eq!(tw.len(), K);
+    for e in &tw {
+        assert_eq!(e["closer_pid"], client.pid(), "{e}");
+        assert_eq!(e["closer_comm"], "tcptrace-peer", "{e}");
+        assert!(
+            ["FIN_WAIT1", "FIN_WAIT2", "CLOSING"].contains(&e["from"].as_str().unwrap_or("")),
+            "{e}"
+        );
+    }
+    let from_ss = ss_time_wait_to(port);
+    let diff = (from_ss as f64 - tw.len() as f64).abs();
+    assert!(
+        diff <= 0.01 * from_ss as f64,
+        "agent {} vs ss {from_ss}",
+        tw.len()
+    );
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+#[test]
+fn a_reset_connection_is_not_time_wait() {
+    let mut server = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["server", "127.0.0.1:0", "--no-read", "--close-on-stdin"],
+    ));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let agent = Agent::start(&[
+        "--events",
+        "state-change,time-wait",
+        "--port",
+        &port.to_string(),
+    ]);
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["client", &endpoint("127.0.0.1", port), "--shutdown"],
+    ));
+    let cport = port_of(&client.expect("connected"));
+    client.expect("shut");
+    server.expect("accepted");
+    agent.wait_for("client FIN_WAIT2", |ev| {
+        reached(ev, cport, port, "FIN_WAIT2")
+    });
+    // The server closes with unread data: the kernel sends a RST.
+    server.send_line();
+    let how = client.expect("reset");
+    assert!(how.contains("connection reset"), "{how}");
+    let events = agent.wait_for("client CLOSE", |ev| reached(ev, cport, port, "CLOSE"));
+    assert!(
+        time_waits(&events, port).is_empty(),
+        "a RST abort counted as TIME_WAIT: {:?}",
+        time_waits(&events, port)
+    );
+    assert_eq!(ss_time_wait_to(port), 0, "ss agrees: nothing in TIME_WAIT");
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
