@@ -22,9 +22,9 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use tcptrace_common::{
-    tcp_state, AcceptRecord, KernelConfig, StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT,
-    CONFIG_INODE, CONFIG_NETNS, IPPROTO_TCP, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE,
-    RESET_RECEIVED, RESET_SENT, ResetRecord,
+    tcp_state, AcceptRecord, KernelConfig, ResetRecord, StateRecord, AF_INET, AF_INET6,
+    CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS, IPPROTO_TCP, RECORD_ACCEPT, RECORD_RESET,
+    RECORD_STATE, RESET_RECEIVED, RESET_SENT,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.

@@ -99,6 +99,12 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let mut state = StateFile::new(&cli.state_file);
     // Leaks are due within a quarter of the threshold (at most a second)
     // after they pass it.
+    // Port pressure: checked every second, counts replaced by the kernel's
+    // (sock_diag) every few seconds.
+    let mut pressure_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ranges: std::collections::HashMap<u32, crate::timewait::PortRange> =
+        std::collections::HashMap::new();
+    let mut pressure_checks = 0u32;
     let mut leak_tick = tokio::time::interval(
         (cli.leak_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
     );
@@ -152,6 +158,13 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 report_lost(lost.total()?, &mut lost_seen, &pipeline, &mut out)?;
                 pipeline.clock.resync();
+            }
+            _ = pressure_tick.tick() => {
+                if pressure_checks.is_multiple_of(RECONCILE_EVERY_CHECKS) {
+                    reconcile_port_space(&mut pipeline, &mut ranges);
+                }
+                pressure_checks = pressure_checks.wrapping_add(1);
+                report_pressure(&mut pipeline, &ranges, &mut out)?;
             }
             _ = leak_tick.tick() => {
                 report_leaks(&mut pipeline, &mut enricher, &stacks, &mut out)?;
@@ -246,6 +259,56 @@ fn report_leaks(
             if pipeline.events.contains(&EventKind::Leak) {
                 out.line(&pipeline.format.leak(&leak, now, &pipeline.clock))?;
             }
+        }
+    }
+    out.flush()
+}
+
+/// Port-pressure checks between two reconciliations with the kernel.
+const RECONCILE_EVERY_CHECKS: u32 = 5;
+
+fn reconcile_port_space(
+    pipeline: &mut Pipeline,
+    ranges: &mut std::collections::HashMap<u32, crate::timewait::PortRange>,
+) {
+    let now_ns = WallClock::now_ns();
+    let views = crate::portspace::sweep();
+    *ranges = crate::portspace::ranges(&views);
+    for v in &views {
+        pipeline
+            .pressure
+            .reconcile(Some(v.netns), &v.time_wait, now_ns);
+    }
+}
+
+fn report_pressure(
+    pipeline: &mut Pipeline,
+    ranges: &std::collections::HashMap<u32, crate::timewait::PortRange>,
+    out: &mut Out,
+) -> anyhow::Result<()> {
+    let now_ns = WallClock::now_ns();
+    let range_of = |netns: Option<u32>| {
+        netns
+            .and_then(|n| ranges.get(&n).copied())
+            .unwrap_or(crate::timewait::DEFAULT_RANGE)
+    };
+    let events = pipeline.pressure.check(now_ns, range_of);
+    if events.is_empty() {
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now();
+    for e in &events {
+        log::warn!(
+            "port pressure: {} -> {}:{} has {} of {} local ports in TIME_WAIT ({}%)",
+            e.dest.laddr,
+            e.dest.raddr,
+            e.dest.rport,
+            e.count,
+            e.range.size(),
+            e.level
+        );
+        if pipeline.events.contains(&EventKind::PortPressure) {
+            out.line(&pipeline.format.port_pressure(e, now))?;
         }
     }
     out.flush()

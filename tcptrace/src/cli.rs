@@ -88,7 +88,7 @@ pub struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "state-change,close-wait,leak"
+        default_value = "state-change,close-wait,leak,port-pressure"
     )]
     pub events: Vec<EventKind>,
 
@@ -109,6 +109,8 @@ pub enum EventKind {
     Leak,
     /// Connections entering TIME_WAIT (`time_wait`): can be the busiest stream.
     TimeWait,
+    /// Destinations whose TIME_WAIT sockets fill 50/80/95 % of the port range.
+    PortPressure,
 }
 
 /// Reports.

@@ -140,6 +140,32 @@ struct TimeWaitLine<'a> {
 }
 
 #[derive(Serialize)]
+struct CloserCount<'a> {
+    pid: u32,
+    comm: &'a str,
+    time_waits: u64,
+}
+
+#[derive(Serialize)]
+struct PortPressureLine<'a> {
+    schema: u32,
+    ts: String,
+    event: &'static str,
+    netns: Option<u32>,
+    laddr: String,
+    raddr: String,
+    rport: u16,
+    level: u32,
+    count: u64,
+    range_size: u32,
+    share_pct: f64,
+    rate_per_s: f64,
+    tw_reuse: u8,
+    top_closers: Vec<CloserCount<'a>>,
+    suggestion: String,
+}
+
+#[derive(Serialize)]
 struct OriginFields<'a> {
     syscall: &'static str,
     pid: u32,
@@ -361,6 +387,58 @@ impl Format {
                         || "an unknown task".to_string(),
                         |k| format!("{}/{}", k.pid, k.comm)
                     )
+                )
+            }
+        }
+    }
+
+    /// A destination crossed a port-pressure level.
+    pub fn port_pressure(self, p: &crate::timewait::PressureEvent, now: SystemTime) -> String {
+        match self {
+            Self::Json => to_json(&PortPressureLine {
+                schema: SCHEMA_VERSION,
+                ts: rfc3339(now),
+                event: "port_pressure",
+                netns: p.dest.netns,
+                laddr: p.dest.laddr.to_string(),
+                raddr: p.dest.raddr.to_string(),
+                rport: p.dest.rport,
+                level: p.level,
+                count: p.count,
+                range_size: p.range.size(),
+                share_pct: (p.share() * 10.0).round() / 10.0,
+                rate_per_s: (p.rate_per_s * 10.0).round() / 10.0,
+                tw_reuse: p.range.tw_reuse,
+                top_closers: p
+                    .top_closers
+                    .iter()
+                    .map(|(pid, comm, n)| CloserCount {
+                        pid: *pid,
+                        comm,
+                        time_waits: *n,
+                    })
+                    .collect(),
+                suggestion: p.suggestion(),
+            }),
+            Self::Text => {
+                let ts = rfc3339(now);
+                let who: Vec<String> = p
+                    .top_closers
+                    .iter()
+                    .map(|(pid, comm, n)| format!("{pid}/{comm} ({n})"))
+                    .collect();
+                format!(
+                    "{:<15} PORT PRESSURE {}% {} -> {}:{}: {} of {} ports in TIME_WAIT ({:.1}/s) by {}; {}",
+                    ts.get(11..26).unwrap_or(&ts),
+                    p.level,
+                    p.dest.laddr,
+                    p.dest.raddr,
+                    p.dest.rport,
+                    p.count,
+                    p.range.size(),
+                    p.rate_per_s,
+                    if who.is_empty() { "unknown processes".to_string() } else { who.join(", ") },
+                    p.suggestion()
                 )
             }
         }

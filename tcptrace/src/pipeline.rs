@@ -54,6 +54,8 @@ pub struct Pipeline {
     pub groups: LeakGroups,
     /// Which events are printed.
     pub events: std::collections::HashSet<EventKind>,
+    /// TIME_WAIT per destination, for port pressure.
+    pub pressure: crate::timewait::PortPressure,
     /// Leaks reported and not ended.
     pub current_leaks: std::collections::HashMap<TupleKey, CurrentLeak>,
     /// Records rejected by the decoder.
@@ -80,8 +82,10 @@ impl Pipeline {
                 EventKind::StateChange,
                 EventKind::CloseWait,
                 EventKind::Leak,
+                EventKind::PortPressure,
             ]
             .into(),
+            pressure: crate::timewait::PortPressure::new(),
             malformed: 0,
         }
     }
@@ -94,6 +98,20 @@ impl Pipeline {
             Record::State(change) => {
                 let t = self.tracker.on_state(change);
                 let end = self.closewait.on_transition(&t);
+                if t.enters_time_wait() {
+                    let c = &t.change;
+                    self.pressure.on_time_wait(
+                        crate::timewait::Dest {
+                            netns: c.netns,
+                            laddr: c.laddr,
+                            raddr: c.raddr,
+                            rport: c.rport,
+                        },
+                        c.lport,
+                        c.ts_ns,
+                        t.closer.as_ref().map(|k| (k.pid, k.comm.as_str())),
+                    );
+                }
                 if t.change.new != TcpState::CloseWait {
                     let key = tuple_key(&t.change);
                     self.groups.on_end(&key);

@@ -30,6 +30,8 @@ const DIAG_MSG_LEN: usize = 72;
 const NLMSG_HDR_LEN: usize = 16;
 /// Kernel state number of CLOSE_WAIT.
 pub const TCP_CLOSE_WAIT: u8 = 8;
+/// Kernel state number of TIME_WAIT.
+pub const TCP_TIME_WAIT: u8 = 6;
 
 /// One socket as sock_diag reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +52,9 @@ pub struct DiagSocket {
     pub inode: u32,
     /// Milliseconds since data (or the FIN) was last received.
     pub last_data_recv_ms: Option<u32>,
+    /// Milliseconds until the socket's timer fires; for a TIME_WAIT socket,
+    /// until it disappears.
+    pub expires_ms: u32,
 }
 
 /// The dump request for `family` (AF_INET or AF_INET6) and the states in
@@ -127,6 +132,7 @@ fn parse_diag_msg(payload: &[u8]) -> Option<DiagSocket> {
         rqueue: u32_at(payload, 56)?,
         inode: u32_at(payload, 68)?,
         last_data_recv_ms: None,
+        expires_ms: u32_at(payload, 52)?,
     };
     // Attributes: struct rtattr { u16 len; u16 type; } + data, 4-aligned.
     let mut at = DIAG_MSG_LEN;
@@ -227,11 +233,11 @@ pub fn dump(states: u32) -> io::Result<Vec<DiagSocket>> {
     Ok(all)
 }
 
-/// [`dump`] inside the network namespace at `netns` (e.g.
-/// `/proc/PID/ns/net`), from a short-lived thread: `setns` changes only the
-/// calling thread, and a netlink socket answers for the namespace it was
-/// created in.
-pub fn dump_in(netns: &Path, states: u32) -> io::Result<Vec<DiagSocket>> {
+/// Runs `f` inside the network namespace at `netns` (e.g.
+/// `/proc/PID/ns/net`), in a short-lived thread: `setns` changes only the
+/// calling thread. A netlink socket answers for the namespace it was
+/// created in, and /proc/sys/net shows the reader's namespace.
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     let file = std::fs::File::open(netns)?;
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -239,11 +245,16 @@ pub fn dump_in(netns: &Path, states: u32) -> io::Result<Vec<DiagSocket>> {
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            dump(states)
+            f()
         })
         .join()
-        .map_err(|_| io::Error::other("sock_diag thread panicked"))?
+        .map_err(|_| io::Error::other("namespace thread panicked"))?
     })
+}
+
+/// [`dump`] inside the network namespace at `netns`.
+pub fn dump_in(netns: &Path, states: u32) -> io::Result<Vec<DiagSocket>> {
+    in_netns(netns, || dump(states))
 }
 
 #[cfg(test)]

@@ -278,6 +278,34 @@ impl Peer {
         }
     }
 
+    /// Writes `text` to the peer's stdin.
+    pub fn send_text(&mut self, text: &str) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            let _ = stdin.write_all(text.as_bytes());
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Waits for the next line starting with any of `words`; returns it whole.
+    pub fn expect_any(&mut self, words: &[&str]) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if words.iter().any(|w| line.starts_with(w)) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "peer never printed any of {words:?}; it printed {:?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
     /// Sends one line to the peer's stdin.
     pub fn send_line(&mut self) {
         if let Some(stdin) = self.stdin.as_mut() {

@@ -109,3 +109,76 @@ fn a_reset_connection_is_not_time_wait() {
     let stopped = agent.stop();
     assert!(stopped.status.success());
 }
+
+#[test]
+fn port_pressure_fires_before_connect_fails_and_again_only_after_a_fall() {
+    let nets = tcptrace_tests::netns_pair();
+    let ns = &nets.a;
+    let sysctl = |kv: &str| {
+        let (code, _, err) = run_to_end(
+            std::process::Command::new("ip").args(["netns", "exec", &ns.name, "sysctl", "-w", kv]),
+        );
+        assert_eq!(code, Some(0), "sysctl {kv}: {err}");
+    };
+    // 100 local ports, and no reuse of TIME_WAIT ports for new connections.
+    sysctl("net.ipv4.ip_local_port_range=40000 40099");
+    sysctl("net.ipv4.tcp_tw_reuse=0");
+    let agent = Agent::start(&["--events", "port-pressure"]);
+    let mut server = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        Some(ns),
+        &["server", "127.0.0.1:5000", "--accept", "100000"],
+    ));
+    server.expect("listening");
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        Some(ns),
+        &["client", "127.0.0.1:5000", "--batches"],
+    ));
+    client.expect("pid-ready");
+    let pressure = |ev: &[Value], level: u64| -> Vec<Value> {
+        ev.iter()
+            .filter(|e| e["event"] == "port_pressure" && e["rport"] == 5000 && e["level"] == level)
+            .cloned()
+            .collect()
+    };
+    let mut send = |n: u32| {
+        client.send_text(&format!("{n}\n"));
+        client.expect_any(&["batch", "connect failed"])
+    };
+    for (batch, level) in [(50, 50), (30, 80), (15, 95)] {
+        let got = send(batch);
+        assert!(
+            got.starts_with("batch"),
+            "connect failed before {level}%: {got}"
+        );
+        let ev = agent.wait_for(&format!("port_pressure {level}%"), |ev| {
+            !pressure(ev, level).is_empty()
+        });
+        let p = &pressure(&ev, level)[0];
+        assert_eq!(p["range_size"], 100, "{p}");
+        assert_eq!(p["netns"], ns.inode(), "{p}");
+        assert_eq!(p["top_closers"][0]["comm"], "tcptrace-peer", "{p}");
+    }
+    // Only now does the port range run out.
+    let failed = send(10);
+    assert!(failed.starts_with("connect failed"), "{failed}");
+    let before = agent.events();
+    assert_eq!(
+        pressure(&before, 50).len(),
+        1,
+        "one 50% event while it stays high"
+    );
+    // TIME_WAIT lasts 60 s: once the count has fallen, a new rise fires again.
+    std::thread::sleep(std::time::Duration::from_secs(62));
+    assert_eq!(
+        pressure(&agent.events(), 50).len(),
+        1,
+        "no event while falling"
+    );
+    let got = send(55);
+    assert!(got.starts_with("batch"), "{got}");
+    agent.wait_for("a second 50% event", |ev| pressure(ev, 50).len() == 2);
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}

@@ -8,6 +8,9 @@
 //!     (default 1; with 1, print `accepted PEER`), read each to EOF (print
 //!     `eof`) unless --no-read; with --close-on-stdin wait for a line on
 //!     stdin first; close it (a RST when data is left unread); print `done`.
+//! tcptrace-peer client ADDR:PORT --batches
+//!     print `pid-ready`; for each line N on stdin, open and close (first)
+//!     N connections, print `batch TOTAL` or `connect failed KIND after TOTAL`.
 //! tcptrace-peer client ADDR:PORT --shutdown
 //!     connect, write, shutdown(SHUT_WR) (print `shut`), read until EOF or
 //!     RST (print `eof` or `reset KIND`), close, print `done`.
@@ -66,6 +69,36 @@ fn server(addr: SocketAddr, opts: &ServerOpts) -> std::io::Result<()> {
     say("done")
 }
 
+/// Opens and closes (first) connections in batches: reads a count per
+/// line on stdin, prints `batch N` after each batch (N: connections so
+/// far), or `connect failed KIND` when one fails, then goes on reading.
+fn client_batches(addr: SocketAddr) -> std::io::Result<()> {
+    say("pid-ready")?;
+    let mut total = 0u64;
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let n: u64 = line?.trim().parse().unwrap_or(0);
+        let mut failed = None;
+        for _ in 0..n {
+            match TcpStream::connect(addr) {
+                Ok(conn) => {
+                    drop(conn);
+                    total += 1;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        match failed {
+            Some(e) => say(&format!("connect failed {:?} after {total}", e.kind()))?,
+            None => say(&format!("batch {total}"))?,
+        }
+    }
+    Ok(())
+}
+
 /// Sends data, half-closes (FIN_WAIT1, then FIN_WAIT2 once acknowledged,
 /// while the socket stays open), then reads until the peer closes or
 /// resets, and closes.
@@ -114,7 +147,7 @@ fn client(
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: tcptrace-peer server ADDR:PORT [--close-on-stdin] [--accept N] [--no-read] | client ADDR:PORT [--wait-stdin] [--exit] [--count N] [--no-data] | client ADDR:PORT --shutdown";
+    let usage = "usage: tcptrace-peer server ADDR:PORT [--close-on-stdin] [--accept N] [--no-read] | client ADDR:PORT [--wait-stdin] [--exit] [--count N] [--no-data] | client ADDR:PORT --shutdown | client ADDR:PORT --batches";
     let (Some(role), Some(addr)) = (args.first(), args.get(1)) else {
         eprintln!("{usage}");
         return ExitCode::from(2);
@@ -146,6 +179,7 @@ fn main() -> ExitCode {
             )
         }
         "client" if flag("--shutdown") => client_shutdown(addr),
+        "client" if flag("--batches") => client_batches(addr),
         "client" => {
             let count = value("--count").map_or(Ok(1), |n| n.parse::<u32>());
             let Ok(count) = count else {

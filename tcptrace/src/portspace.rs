@@ -1,0 +1,65 @@
+//! The kernel's side of port pressure: TIME_WAIT sockets (sock_diag) and
+//! port ranges (`/proc/sys/net/ipv4`) of every network namespace, read
+//! from a thread inside each namespace.
+
+use std::collections::HashMap;
+
+use crate::sockdiag::{self, TCP_TIME_WAIT};
+use crate::timewait::{Dest, PortRange, DEFAULT_RANGE};
+
+/// One namespace's TIME_WAIT sockets and port range.
+pub struct NamespaceView {
+    /// Namespace inode.
+    pub netns: u32,
+    /// (destination, local port, ms until it expires).
+    pub time_wait: Vec<(Dest, u16, u32)>,
+    /// Its ephemeral port range.
+    pub range: PortRange,
+}
+
+fn read_range() -> std::io::Result<PortRange> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let reuse = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_tw_reuse").unwrap_or_default();
+    Ok(PortRange::parse(&range, &reuse).unwrap_or(DEFAULT_RANGE))
+}
+
+/// Reads every namespace a process lives in; namespaces that cannot be
+/// entered are skipped (logged at debug).
+pub fn sweep() -> Vec<NamespaceView> {
+    let mut out = Vec::new();
+    for (netns, path) in crate::inventory::namespaces() {
+        let view = sockdiag::in_netns(&path, || {
+            let socks = sockdiag::dump(1 << TCP_TIME_WAIT)?;
+            Ok((socks, read_range()?))
+        });
+        match view {
+            Ok((socks, range)) => out.push(NamespaceView {
+                netns,
+                time_wait: socks
+                    .into_iter()
+                    .filter(|s| s.state == TCP_TIME_WAIT)
+                    .map(|s| {
+                        (
+                            Dest {
+                                netns: Some(netns),
+                                laddr: s.laddr,
+                                raddr: s.raddr,
+                                rport: s.rport,
+                            },
+                            s.lport,
+                            s.expires_ms,
+                        )
+                    })
+                    .collect(),
+                range,
+            }),
+            Err(e) => log::debug!("port space of {}: {e}", path.display()),
+        }
+    }
+    out
+}
+
+/// Port ranges by namespace, from a sweep.
+pub fn ranges(views: &[NamespaceView]) -> HashMap<u32, PortRange> {
+    views.iter().map(|v| (v.netns, v.range)).collect()
+}
