@@ -165,10 +165,11 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 }
                 pressure_checks = pressure_checks.wrapping_add(1);
                 report_pressure(&mut pipeline, &ranges, &mut out)?;
+                state.write(&pipeline, &ranges, WallClock::now_ns());
             }
             _ = leak_tick.tick() => {
                 report_leaks(&mut pipeline, &mut enricher, &stacks, &mut out)?;
-                report_leak_groups(&mut pipeline, &mut out, &mut state)?;
+                report_leak_groups(&mut pipeline, &mut out)?;
             }
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
@@ -314,11 +315,7 @@ fn report_pressure(
     out.flush()
 }
 
-fn report_leak_groups(
-    pipeline: &mut Pipeline,
-    out: &mut Out,
-    state: &mut StateFile,
-) -> anyhow::Result<()> {
+fn report_leak_groups(pipeline: &mut Pipeline, out: &mut Out) -> anyhow::Result<()> {
     let now_ns = WallClock::now_ns();
     let now = std::time::SystemTime::now();
     let reports = pipeline.groups.due_reports(now_ns);
@@ -327,17 +324,14 @@ fn report_leak_groups(
             out.line(&pipeline.format.leak_group(report, now, now_ns))?;
         }
     }
-    state.write(pipeline, now_ns);
     out.flush()
 }
 
-/// The current leaks on disk for `tcptrace leaks`, rewritten atomically
-/// when they change (at most every tick). Failures are logged once: the
+/// The current leaks and TIME_WAIT counts on disk for `tcptrace leaks` and
+/// `tcptrace timewait`, rewritten atomically every second. Failures are logged once: the
 /// trace itself must not stop because /run is read-only.
 struct StateFile {
     path: Option<std::path::PathBuf>,
-    written: Option<usize>,
-    calls: u32,
     warned: bool,
 }
 
@@ -345,20 +339,17 @@ impl StateFile {
     fn new(path: &str) -> Self {
         Self {
             path: (path != "none" && !path.is_empty()).then(|| path.into()),
-            written: None,
-            calls: 0,
             warned: false,
         }
     }
 
-    fn write(&mut self, pipeline: &Pipeline, now_ns: u64) {
+    fn write(
+        &mut self,
+        pipeline: &Pipeline,
+        ranges: &std::collections::HashMap<u32, crate::timewait::PortRange>,
+        now_ns: u64,
+    ) {
         let Some(path) = &self.path else { return };
-        // Rewrite when the set changed, and anyway every ~10 ticks so ages stay fresh.
-        let n = pipeline.current_leaks.len();
-        self.calls = self.calls.wrapping_add(1);
-        if self.written == Some(n) && !self.calls.is_multiple_of(10) {
-            return;
-        }
         let snapshot = crate::report::Snapshot {
             schema: crate::report::SNAPSHOT_SCHEMA,
             agent_pid: std::process::id(),
@@ -372,6 +363,7 @@ impl StateFile {
                     e
                 })
                 .collect(),
+            time_wait: crate::report_cmd::time_wait_entries(&pipeline.pressure, ranges),
         };
         let result = (|| -> std::io::Result<()> {
             if let Some(dir) = path.parent() {
@@ -385,7 +377,7 @@ impl StateFile {
             std::fs::rename(&tmp, path)
         })();
         match result {
-            Ok(()) => self.written = Some(n),
+            Ok(()) => {}
             Err(e) if !self.warned => {
                 self.warned = true;
                 log::warn!(

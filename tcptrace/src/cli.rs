@@ -28,7 +28,8 @@ tcptrace                          every transition, JSON lines when piped\n  \
 tcptrace --format text --port 3306  transitions of connections to or from port 3306\n  \
 tcptrace --state close_wait        transitions into and out of CLOSE_WAIT\n  \
 tcptrace --pid 4242 -6             IPv6 sockets owned by process 4242\n  \
-tcptrace leaks                     the CLOSE_WAIT leaks now, grouped by process and code path\n\n\
+tcptrace leaks                     the CLOSE_WAIT leaks now, grouped by process and code path\n  \
+tcptrace timewait                  TIME_WAIT by destination: how close to port exhaustion\n\n\
 Logs go to stderr; set RUST_LOG=debug for more."
 )]
 #[command(args_conflicts_with_subcommands = true)]
@@ -129,6 +130,16 @@ pub enum Command {
         /// Without an agent: sockets in CLOSE_WAIT for longer than this count as leaks.
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
         leak_after: std::time::Duration,
+    },
+    /// TIME_WAIT sockets by destination, with their share of the ephemeral port range and
+    /// the processes that closed first (known with an agent running).
+    Timewait {
+        /// Output format [default: text on a terminal, json otherwise]
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// The running agent's state file.
+        #[arg(long, value_name = "PATH", default_value = crate::report::DEFAULT_STATE_FILE)]
+        state_file: String,
     },
 }
 

@@ -19,7 +19,7 @@ pub mod groups;
 pub mod inventory;
 pub mod layout;
 pub mod leak;
-pub mod leaks_cmd;
+
 pub mod output;
 pub mod pipeline;
 pub mod portspace;
@@ -27,6 +27,7 @@ pub mod privileges;
 pub mod probe;
 pub mod procfs;
 pub mod report;
+pub mod report_cmd;
 pub mod sockdiag;
 pub mod state;
 pub mod symbolize;

@@ -14,13 +14,23 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    if let Some(Command::Leaks {
-        format,
-        state_file,
-        leak_after,
-    }) = &cli.command
-    {
-        return match tcptrace::leaks_cmd::run(*format, state_file, *leak_after) {
+    let report = match &cli.command {
+        Some(Command::Leaks {
+            format,
+            state_file,
+            leak_after,
+        }) => Some(tcptrace::report_cmd::leaks(
+            *format,
+            state_file,
+            *leak_after,
+        )),
+        Some(Command::Timewait { format, state_file }) => {
+            Some(tcptrace::report_cmd::timewait(*format, state_file))
+        }
+        None => None,
+    };
+    if let Some(result) = report {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

@@ -45,17 +45,112 @@ pub struct LeakEntry {
     pub stack: Vec<String>,
 }
 
-/// The leaks at one moment.
+/// A process that closed connections toward a destination first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Closer {
+    /// Process id.
+    pub pid: u32,
+    /// Command name.
+    pub comm: String,
+    /// TIME_WAIT sockets it created there (seen live by the agent).
+    pub time_waits: u64,
+}
+
+/// TIME_WAIT sockets toward one destination.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TimeWaitEntry {
+    /// Network namespace inode.
+    pub netns: Option<u32>,
+    /// Local address.
+    pub laddr: String,
+    /// Remote `addr:port`.
+    pub remote: String,
+    /// Sockets in TIME_WAIT now.
+    pub count: u64,
+    /// Ports in the namespace's ephemeral range.
+    pub range_size: u32,
+    /// `count` as a percentage of the range.
+    pub share_pct: f64,
+    /// Who closed first (empty without an agent).
+    pub closers: Vec<Closer>,
+}
+
+/// The leaks and TIME_WAIT counts at one moment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// [`SNAPSHOT_SCHEMA`].
     pub schema: u32,
-    /// The agent that wrote it (0: built by `tcptrace leaks` itself).
+    /// The agent that wrote it (0: built by the report command itself).
     pub agent_pid: u32,
     /// RFC 3339 time it was taken.
     pub taken_at: String,
     /// The leaks.
     pub leaks: Vec<LeakEntry>,
+    /// TIME_WAIT by destination, largest first.
+    #[serde(default)]
+    pub time_wait: Vec<TimeWaitEntry>,
+}
+
+/// The TIME_WAIT report for people.
+pub fn render_time_wait_text(snapshot: &Snapshot, source: &str) -> String {
+    let mut out = format!(
+        "TIME_WAIT by destination ({source}, {})\n",
+        snapshot.taken_at
+    );
+    out += "TIME_WAIT keeps a local port for 60 s on the side that closed first; toward one \
+            destination only the ephemeral port range is available, and when it is full \
+            connect() fails with EADDRNOTAVAIL.\n";
+    if snapshot.time_wait.is_empty() {
+        out += "\nNo socket is in TIME_WAIT.\n";
+        return out;
+    }
+    out += &format!(
+        "\n{:>7} {:>7}  {:<45} {}\n",
+        "COUNT", "SHARE", "LOCAL -> REMOTE", "CLOSED FIRST BY"
+    );
+    for e in snapshot.time_wait.iter().take(20) {
+        let who: Vec<String> = e
+            .closers
+            .iter()
+            .map(|c| format!("{}/{} ({})", c.pid, c.comm, c.time_waits))
+            .collect();
+        out += &format!(
+            "{:>7} {:>6.1}%  {:<45} {}\n",
+            e.count,
+            e.share_pct,
+            format!("{} -> {}", e.laddr, e.remote),
+            if who.is_empty() {
+                "-".to_string()
+            } else {
+                who.join(", ")
+            }
+        );
+    }
+    if snapshot.time_wait.len() > 20 {
+        out += &format!(
+            "... and {} more destinations\n",
+            snapshot.time_wait.len() - 20
+        );
+    }
+    out
+}
+
+/// The TIME_WAIT report for machines.
+pub fn render_time_wait_json(snapshot: &Snapshot) -> String {
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        schema: u32,
+        taken_at: &'a str,
+        agent_pid: u32,
+        destinations: &'a [TimeWaitEntry],
+    }
+    serde_json::to_string_pretty(&Doc {
+        schema: SNAPSHOT_SCHEMA,
+        taken_at: &snapshot.taken_at,
+        agent_pid: snapshot.agent_pid,
+        destinations: &snapshot.time_wait,
+    })
+    .unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
 }
 
 /// Leaks that share a process and an origin stack.
@@ -230,8 +325,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn time_wait_report() {
+        let mut snap = snapshot();
+        snap.time_wait = vec![TimeWaitEntry {
+            netns: Some(1),
+            laddr: "127.0.0.1".into(),
+            remote: "127.0.0.1:5000".into(),
+            count: 95,
+            range_size: 100,
+            share_pct: 95.0,
+            closers: vec![Closer {
+                pid: 7,
+                comm: "churn".into(),
+                time_waits: 95,
+            }],
+        }];
+        let text = render_time_wait_text(&snap, "x");
+        assert!(
+            text.contains("95.0%  127.0.0.1 -> 127.0.0.1:5000"),
+            "{text}"
+        );
+        assert!(text.contains("7/churn (95)"), "{text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&render_time_wait_json(&snap)).expect("json");
+        assert_eq!(v["destinations"][0]["count"], 95);
+        // Old snapshots without time_wait still parse.
+        let old = r#"{"schema":1,"agent_pid":1,"taken_at":"t","leaks":[]}"#;
+        assert!(serde_json::from_str::<Snapshot>(old).is_ok());
+    }
+
     fn snapshot() -> Snapshot {
         Snapshot {
+            time_wait: Vec::new(),
             schema: SNAPSHOT_SCHEMA,
             agent_pid: 1,
             taken_at: "2026-11-24T19:00:00Z".into(),

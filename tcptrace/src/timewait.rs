@@ -185,6 +185,22 @@ impl PortPressure {
         }
     }
 
+    /// Processes that created the most TIME_WAIT sockets toward `dest`
+    /// (as seen live): (pid, comm, count), at most `n`.
+    pub fn top_closers(&self, dest: &Dest, n: usize) -> Vec<(u32, String, u64)> {
+        let Some(d) = self.dests.get(dest) else {
+            return Vec::new();
+        };
+        let mut top: Vec<(u32, String, u64)> = d
+            .created_by
+            .iter()
+            .map(|(pid, (comm, n))| (*pid, comm.clone(), *n))
+            .collect();
+        top.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+        top.truncate(n);
+        top
+    }
+
     /// Sockets in TIME_WAIT toward `dest` now.
     pub fn count(&self, dest: &Dest) -> u64 {
         self.dests.get(dest).map_or(0, |d| d.sockets.len() as u64)
@@ -234,30 +250,26 @@ impl PortPressure {
                 .max();
             if let Some(level) = reached.filter(|&l| l > d.level) {
                 d.level = level;
-                let mut top: Vec<(u32, String, u64)> = d
-                    .created_by
-                    .iter()
-                    .map(|(pid, (comm, n))| (*pid, comm.clone(), *n))
-                    .collect();
-                top.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
-                top.truncate(3);
-                out.push(PressureEvent {
-                    dest: dest.clone(),
-                    level,
-                    count,
-                    range,
-                    rate_per_s: d.recent.len() as f64 * 1e9 / RATE_WINDOW_NS as f64,
-                    top_closers: top,
-                });
+                out.push((dest.clone(), level, count, range, d.recent.len()));
             }
         }
+        let mut out: Vec<PressureEvent> = out
+            .into_iter()
+            .map(|(dest, level, count, range, recent)| PressureEvent {
+                top_closers: self.top_closers(&dest, 3),
+                dest,
+                level,
+                count,
+                range,
+                rate_per_s: recent as f64 * 1e9 / RATE_WINDOW_NS as f64,
+            })
+            .collect();
         self.dests
             .retain(|_, d| !d.sockets.is_empty() || d.level > 0 || !d.recent.is_empty());
         out.sort_by(|a, b| b.level.cmp(&a.level).then(b.count.cmp(&a.count)));
         out
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

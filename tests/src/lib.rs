@@ -86,12 +86,20 @@ pub struct Stopped {
 }
 
 impl Agent {
-    /// Starts the agent with `args` and waits until it logs `ready`.
+    /// Starts the agent with `args` and waits until it logs `ready`. Unless
+    /// `args` name a `--state-file`, the agent writes none (tests run
+    /// agents in parallel and must not share /run/tcptrace).
     pub fn start(args: &[&str]) -> Agent {
+        let no_state: &[&str] = if args.contains(&"--state-file") {
+            &[]
+        } else {
+            &["--state-file", "none"]
+        };
         let mut child = Command::new(agent_bin())
             .arg("--format")
             .arg("json")
             .args(args)
+            .args(no_state)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -33,7 +33,18 @@ fn churn_is_counted_like_ss_and_names_the_closer() {
         &["server", "127.0.0.1:0", "--accept", &K.to_string()],
     ));
     let port: u16 = server.expect("listening").parse().expect("port");
-    let agent = Agent::start(&["--events", "time-wait", "--port", &port.to_string()]);
+    let state = std::env::temp_dir()
+        .join(format!("tcptrace-tw-{}.json", std::process::id()))
+        .to_string_lossy()
+        .into_owned();
+    let agent = Agent::start(&[
+        "--events",
+        "time-wait",
+        "--port",
+        &port.to_string(),
+        "--state-file",
+        &state,
+    ]);
     let mut client = Peer::spawn(peer_cmd(
         peer_bin!(),
         None,
@@ -59,6 +70,43 @@ fn churn_is_counted_like_ss_and_names_the_closer() {
             "{e}"
         );
     }
+    // `tcptrace timewait`, from the agent (closers known) and without one.
+    let report = |state: &str| -> Value {
+        let (code, out, err) = run_to_end(
+            std::process::Command::new(tcptrace_tests::agent_bin()).args([
+                "timewait",
+                "--format",
+                "json",
+                "--state-file",
+                state,
+            ]),
+        );
+        assert_eq!(code, Some(0), "{err}");
+        serde_json::from_str(&out).expect("json report")
+    };
+    let remote = format!("127.0.0.1:{port}");
+    let dest_of = |doc: &Value| -> Option<Value> {
+        doc["destinations"]
+            .as_array()?
+            .iter()
+            .find(|d| d["remote"] == remote.as_str())
+            .cloned()
+    };
+    let live = report("/nonexistent/tcptrace-state.json");
+    let d = dest_of(&live).unwrap_or_else(|| panic!("{remote} not in {live}"));
+    assert_eq!(d["count"], K as u64, "{d}");
+    assert!(d["closers"].as_array().is_some_and(Vec::is_empty), "{d}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let d = loop {
+        if let Some(d) = dest_of(&report(&state)).filter(|d| d["count"] == K as u64) {
+            break d;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", agent.dump());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(d["closers"][0]["pid"], client.pid(), "{d}");
+    assert_eq!(d["closers"][0]["time_waits"], K as u64, "{d}");
+
     let from_ss = ss_time_wait_to(port);
     let diff = (from_ss as f64 - tw.len() as f64).abs();
     assert!(

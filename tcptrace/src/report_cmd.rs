@@ -1,6 +1,6 @@
-//! `tcptrace leaks`: reads the running agent's state file, or, with no
-//! agent running, takes a live inventory (sock_diag + /proc) so the command
-//! is useful on any host.
+//! `tcptrace leaks` and `tcptrace timewait`: read the running agent's state
+//! file, or, with no agent running, take a live inventory (sock_diag +
+//! /proc) so the commands are useful on any host.
 
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal as _;
@@ -74,11 +74,97 @@ fn live(older_than: Duration) -> Snapshot {
         agent_pid: 0,
         taken_at: crate::output::rfc3339(std::time::SystemTime::now()),
         leaks,
+        time_wait: Vec::new(),
     }
 }
 
-/// Prints the report.
-pub fn run(format: Option<Format>, state_file: &str, leak_after: Duration) -> anyhow::Result<()> {
+/// TIME_WAIT counts of every namespace now, from the kernel.
+fn live_time_wait() -> Snapshot {
+    let views = crate::portspace::sweep();
+    let mut pressure = crate::timewait::PortPressure::new();
+    let now_ns = WallClock::now_ns();
+    for v in &views {
+        pressure.reconcile(Some(v.netns), &v.time_wait, now_ns);
+    }
+    let ranges = crate::portspace::ranges(&views);
+    Snapshot {
+        schema: SNAPSHOT_SCHEMA,
+        agent_pid: 0,
+        taken_at: crate::output::rfc3339(std::time::SystemTime::now()),
+        leaks: Vec::new(),
+        time_wait: time_wait_entries(&pressure, &ranges),
+    }
+}
+
+/// The TIME_WAIT part of a snapshot.
+pub fn time_wait_entries(
+    pressure: &crate::timewait::PortPressure,
+    ranges: &HashMap<u32, crate::timewait::PortRange>,
+) -> Vec<report::TimeWaitEntry> {
+    pressure
+        .counts()
+        .into_iter()
+        .map(|(dest, count)| {
+            let range = dest
+                .netns
+                .and_then(|n| ranges.get(&n).copied())
+                .unwrap_or(crate::timewait::DEFAULT_RANGE);
+            report::TimeWaitEntry {
+                netns: dest.netns,
+                laddr: dest.laddr.to_string(),
+                remote: std::net::SocketAddr::new(dest.raddr, dest.rport).to_string(),
+                count,
+                range_size: range.size(),
+                share_pct: (count as f64 * 1000.0 / f64::from(range.size())).round() / 10.0,
+                closers: pressure
+                    .top_closers(&dest, 3)
+                    .into_iter()
+                    .map(|(pid, comm, time_waits)| report::Closer {
+                        pid,
+                        comm,
+                        time_waits,
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// Prints the TIME_WAIT report.
+pub fn timewait(format: Option<Format>, state_file: &str) -> anyhow::Result<()> {
+    let (snapshot, source) = match from_agent(state_file) {
+        Some(s) => {
+            let source = format!("from the running agent, pid {}", s.agent_pid);
+            (s, source)
+        }
+        None => (
+            live_time_wait(),
+            "live from the kernel, no agent running: closers unknown".to_string(),
+        ),
+    };
+    let text = match pick(format) {
+        Format::Text => report::render_time_wait_text(&snapshot, &source),
+        Format::Json => report::render_time_wait_json(&snapshot),
+    };
+    print(&text)
+}
+
+fn pick(format: Option<Format>) -> Format {
+    format.unwrap_or(if std::io::stdout().is_terminal() {
+        Format::Text
+    } else {
+        Format::Json
+    })
+}
+
+fn print(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", text.trim_end()).context("writing the report")
+}
+
+/// Prints the leak report.
+pub fn leaks(format: Option<Format>, state_file: &str, leak_after: Duration) -> anyhow::Result<()> {
     let (snapshot, source) = match from_agent(state_file) {
         Some(s) => {
             let source = format!("from the running agent, pid {}", s.agent_pid);
@@ -91,17 +177,9 @@ pub fn run(format: Option<Format>, state_file: &str, leak_after: Duration) -> an
                 .to_string(),
         ),
     };
-    let format = format.unwrap_or(if std::io::stdout().is_terminal() {
-        Format::Text
-    } else {
-        Format::Json
-    });
-    let text = match format {
+    let text = match pick(format) {
         Format::Text => report::render_text(&snapshot, &source),
         Format::Json => report::render_json(&snapshot),
     };
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", text.trim_end()).context("writing the report")?;
-    Ok(())
+    print(&text)
 }
