@@ -20,23 +20,30 @@ pub struct Found {
     pub since_ns: u64,
 }
 
-/// One `/proc/PID/ns/net` path per distinct network namespace, with its inode.
+/// One path per distinct network namespace, with its inode: every
+/// process's `/proc/PID/ns/net`, and the namespaces `ip netns` keeps under
+/// /run/netns even when no process lives there (TIME_WAIT sockets can
+/// outlive every process of a namespace).
 pub fn namespaces() -> Vec<(u32, PathBuf)> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        if entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-            .is_none()
-        {
-            continue;
-        }
-        let path = entry.path().join("ns/net");
+    let procs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some()
+        })
+        .map(|e| e.path().join("ns/net"));
+    let named = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    for path in procs.chain(named) {
         let Ok(meta) = std::fs::metadata(&path) else {
             continue;
         };

@@ -92,13 +92,22 @@ fn churn_is_counted_like_ss_and_names_the_closer() {
             .find(|d| d["remote"] == remote.as_str())
             .cloned()
     };
+    // Without an agent the count comes from the kernel: it can include
+    // older TIME_WAIT sockets toward a reused port, as ss does.
     let live = report("/nonexistent/tcptrace-state.json");
     let d = dest_of(&live).unwrap_or_else(|| panic!("{remote} not in {live}"));
-    assert_eq!(d["count"], K as u64, "{d}");
+    let live_count = d["count"].as_u64().unwrap_or(0);
+    let ss_now = ss_time_wait_to(port) as u64;
+    assert!(live_count >= K as u64, "{d}");
+    assert!(
+        live_count.abs_diff(ss_now) * 100 <= ss_now,
+        "live {live_count} vs ss {ss_now}"
+    );
     assert!(d["closers"].as_array().is_some_and(Vec::is_empty), "{d}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let d = loop {
-        if let Some(d) = dest_of(&report(&state)).filter(|d| d["count"] == K as u64) {
+        if let Some(d) = dest_of(&report(&state)).filter(|d| d["count"].as_u64() >= Some(K as u64))
+        {
             break d;
         }
         assert!(std::time::Instant::now() < deadline, "{}", agent.dump());
@@ -184,9 +193,17 @@ fn port_pressure_fires_before_connect_fails_and_again_only_after_a_fall() {
         &["client", "127.0.0.1:5000", "--batches"],
     ));
     client.expect("pid-ready");
+    let netns = ns.inode();
     let pressure = |ev: &[Value], level: u64| -> Vec<Value> {
         ev.iter()
-            .filter(|e| e["event"] == "port_pressure" && e["rport"] == 5000 && e["level"] == level)
+            .filter(|e| {
+                // Other tests (or runs) may churn toward port 5000 in their
+                // own namespaces: only this namespace counts.
+                e["event"] == "port_pressure"
+                    && e["rport"] == 5000
+                    && e["netns"] == netns
+                    && e["level"] == level
+            })
             .cloned()
             .collect()
     };
