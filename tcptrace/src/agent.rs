@@ -1,6 +1,6 @@
 //! The running agent: kernel records in, lines out, until a signal.
 
-use std::io::{self, IsTerminal as _, Write as _};
+use std::io::{self, IsTerminal as _};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -9,6 +9,7 @@ use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::{Cli, EventKind};
+use crate::sinks::Sinks;
 use aya::maps::{MapData, StackTraceMap};
 
 use crate::clock::WallClock;
@@ -25,28 +26,23 @@ const LOST_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Malformed records logged one by one before only the count is kept.
 const MALFORMED_LOG_LIMIT: u64 = 10;
 
-/// Where lines go; a closed stdout (`| head`) ends the agent quietly.
+/// Where lines go: every sink's queue. A closed stdout (`| head`) ends the
+/// agent quietly when it is the only sink.
 struct Out {
-    w: io::BufWriter<io::Stdout>,
+    sinks: Sinks,
 }
 
 impl Out {
     fn line(&mut self, line: &str) -> anyhow::Result<()> {
-        check(writeln!(self.w, "{line}"))
+        self.sinks.send(line);
+        self.flush()
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
-        check(self.w.flush())
-    }
-}
-
-fn check(r: io::Result<()>) -> anyhow::Result<()> {
-    {
-        match r {
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                Err(anyhow::Error::new(StdoutClosed))
-            }
-            other => other.context("writing to stdout"),
+        if self.sinks.only_sink_closed() {
+            Err(anyhow::Error::new(StdoutClosed))
+        } else {
+            Ok(())
         }
     }
 }
@@ -108,9 +104,9 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let mut leak_tick = tokio::time::interval(
         (cli.leak_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
     );
-    let mut out = Out {
-        w: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
-    };
+    let sinks =
+        Sinks::start(&cli.outputs, cli.queue_size).context("starting the outputs (--output)")?;
+    let mut out = Out { sinks };
     if let Some(header) = format.header() {
         out.line(&header)?;
         out.flush()?;
@@ -123,6 +119,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         .context("registering the ring buffer with the reactor")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut tick = tokio::time::interval(LOST_CHECK_INTERVAL);
     let mut lost_seen = 0u64;
 
@@ -173,6 +170,10 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
             }
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
+            _ = sighup.recv() => {
+                log::info!("SIGHUP: reopening output files");
+                out.sinks.reopen();
+            }
         }
     }
 
@@ -181,6 +182,14 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     report_lost(lost.total()?, &mut lost_seen, &pipeline, &mut out)?;
     out.flush()?;
     state.remove();
+    out.sinks.shutdown(Duration::from_secs(5));
+    for (sink, written, dropped) in out.sinks.stats() {
+        if dropped > 0 {
+            log::warn!("output {sink}: {written} lines written, {dropped} dropped (queue full)");
+        } else {
+            log::info!("output {sink}: {written} lines written, 0 dropped");
+        }
+    }
     for line in pipeline.closewait.linger_summary(10) {
         log::info!("CLOSE_WAIT linger, {line}");
     }

@@ -84,6 +84,18 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub leak_group_interval: std::time::Duration,
 
+    /// Where events go: stdout, file:PATH (appends; reopened on SIGHUP for logrotate),
+    /// tcp://HOST:PORT (newline-delimited JSON for Vector, Fluent Bit, Logstash). Repeat for
+    /// several; each has its own queue, so a slow one never stalls the others.
+    #[arg(long = "output", value_name = "SINK", default_value = "stdout")]
+    pub outputs: Vec<crate::sinks::SinkSpec>,
+
+    /// Lines each output may queue while its destination is slow or down; past that,
+    /// lines are dropped and counted.
+    #[arg(long, value_name = "LINES", default_value_t = crate::sinks::DEFAULT_QUEUE,
+          value_parser = parse_queue_size)]
+    pub queue_size: usize,
+
     /// Which events to print, comma-separated (`lost` lines are always printed).
     #[arg(
         long,
@@ -141,6 +153,14 @@ pub enum Command {
         #[arg(long, value_name = "PATH", default_value = crate::report::DEFAULT_STATE_FILE)]
         state_file: String,
     },
+}
+
+/// Parses a queue length: 1 to 16 M lines.
+pub fn parse_queue_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=16 << 20).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of lines from 1 to 16777216")),
+    }
 }
 
 /// Parses a positive duration: `500ms`, `10s`, `5m`.

@@ -28,6 +28,7 @@ pub mod probe;
 pub mod procfs;
 pub mod report;
 pub mod report_cmd;
+pub mod sinks;
 pub mod sockdiag;
 pub mod state;
 pub mod symbolize;

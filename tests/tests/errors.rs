@@ -116,6 +116,10 @@ fn bad_command_line_values_exit_2_naming_the_value() {
         (&["-4", "-6"], "cannot be used with"),
         (&["--ring-buffer-size", "1000"], "1000"),
         (&["--no-such-flag"], "--no-such-flag"),
+        (&["--output", "udp://127.0.0.1:514"], "udp://127.0.0.1:514"),
+        (&["--output", "file:"], "file:"),
+        (&["--output", "tcp://collector"], "tcp://collector"),
+        (&["--queue-size", "0"], "0"),
     ] {
         let (code, _, stderr) = run_to_end(Command::new(agent_bin()).args(args));
         assert_clean_error(code, &stderr, 2, needle);

@@ -1,0 +1,491 @@
+//! Where event lines go: stdout, a file, a TCP collector. Each sink has a
+//! bounded queue and its own writer thread, so a slow or dead collector can
+//! stall neither the ring-buffer reader nor another sink; what a full queue
+//! refuses is counted, never dropped silently.
+
+use std::fmt;
+use std::io::{self, Write as _};
+use std::net::{TcpStream, ToSocketAddrs as _};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Default queue length per sink, in lines.
+pub const DEFAULT_QUEUE: usize = 65_536;
+
+/// A sink named on the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SinkSpec {
+    /// Standard output.
+    Stdout,
+    /// Append to a file; reopened on SIGHUP (logrotate).
+    File(PathBuf),
+    /// Newline-delimited JSON over TCP (Vector `socket`, Fluent Bit `tcp`,
+    /// Logstash `json_lines`).
+    Tcp(String),
+}
+
+impl fmt::Display for SinkSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Stdout => f.write_str("stdout"),
+            Self::File(p) => write!(f, "file:{}", p.display()),
+            Self::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+impl FromStr for SinkSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "stdout" || s == "-" {
+            return Ok(Self::Stdout);
+        }
+        if let Some(path) = s.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err("file: needs a path, e.g. file:/var/log/tcptrace.json".into());
+            }
+            return Ok(Self::File(PathBuf::from(path)));
+        }
+        if let Some(addr) = s.strip_prefix("tcp://") {
+            let (host, port) = addr
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{s:?} needs a port, e.g. tcp://127.0.0.1:9000"))?;
+            if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err(format!("{s:?} is not HOST:PORT, e.g. tcp://127.0.0.1:9000"));
+            }
+            return Ok(Self::Tcp(addr.to_string()));
+        }
+        Err(format!(
+            "unknown output {s:?}; expected stdout, file:PATH or tcp://HOST:PORT"
+        ))
+    }
+}
+
+/// Counters of one sink, shared with its writer thread.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Lines refused because the queue was full.
+    pub dropped: AtomicU64,
+    /// Lines written.
+    pub written: AtomicU64,
+}
+
+struct Handle {
+    spec: SinkSpec,
+    tx: Option<SyncSender<Arc<str>>>,
+    stats: Arc<SinkStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Every configured sink.
+pub struct Sinks {
+    handles: Vec<Handle>,
+    reopen: Arc<AtomicBool>,
+    stdout_closed: Arc<AtomicBool>,
+}
+
+impl Sinks {
+    /// Starts a writer thread per sink; each queue holds `queue` lines.
+    pub fn start(specs: &[SinkSpec], queue: usize) -> io::Result<Self> {
+        let reopen = Arc::new(AtomicBool::new(false));
+        let stdout_closed = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for spec in specs {
+            let (tx, rx) = sync_channel::<Arc<str>>(queue.max(1));
+            let stats = Arc::new(SinkStats::default());
+            let writer: Box<dyn Writer> = match spec {
+                SinkSpec::Stdout => Box::new(StdoutWriter {
+                    out: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
+                    closed: stdout_closed.clone(),
+                }),
+                SinkSpec::File(path) => Box::new(FileWriter::open(path.clone(), reopen.clone())?),
+                SinkSpec::Tcp(addr) => Box::new(TcpWriter::new(addr.clone())),
+            };
+            let thread_stats = stats.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("sink {spec}"))
+                .spawn(move || run_writer(writer, rx, &thread_stats))?;
+            handles.push(Handle {
+                spec: spec.clone(),
+                tx: Some(tx),
+                stats,
+                thread: Some(thread),
+            });
+        }
+        Ok(Self {
+            handles,
+            reopen,
+            stdout_closed,
+        })
+    }
+
+    /// Queues `line` on every sink; a full queue counts a drop.
+    pub fn send(&self, line: &str) {
+        let line: Arc<str> = Arc::from(line);
+        for h in &self.handles {
+            let Some(tx) = &h.tx else { continue };
+            match tx.try_send(line.clone()) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    h.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Files are reopened before their next write (SIGHUP).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::SeqCst);
+    }
+
+    /// True when stdout is the only sink and its reader went away.
+    pub fn only_sink_closed(&self) -> bool {
+        self.handles.len() == 1
+            && self.handles[0].spec == SinkSpec::Stdout
+            && self.stdout_closed.load(Ordering::SeqCst)
+    }
+
+    /// (sink, written, dropped) for every sink.
+    pub fn stats(&self) -> Vec<(String, u64, u64)> {
+        self.handles
+            .iter()
+            .map(|h| {
+                (
+                    h.spec.to_string(),
+                    h.stats.written.load(Ordering::Relaxed),
+                    h.stats.dropped.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    /// Closes the queues and waits (at most `grace` per network sink) for
+    /// the writers to drain them.
+    pub fn shutdown(&mut self, grace: Duration) {
+        for h in &mut self.handles {
+            drop(h.tx.take());
+        }
+        let deadline = std::time::Instant::now() + grace;
+        for h in &mut self.handles {
+            if let Some(t) = h.thread.take() {
+                while !t.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if t.is_finished() {
+                    let _ = t.join();
+                } else {
+                    log::warn!(
+                        "sink {} did not drain in time; its queued lines are lost",
+                        h.spec
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// One destination's writing logic, run on the sink's own thread.
+trait Writer: Send {
+    /// Writes one line (without newline); `Err` means "not written, retry
+    /// after `ready()`".
+    fn write(&mut self, line: &str) -> io::Result<()>;
+    /// Makes the sink usable again after an error (reconnect, reopen);
+    /// returns false when it should give up on this line for now.
+    fn ready(&mut self) -> bool;
+    /// Flushes buffered output (queue momentarily empty).
+    fn flush(&mut self) {}
+}
+
+fn run_writer(mut writer: Box<dyn Writer>, rx: Receiver<Arc<str>>, stats: &SinkStats) {
+    let mut pending: Option<Arc<str>> = None;
+    loop {
+        let line = match pending.take() {
+            Some(l) => l,
+            None => match rx.recv_timeout(FLUSH_IDLE) {
+                Ok(l) => l,
+                Err(RecvTimeoutError::Timeout) => {
+                    writer.flush();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    writer.flush();
+                    return;
+                }
+            },
+        };
+        if !writer.ready() {
+            // Keep the line; the queue holds the rest (and counts what
+            // does not fit) until the destination is back.
+            pending = Some(line);
+            continue;
+        }
+        match writer.write(&line) {
+            Ok(()) => {
+                stats.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => pending = Some(line),
+        }
+    }
+}
+
+/// Idle time after which buffered output is flushed.
+const FLUSH_IDLE: Duration = Duration::from_millis(50);
+
+struct StdoutWriter {
+    out: io::BufWriter<io::Stdout>,
+    closed: Arc<AtomicBool>,
+}
+
+impl StdoutWriter {
+    fn broken(&self, r: &io::Result<()>) -> bool {
+        matches!(r, Err(e) if e.kind() == io::ErrorKind::BrokenPipe)
+    }
+}
+
+impl Writer for StdoutWriter {
+    fn write(&mut self, line: &str) -> io::Result<()> {
+        let r = writeln!(self.out, "{line}");
+        if self.broken(&r) {
+            // Nothing will read it again (`| head`): the agent stops.
+            self.closed.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+        r
+    }
+
+    fn ready(&mut self) -> bool {
+        if self.closed.load(Ordering::SeqCst) {
+            // Drain the queue without writing.
+            return true;
+        }
+        true
+    }
+
+    fn flush(&mut self) {
+        let r = self.out.flush();
+        if self.broken(&r) {
+            self.closed.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+struct FileWriter {
+    path: PathBuf,
+    file: Option<io::BufWriter<std::fs::File>>,
+    reopen: Arc<AtomicBool>,
+}
+
+impl FileWriter {
+    fn open(path: PathBuf, reopen: Arc<AtomicBool>) -> io::Result<Self> {
+        let file = Self::open_file(&path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open output file {}: {e}", path.display()),
+            )
+        })?;
+        Ok(Self {
+            path,
+            file: Some(file),
+            reopen,
+        })
+    }
+
+    fn open_file(path: &std::path::Path) -> io::Result<io::BufWriter<std::fs::File>> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(io::BufWriter::new)
+    }
+}
+
+impl Writer for FileWriter {
+    fn write(&mut self, line: &str) -> io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("not open"))?;
+        writeln!(file, "{line}")
+    }
+
+    fn ready(&mut self) -> bool {
+        if self.reopen.swap(false, Ordering::SeqCst) {
+            if let Some(mut f) = self.file.take() {
+                let _ = f.flush();
+            }
+        }
+        if self.file.is_none() {
+            match Self::open_file(&self.path) {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    log::warn!("cannot reopen {}: {e}", self.path.display());
+                    std::thread::sleep(Duration::from_secs(1));
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn flush(&mut self) {
+        if let Some(f) = self.file.as_mut() {
+            let _ = f.flush();
+        }
+    }
+}
+
+/// Reconnect backoff: 100 ms doubling up to 30 s.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+struct TcpWriter {
+    addr: String,
+    conn: Option<TcpStream>,
+    backoff: Duration,
+}
+
+impl TcpWriter {
+    fn new(addr: String) -> Self {
+        Self {
+            addr,
+            conn: None,
+            backoff: BACKOFF_MIN,
+        }
+    }
+
+    fn connect(&self) -> io::Result<TcpStream> {
+        let mut last = io::Error::other("no address");
+        for a in self.addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// A collector that closed or reset its side shows up as readable with
+    /// 0 bytes (or an error): detect it before writing into the void.
+    fn peer_gone(conn: &TcpStream) -> bool {
+        let mut buf = [0u8; 1];
+        if conn.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let gone = match conn.peek(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        };
+        let _ = conn.set_nonblocking(false);
+        gone
+    }
+}
+
+impl Writer for TcpWriter {
+    fn write(&mut self, line: &str) -> io::Result<()> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| io::Error::other("not connected"))?;
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        let r = conn.write_all(&buf);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    fn ready(&mut self) -> bool {
+        if let Some(conn) = &self.conn {
+            if !Self::peer_gone(conn) {
+                return true;
+            }
+            log::warn!(
+                "tcp://{}: the collector closed the connection; reconnecting",
+                self.addr
+            );
+            self.conn = None;
+        }
+        match self.connect() {
+            Ok(conn) => {
+                let _ = conn.set_nodelay(true);
+                log::info!("tcp://{}: connected", self.addr);
+                self.conn = Some(conn);
+                self.backoff = BACKOFF_MIN;
+                true
+            }
+            Err(e) => {
+                log::debug!("tcp://{}: {e}; retrying in {:?}", self.addr, self.backoff);
+                std::thread::sleep(self.backoff);
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead as _;
+
+    #[test]
+    fn parses_outputs() {
+        assert_eq!("stdout".parse(), Ok(SinkSpec::Stdout));
+        assert_eq!("file:/tmp/x".parse(), Ok(SinkSpec::File("/tmp/x".into())));
+        assert_eq!(
+            "tcp://127.0.0.1:9000".parse(),
+            Ok(SinkSpec::Tcp("127.0.0.1:9000".into()))
+        );
+        for bad in [
+            "",
+            "file:",
+            "tcp://host",
+            "tcp://:9",
+            "tcp://h:0",
+            "tcp://h:x",
+            "udp://h:1",
+        ] {
+            assert!(bad.parse::<SinkSpec>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn file_sink_reopens_after_rename() {
+        let dir = std::env::temp_dir().join(format!("tcptrace-sink-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("out.json");
+        let mut sinks = Sinks::start(&[SinkSpec::File(path.clone())], 16).expect("start");
+        sinks.send("one");
+        std::thread::sleep(Duration::from_millis(400));
+        std::fs::rename(&path, dir.join("out.json.1")).expect("rename");
+        sinks.reopen();
+        sinks.send("two");
+        sinks.shutdown(Duration::from_secs(5));
+        let old = std::fs::read_to_string(dir.join("out.json.1")).expect("old");
+        let new = std::fs::read_to_string(&path).expect("new");
+        assert_eq!((old.as_str(), new.as_str()), ("one\n", "two\n"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tcp_sink_delivers_and_counts_drops_while_down() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut sinks = Sinks::start(&[SinkSpec::Tcp(addr.to_string())], 4).expect("start");
+        sinks.send("a");
+        let (conn, _) = listener.accept().expect("accept");
+        let mut lines = io::BufReader::new(conn).lines();
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("a"));
+        sinks.shutdown(Duration::from_secs(5));
+        assert_eq!(sinks.stats()[0].2, 0);
+    }
+}
