@@ -82,7 +82,9 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         stacks,
     } = probe::load_and_attach(&layout, cli.ring_buffer_size)?;
 
-    let format = cli.format(io::stdout().is_terminal());
+    // Text only for a person at a terminal; collectors always get JSON.
+    let format =
+        cli.format(io::stdout().is_terminal() && cli.outputs == [crate::sinks::SinkSpec::Stdout]);
     let leak_after_ns = u64::try_from(cli.leak_after.as_nanos()).unwrap_or(u64::MAX);
     let mut pipeline = Pipeline::new(cli.filter(), format, WallClock::new(), leak_after_ns);
     pipeline.groups = LeakGroups::new(

@@ -32,6 +32,7 @@ pub mod sinks;
 pub mod sockdiag;
 pub mod state;
 pub mod symbolize;
+pub mod syslog;
 pub mod timewait;
 pub mod tracefs;
 pub mod tracker;

@@ -27,6 +27,12 @@ pub enum SinkSpec {
     /// Newline-delimited JSON over TCP (Vector `socket`, Fluent Bit `tcp`,
     /// Logstash `json_lines`).
     Tcp(String),
+    /// RFC 5424 syslog over UDP, one message per datagram.
+    SyslogUdp(String),
+    /// RFC 5424 syslog over TCP, octet-counting framing (RFC 6587).
+    SyslogTcp(String),
+    /// RFC 5424 syslog to a local datagram socket (`/dev/log`).
+    SyslogUnix(PathBuf),
 }
 
 impl fmt::Display for SinkSpec {
@@ -35,6 +41,9 @@ impl fmt::Display for SinkSpec {
             Self::Stdout => f.write_str("stdout"),
             Self::File(p) => write!(f, "file:{}", p.display()),
             Self::Tcp(a) => write!(f, "tcp://{a}"),
+            Self::SyslogUdp(a) => write!(f, "syslog+udp://{a}"),
+            Self::SyslogTcp(a) => write!(f, "syslog+tcp://{a}"),
+            Self::SyslogUnix(p) => write!(f, "syslog+unix://{}", p.display()),
         }
     }
 }
@@ -52,17 +61,35 @@ impl FromStr for SinkSpec {
             }
             return Ok(Self::File(PathBuf::from(path)));
         }
-        if let Some(addr) = s.strip_prefix("tcp://") {
+        let host_port = |addr: &str, example: &str| -> Result<String, String> {
             let (host, port) = addr
                 .rsplit_once(':')
-                .ok_or_else(|| format!("{s:?} needs a port, e.g. tcp://127.0.0.1:9000"))?;
+                .ok_or_else(|| format!("{s:?} needs a port, e.g. {example}"))?;
             if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-                return Err(format!("{s:?} is not HOST:PORT, e.g. tcp://127.0.0.1:9000"));
+                return Err(format!("{s:?} is not HOST:PORT, e.g. {example}"));
             }
-            return Ok(Self::Tcp(addr.to_string()));
+            Ok(addr.to_string())
+        };
+        if let Some(addr) = s.strip_prefix("tcp://") {
+            return host_port(addr, "tcp://127.0.0.1:9000").map(Self::Tcp);
+        }
+        if let Some(addr) = s.strip_prefix("syslog+udp://") {
+            return host_port(addr, "syslog+udp://127.0.0.1:514").map(Self::SyslogUdp);
+        }
+        if let Some(addr) = s.strip_prefix("syslog+tcp://") {
+            return host_port(addr, "syslog+tcp://127.0.0.1:601").map(Self::SyslogTcp);
+        }
+        if let Some(path) = s.strip_prefix("syslog+unix://") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{s:?} needs an absolute path, e.g. syslog+unix:///dev/log"
+                ));
+            }
+            return Ok(Self::SyslogUnix(PathBuf::from(path)));
         }
         Err(format!(
-            "unknown output {s:?}; expected stdout, file:PATH or tcp://HOST:PORT"
+            "unknown output {s:?}; expected stdout, file:PATH, tcp://HOST:PORT, \
+             syslog+udp://HOST:PORT, syslog+tcp://HOST:PORT or syslog+unix:///dev/log"
         ))
     }
 }
@@ -105,7 +132,12 @@ impl Sinks {
                     closed: stdout_closed.clone(),
                 }),
                 SinkSpec::File(path) => Box::new(FileWriter::open(path.clone(), reopen.clone())?),
-                SinkSpec::Tcp(addr) => Box::new(TcpWriter::new(addr.clone())),
+                SinkSpec::Tcp(addr) => Box::new(TcpWriter::new(addr.clone(), Framing::Newline)),
+                SinkSpec::SyslogTcp(addr) => {
+                    Box::new(TcpWriter::new(addr.clone(), Framing::Syslog(Syslog::new())))
+                }
+                SinkSpec::SyslogUdp(addr) => Box::new(DatagramWriter::udp(addr.clone())),
+                SinkSpec::SyslogUnix(path) => Box::new(DatagramWriter::unix(path.clone())),
             };
             let thread_stats = stats.clone();
             let thread = std::thread::Builder::new()
@@ -344,18 +376,53 @@ impl Writer for FileWriter {
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// How lines become syslog messages.
+struct Syslog {
+    host: String,
+    pid: u32,
+}
+
+impl Syslog {
+    fn new() -> Self {
+        Self {
+            host: crate::syslog::hostname(),
+            pid: std::process::id(),
+        }
+    }
+
+    fn message(&self, line: &str) -> String {
+        crate::syslog::format(
+            line,
+            crate::syslog::FACILITY_DAEMON,
+            &self.host,
+            self.pid,
+            std::time::SystemTime::now(),
+        )
+    }
+}
+
+/// How a stream sink frames lines.
+enum Framing {
+    /// JSON, newline.
+    Newline,
+    /// RFC 5424 with octet counting.
+    Syslog(Syslog),
+}
+
 struct TcpWriter {
     addr: String,
     conn: Option<TcpStream>,
     backoff: Duration,
+    framing: Framing,
 }
 
 impl TcpWriter {
-    fn new(addr: String) -> Self {
+    fn new(addr: String, framing: Framing) -> Self {
         Self {
             addr,
             conn: None,
             backoff: BACKOFF_MIN,
+            framing,
         }
     }
 
@@ -389,14 +456,15 @@ impl TcpWriter {
 
 impl Writer for TcpWriter {
     fn write(&mut self, line: &str) -> io::Result<()> {
+        let buf = match &self.framing {
+            Framing::Newline => format!("{line}\n"),
+            Framing::Syslog(syslog) => crate::syslog::octet_counted(&syslog.message(line)),
+        };
         let conn = self
             .conn
             .as_mut()
             .ok_or_else(|| io::Error::other("not connected"))?;
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        let r = conn.write_all(&buf);
+        let r = conn.write_all(buf.as_bytes());
         if r.is_err() {
             self.conn = None;
         }
@@ -424,6 +492,101 @@ impl Writer for TcpWriter {
             }
             Err(e) => {
                 log::debug!("tcp://{}: {e}; retrying in {:?}", self.addr, self.backoff);
+                std::thread::sleep(self.backoff);
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                false
+            }
+        }
+    }
+}
+
+/// A datagram destination: UDP or a local unix socket.
+enum Datagram {
+    Udp(std::net::UdpSocket),
+    Unix(std::os::unix::net::UnixDatagram),
+}
+
+/// Syslog over datagrams: one message per datagram. A refused send (no
+/// daemon yet) keeps the line and retries with backoff, like TCP.
+struct DatagramWriter {
+    target: String,
+    unix: Option<PathBuf>,
+    sock: Option<Datagram>,
+    syslog: Syslog,
+    backoff: Duration,
+}
+
+impl DatagramWriter {
+    fn udp(addr: String) -> Self {
+        Self {
+            target: addr,
+            unix: None,
+            sock: None,
+            syslog: Syslog::new(),
+            backoff: BACKOFF_MIN,
+        }
+    }
+
+    fn unix(path: PathBuf) -> Self {
+        Self {
+            target: path.display().to_string(),
+            unix: Some(path),
+            sock: None,
+            syslog: Syslog::new(),
+            backoff: BACKOFF_MIN,
+        }
+    }
+
+    fn open(&self) -> io::Result<Datagram> {
+        match &self.unix {
+            Some(path) => {
+                let s = std::os::unix::net::UnixDatagram::unbound()?;
+                s.connect(path)?;
+                Ok(Datagram::Unix(s))
+            }
+            None => {
+                let s = std::net::UdpSocket::bind(if self.target.starts_with('[') {
+                    "[::]:0"
+                } else {
+                    "0.0.0.0:0"
+                })?;
+                s.connect(&self.target)?;
+                Ok(Datagram::Udp(s))
+            }
+        }
+    }
+}
+
+impl Writer for DatagramWriter {
+    fn write(&mut self, line: &str) -> io::Result<()> {
+        let msg = self.syslog.message(line);
+        let r = match self.sock.as_ref() {
+            Some(Datagram::Udp(s)) => s.send(msg.as_bytes()).map(|_| ()),
+            Some(Datagram::Unix(s)) => s.send(msg.as_bytes()).map(|_| ()),
+            None => Err(io::Error::other("not open")),
+        };
+        if r.is_err() {
+            self.sock = None;
+        }
+        r
+    }
+
+    fn ready(&mut self) -> bool {
+        if self.sock.is_some() {
+            return true;
+        }
+        match self.open() {
+            Ok(s) => {
+                self.sock = Some(s);
+                self.backoff = BACKOFF_MIN;
+                true
+            }
+            Err(e) => {
+                log::debug!(
+                    "syslog {}: {e}; retrying in {:?}",
+                    self.target,
+                    self.backoff
+                );
                 std::thread::sleep(self.backoff);
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 false

@@ -92,37 +92,38 @@ fn churn_is_counted_like_ss_and_names_the_closer() {
             .find(|d| d["remote"] == remote.as_str())
             .cloned()
     };
-    // Without an agent the count comes from the kernel: it can include
-    // older TIME_WAIT sockets toward a reused port, as ss does.
+    // The count now, as ss sees it. With tcp_tw_reuse (Linux's default 2
+    // covers loopback) new connections may recycle some TIME_WAIT sockets,
+    // silently for the tracepoint: the kernel count can be below K, and the
+    // agent's count must follow the kernel's (it reconciles every 5 s).
+    let within_1pct = |a: u64, b: u64| a.abs_diff(b) * 100 <= b.max(1);
     let live = report("/nonexistent/tcptrace-state.json");
     let d = dest_of(&live).unwrap_or_else(|| panic!("{remote} not in {live}"));
-    let live_count = d["count"].as_u64().unwrap_or(0);
     let ss_now = ss_time_wait_to(port) as u64;
-    assert!(live_count >= K as u64, "{d}");
+    assert!(ss_now > 0 && ss_now <= K as u64, "ss {ss_now}");
+    let live_count = d["count"].as_u64().unwrap_or(0);
     assert!(
-        live_count.abs_diff(ss_now) * 100 <= ss_now,
+        within_1pct(live_count, ss_now),
         "live {live_count} vs ss {ss_now}"
     );
     assert!(d["closers"].as_array().is_some_and(Vec::is_empty), "{d}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let d = loop {
-        if let Some(d) = dest_of(&report(&state)).filter(|d| d["count"].as_u64() >= Some(K as u64))
+        let ss_now = ss_time_wait_to(port) as u64;
+        if let Some(d) = dest_of(&report(&state))
+            .filter(|d| within_1pct(d["count"].as_u64().unwrap_or(0), ss_now))
         {
             break d;
         }
-        assert!(std::time::Instant::now() < deadline, "{}", agent.dump());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never agreed with ss\n{}",
+            agent.dump()
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
     assert_eq!(d["closers"][0]["pid"], client.pid(), "{d}");
     assert_eq!(d["closers"][0]["time_waits"], K as u64, "{d}");
-
-    let from_ss = ss_time_wait_to(port);
-    let diff = (from_ss as f64 - tw.len() as f64).abs();
-    assert!(
-        diff <= 0.01 * from_ss as f64,
-        "agent {} vs ss {from_ss}",
-        tw.len()
-    );
     let stopped = agent.stop();
     assert!(stopped.status.success());
 }

@@ -294,6 +294,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("umount", "mount"),
     ("cc", "gcc"),
     ("redis-server", "redis-server"),
+    ("rsyslogd", "rsyslog"),
 ];
 
 /// Makes sure every command of [`TEST_TOOLS`] exists, installing the
