@@ -226,6 +226,12 @@ fn to_json<T: Serialize>(value: &T) -> String {
         .unwrap_or_else(|e| format!("{{\"event\":\"error\",\"error\":{:?}}}", e.to_string()))
 }
 
+/// Time of day for text lines: `19:00:00.123456` (UTC).
+fn time_of_day(t: SystemTime) -> String {
+    let ts = rfc3339(t);
+    ts.get(11..26).map_or_else(|| ts.clone(), str::to_string)
+}
+
 /// Milliseconds rounded to microseconds, so that lines stay short.
 fn round_ms(ms: f64) -> f64 {
     (ms * 1000.0).round() / 1000.0
@@ -277,9 +283,7 @@ impl Format {
                 // Addresses get 23 columns ("255.255.255.255:65535" and short
                 // IPv6 fit); a long IPv6 address pushes the rest of its line.
                 let mut line = String::with_capacity(160);
-                let ts = rfc3339(wall);
-                // "2026-11-24T19:00:00.123456Z" -> "19:00:00.123456"
-                let time = ts.get(11..26).unwrap_or(&ts);
+                let time = time_of_day(wall);
                 let endpoint = |addr: &std::net::IpAddr, port: u16| match addr {
                     std::net::IpAddr::V4(a) => format!("{a}:{port}"),
                     std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
@@ -338,10 +342,10 @@ impl Format {
                 who: OwnerAndContext::of(t),
             }),
             Self::Text => {
-                let ts = rfc3339(wall);
+                let ts = time_of_day(wall);
                 format!(
                     "{:<15} {} {}:{} -> {}:{} left CLOSE_WAIT after {:.3} ms (closed by {}/{})",
-                    ts.get(11..26).unwrap_or(&ts),
+                    ts,
                     if as_leak_end {
                         "LEAK END"
                     } else {
@@ -375,10 +379,10 @@ impl Format {
                 who: OwnerAndContext::of(t),
             }),
             Self::Text => {
-                let ts = rfc3339(wall);
+                let ts = time_of_day(wall);
                 format!(
                     "{:<15} TIME_WAIT {}:{} -> {}:{} (closed first by {})",
-                    ts.get(11..26).unwrap_or(&ts),
+                    ts,
                     c.laddr,
                     c.lport,
                     c.raddr,
@@ -421,7 +425,7 @@ impl Format {
                 suggestion: p.suggestion(),
             }),
             Self::Text => {
-                let ts = rfc3339(now);
+                let ts = time_of_day(now);
                 let who: Vec<String> = p
                     .top_closers
                     .iter()
@@ -429,7 +433,7 @@ impl Format {
                     .collect();
                 format!(
                     "{:<15} PORT PRESSURE {}% {} -> {}:{}: {} of {} ports in TIME_WAIT ({:.1}/s) by {}; {}",
-                    ts.get(11..26).unwrap_or(&ts),
+                    ts,
                     p.level,
                     p.dest.laddr,
                     p.dest.raddr,
@@ -472,12 +476,8 @@ impl Format {
                 message: summary(leak),
             }),
             Self::Text => {
-                let ts = rfc3339(now);
-                format!(
-                    "{:<15} LEAK {}",
-                    ts.get(11..26).unwrap_or(&ts),
-                    summary(leak)
-                )
+                let ts = time_of_day(now);
+                format!("{:<15} LEAK {}", ts, summary(leak))
             }
         }
     }
@@ -502,10 +502,10 @@ impl Format {
                 example: &g.example,
             }),
             Self::Text => {
-                let ts = rfc3339(now);
+                let ts = time_of_day(now);
                 format!(
                     "{:<15} LEAK GROUP pid {} ({}) {} {}: {} sockets in CLOSE_WAIT, oldest {:.1} s ({} leak lines suppressed); e.g. {}",
-                    ts.get(11..26).unwrap_or(&ts),
+                    ts,
                     g.key.pid,
                     g.key.comm,
                     g.key.side.map_or("with", |s| s.name()),
@@ -530,10 +530,10 @@ impl Format {
                 lost_total: lost.lost_total,
             }),
             Self::Text => {
-                let ts = rfc3339(wall);
+                let ts = time_of_day(wall);
                 format!(
                     "{:<15} LOST {} records ({} since start): the ring buffer was full; raise --ring-buffer-size",
-                    ts.get(11..26).unwrap_or(&ts),
+                    ts,
                     lost.lost,
                     lost.lost_total
                 )

@@ -812,3 +812,50 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// A `leaky_server` (in `server_ns`, on `host`) after `n` clients (in
+/// `client_ns`) connected and hung up: its process and port, and the
+/// client process (exited, or still there for its pid).
+pub struct Leaked {
+    /// The leaking server.
+    pub server: Peer,
+    /// Its port.
+    pub port: u16,
+    /// The client (exited).
+    pub client: Peer,
+}
+
+pub fn leaky_server(
+    peer_bin: &str,
+    server_ns: Option<&Netns>,
+    client_ns: Option<&Netns>,
+    host: &str,
+    n: usize,
+    mode: Option<&str>,
+) -> Leaked {
+    let bin = fixture("leaky_server");
+    let count = n.to_string();
+    let mut args = vec![host, "0", count.as_str()];
+    args.extend(mode);
+    let mut server = Peer::spawn(fixture_cmd(&bin, server_ns, &args));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let target = endpoint(host, port);
+    let mut client_args = vec![
+        "client",
+        target.as_str(),
+        "--exit",
+        "--count",
+        count.as_str(),
+    ];
+    if n > 1 {
+        // Many connections: no payload, so each costs one round trip.
+        client_args.push("--no-data");
+    }
+    let mut client = Peer::spawn(peer_cmd(peer_bin, client_ns, &client_args));
+    client.expect("done");
+    Leaked {
+        server,
+        port,
+        client,
+    }
+}

@@ -4,7 +4,7 @@
 use serde_json::Value;
 use tcptrace_tests::{
     agent_bin, endpoint, fixture, fixture_cmd, netns_pair, own_netns, peer_bin, peer_cmd,
-    run_to_end, ss_close_wait, ss_users, Agent, Netns, Peer, Redis,
+    run_to_end, ss_close_wait, ss_users, Agent, Leaked, Netns, Peer, Redis,
 };
 
 fn leaks_on_port(events: &[Value], port: u16) -> Vec<Value> {
@@ -27,15 +27,7 @@ fn stack_functions(leak: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A `leaky_server` (in `server_ns`, on `host`) after `n` clients (in
-/// `client_ns`) connected and hung up: its process and port, and the
-/// client process (exited, or still there for its pid).
-struct Leaked {
-    server: Peer,
-    port: u16,
-    client: Peer,
-}
-
+/// [`tcptrace_tests::leaky_server`] with this crate's peer program.
 fn leaky_server(
     server_ns: Option<&Netns>,
     client_ns: Option<&Netns>,
@@ -43,31 +35,7 @@ fn leaky_server(
     n: usize,
     mode: Option<&str>,
 ) -> Leaked {
-    let bin = fixture("leaky_server");
-    let count = n.to_string();
-    let mut args = vec![host, "0", count.as_str()];
-    args.extend(mode);
-    let mut server = Peer::spawn(fixture_cmd(&bin, server_ns, &args));
-    let port: u16 = server.expect("listening").parse().expect("port");
-    let target = endpoint(host, port);
-    let mut client_args = vec![
-        "client",
-        target.as_str(),
-        "--exit",
-        "--count",
-        count.as_str(),
-    ];
-    if n > 1 {
-        // Many connections: no payload, so each costs one round trip.
-        client_args.push("--no-data");
-    }
-    let mut client = Peer::spawn(peer_cmd(peer_bin!(), client_ns, &client_args));
-    client.expect("done");
-    Leaked {
-        server,
-        port,
-        client,
-    }
+    tcptrace_tests::leaky_server(peer_bin!(), server_ns, client_ns, host, n, mode)
 }
 
 /// A leaky server (in `server_ns`) accepts one connection from a client

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tcptrace_tests::{endpoint, fixture, fixture_cmd, peer_bin, peer_cmd, Agent, Peer};
+use tcptrace_tests::{peer_bin, Agent};
 
 /// rsyslogd with a config of ours: UDP and TCP inputs on loopback, every
 /// message to a file as `severity|facility|app|msgid|msg`. Stopped and
@@ -107,15 +107,11 @@ fn leaks_reach_rsyslog_over_udp_and_tcp_as_rfc5424_warnings() {
         "--output",
         &tcp,
     ]);
-    let bin = fixture("leaky_server");
-    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1"]));
-    let port: u16 = server.expect("listening").parse().expect("port");
-    let mut client = Peer::spawn(peer_cmd(
-        peer_bin!(),
-        None,
-        &["client", &endpoint("127.0.0.1", port), "--exit"],
-    ));
-    client.expect("done");
+    let tcptrace_tests::Leaked {
+        mut server,
+        port,
+        client: _client,
+    } = tcptrace_tests::leaky_server(peer_bin!(), None, None, "127.0.0.1", 1, None);
     server.expect("leaked fd");
     let events = agent.wait_for("the leak on stdout", |ev| {
         ev.iter()
