@@ -139,6 +139,24 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         pipeline.closewait.seed(f.entered, f.since_ns);
     }
 
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string());
+    let programs: Vec<String> = std::iter::once("sock:inet_sock_set_state".to_string())
+        .chain(
+            layout
+                .optional_tracepoints()
+                .into_iter()
+                .map(|(c, n)| format!("{c}:{n}")),
+        )
+        .collect();
+    let outputs: Vec<String> = cli.outputs.iter().map(ToString::to_string).collect();
+    log::info!(
+        "tcptrace {} on Linux {kernel}; tracepoints {}; outputs {}",
+        env!("CARGO_PKG_VERSION"),
+        programs.join(", "),
+        outputs.join(", ")
+    );
     log::info!(
         "ready: tracing TCP state changes (ring buffer {} bytes, connect hooks {}, accept hooks {})",
         cli.ring_buffer_size,

@@ -295,6 +295,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("cc", "gcc"),
     ("redis-server", "redis-server"),
     ("rsyslogd", "rsyslog"),
+    ("systemd-analyze", "systemd"),
 ];
 
 /// Makes sure every command of [`TEST_TOOLS`] exists, installing the
