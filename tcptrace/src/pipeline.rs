@@ -170,14 +170,19 @@ mod tests {
     use crate::decode::raw;
     use tcptrace_common::tcp_state as k;
 
-    #[test]
-    fn a_client_life_becomes_json_lines() {
-        let mut p = Pipeline::new(
+    /// A JSON pipeline with no filter and a fixed clock.
+    fn pipeline(leak_after_ns: u64) -> Pipeline {
+        Pipeline::new(
             Filter::default(),
             Format::Json,
             WallClock::with_offset_ns(0),
-            u64::MAX,
-        );
+            leak_after_ns,
+        )
+    }
+
+    #[test]
+    fn a_client_life_becomes_json_lines() {
+        let mut p = pipeline(u64::MAX);
         let states = [
             (k::CLOSE, k::SYN_SENT),
             (k::SYN_SENT, k::ESTABLISHED),
@@ -222,12 +227,7 @@ mod tests {
             (k::FIN_WAIT2, k::CLOSE),
         ];
         let run = |events: &[EventKind]| {
-            let mut p = Pipeline::new(
-                Filter::default(),
-                Format::Json,
-                WallClock::with_offset_ns(0),
-                u64::MAX,
-            );
+            let mut p = pipeline(u64::MAX);
             p.events = events.iter().copied().collect();
             let mut out = Vec::new();
             for (i, (old, new)) in life.into_iter().enumerate() {
@@ -256,12 +256,7 @@ mod tests {
 
     #[test]
     fn close_wait_end_follows_the_transition_out_of_close_wait() {
-        let mut p = Pipeline::new(
-            Filter::default(),
-            Format::Json,
-            WallClock::with_offset_ns(0),
-            u64::MAX,
-        );
+        let mut p = pipeline(u64::MAX);
         let mut out = Vec::new();
         for (ts, old, new) in [
             (0, k::ESTABLISHED, k::CLOSE_WAIT),
@@ -280,12 +275,7 @@ mod tests {
 
     #[test]
     fn malformed_records_are_counted_and_do_not_stop_the_stream() {
-        let mut p = Pipeline::new(
-            Filter::default(),
-            Format::Json,
-            WallClock::with_offset_ns(0),
-            u64::MAX,
-        );
+        let mut p = pipeline(u64::MAX);
         let mut out = Vec::new();
         assert!(p.handle(&[1, 2, 3], &mut out).is_err());
         assert!(p.handle(&[0; 200], &mut out).is_err());

@@ -40,6 +40,28 @@ pub fn agent_bin() -> PathBuf {
     p
 }
 
+/// Calls `probe` every 20 ms until it returns `Some`, for at most
+/// `timeout`; on timeout panics with `what` and `context()`.
+pub fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sends `sig` to `pid`.
 pub fn kill(pid: u32, sig: i32) {
     if let Ok(pid) = i32::try_from(pid) {
@@ -126,15 +148,18 @@ impl Agent {
 
     /// Waits until a stderr line contains `needle`.
     pub fn wait_stderr(&self, needle: &str) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !self.stderr.snapshot().iter().any(|l| l.contains(needle)) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {needle:?} on the agent's stderr\n{}",
-                self.dump()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        poll(
+            &format!("{needle:?} on the agent's stderr"),
+            TIMEOUT,
+            || {
+                self.stderr
+                    .snapshot()
+                    .iter()
+                    .any(|l| l.contains(needle))
+                    .then_some(())
+            },
+            || self.dump(),
+        );
     }
 
     /// The JSON lines so far.
@@ -144,45 +169,33 @@ impl Agent {
 
     /// Polls the output until `done` holds; panics with a dump on timeout.
     pub fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let events = self.events();
-            if done(&events) {
-                return events;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\n{}",
-                self.dump()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        poll(
+            what,
+            TIMEOUT,
+            || Some(self.events()).filter(|events| done(events)),
+            || self.dump(),
+        )
     }
 
     /// Everything the agent printed, for failure messages.
     pub fn dump(&self) -> String {
-        format!(
-            "--- agent stdout ---\n{}\n--- agent stderr ---\n{}",
-            self.stdout.snapshot().join("\n"),
-            self.stderr.snapshot().join("\n")
-        )
+        dump_of(&self.stdout, &self.stderr)
     }
 
     /// SIGTERM, then waits for the exit and the end of its output.
     pub fn stop(mut self) -> Stopped {
         kill(self.pid(), libc::SIGTERM);
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for the agent") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not exit after SIGTERM\n{}",
-                self.dump()
-            );
-            thread::sleep(Duration::from_millis(20));
-        };
+        let Agent {
+            child,
+            stdout,
+            stderr,
+        } = &mut self;
+        let status = poll(
+            "the agent to exit after SIGTERM",
+            TIMEOUT,
+            || child.try_wait().expect("wait for the agent"),
+            || dump_of(stdout, stderr),
+        );
         // Let the reader threads see EOF.
         thread::sleep(Duration::from_millis(100));
         Stopped {
@@ -198,6 +211,14 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn dump_of(stdout: &Lines, stderr: &Lines) -> String {
+    format!(
+        "--- agent stdout ---\n{}\n--- agent stderr ---\n{}",
+        stdout.snapshot().join("\n"),
+        stderr.snapshot().join("\n")
+    )
 }
 
 fn parse(lines: &[String]) -> Vec<Value> {
