@@ -723,28 +723,74 @@ pub fn assert_pair(
 }
 
 /// Compiles the C fixture `tests/fixtures/NAME.c` (frame pointers, debug
-/// info: what the agent's stack walk and symbolizer need) into a
-/// per-process temporary directory, once, and returns the binary.
+/// info: what the agent's stack walk and symbolizer need) into
+/// `target/fixtures/` (a build product, not /tmp litter), once per test
+/// process, and returns the binary. Each process compiles to its own name
+/// and renames, so parallel test binaries never see a half-written file.
 pub fn fixture(name: &str) -> PathBuf {
     static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let dir = std::env::temp_dir().join(format!("tcptrace-fixtures-{}", std::process::id()));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("../target"), PathBuf::from)
+        .join("fixtures");
     let bin = dir.join(name);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if !built.iter().any(|n| n == name) {
         std::fs::create_dir_all(&dir).expect("fixture dir");
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures")
-            .join(format!("{name}.c"));
+        let src = root.join("fixtures").join(format!("{name}.c"));
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
         let (code, _, err) = run_to_end(
             Command::new("cc")
                 .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall", "-o"])
-                .arg(&bin)
+                .arg(&tmp)
                 .arg(&src),
         );
         assert_eq!(code, Some(0), "compiling {}: {err}", src.display());
+        std::fs::rename(&tmp, &bin).expect("install the fixture");
         built.push(name.to_string());
     }
     bin
+}
+
+/// A file path in the temporary directory, removed on drop (a test that
+/// fails leaves nothing behind).
+pub struct TempPath(pub PathBuf);
+
+impl TempPath {
+    /// `$TMPDIR/tcptrace-TAG-PID.json`.
+    pub fn new(tag: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("tcptrace-{tag}-{}.json", std::process::id())))
+    }
+
+    /// The path as a string, for command lines.
+    pub fn arg(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A directory in the temporary directory, removed with its contents on
+/// drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `$TMPDIR/tcptrace-TAG-PID/`, created.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("tcptrace-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A fixture command, optionally inside network namespace `netns`.

@@ -26,12 +26,11 @@ fn systemd_unit_verifies() {
     );
     assert!(unit.contains("ProtectSystem=strict"));
     assert!(unit.contains("Restart=on-failure"));
-    let dir = std::env::temp_dir().join(format!("tcptrace-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let tmp = tcptrace_tests::TempDir::new("unit");
+    let dir = &tmp.0;
     let path = dir.join("tcptrace.service");
     std::fs::write(&path, unit).expect("write unit");
     let (code, out, err) = run_to_end(Command::new("systemd-analyze").arg("verify").arg(&path));
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, Some(0), "systemd-analyze verify:\n{out}{err}");
     assert!(
         !err.contains(&*path.display().to_string()),

@@ -423,8 +423,8 @@ fn leaks_report_from_the_agent_and_without_it() {
         client: _client,
     } = leaky_server(None, None, "127.0.0.1", 1, None);
     server.expect("leaked fd");
-    let state = std::env::temp_dir().join(format!("tcptrace-state-{}.json", std::process::id()));
-    let state = state.to_string_lossy().into_owned();
+    let state_file = tcptrace_tests::TempPath::new("state");
+    let state = state_file.arg();
     let leaks = |fmt: &str| {
         let (code, out, err) = run_to_end(std::process::Command::new(agent_bin()).args([
             "leaks",

@@ -10,8 +10,8 @@ use tcptrace_tests::{kill, peer_bin, play_pair, Agent};
 
 #[test]
 fn file_output_survives_rotation_without_loss_or_duplicates() {
-    let dir = std::env::temp_dir().join(format!("tcptrace-out-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let tmp = tcptrace_tests::TempDir::new("out");
+    let dir = &tmp.0;
     let path = dir.join("events.json");
     let file_arg = format!("file:{}", path.display());
     let agent = Agent::start(&["--output", "stdout", "--output", &file_arg]);
@@ -48,7 +48,6 @@ fn file_output_survives_rotation_without_loss_or_duplicates() {
         normalized, from_stdout,
         "the files hold exactly what stdout got"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A collector that accepts one connection and keeps every line; `kill`

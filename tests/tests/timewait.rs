@@ -33,10 +33,8 @@ fn churn_is_counted_like_ss_and_names_the_closer() {
         &["server", "127.0.0.1:0", "--accept", &K.to_string()],
     ));
     let port: u16 = server.expect("listening").parse().expect("port");
-    let state = std::env::temp_dir()
-        .join(format!("tcptrace-tw-{}.json", std::process::id()))
-        .to_string_lossy()
-        .into_owned();
+    let state_file = tcptrace_tests::TempPath::new("tw");
+    let state = state_file.arg();
     let agent = Agent::start(&[
         "--events",
         "time-wait",
