@@ -108,6 +108,20 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     );
     let sinks =
         Sinks::start(&cli.outputs, cli.queue_size).context("starting the outputs (--output)")?;
+    // Scrapes arrive as requests on this channel; the loop below answers them,
+    // since it owns the numbers.
+    let (scrape_tx, mut scrape_rx) = tokio::sync::mpsc::channel(4);
+    let mut scrapes_open = match cli.metrics {
+        Some(addr) => {
+            let listener = crate::metrics_server::bind(addr).await?;
+            crate::metrics_server::spawn(listener, scrape_tx);
+            true
+        }
+        None => {
+            drop(scrape_tx);
+            false
+        }
+    };
     let mut out = Out { sinks };
     if let Some(header) = format.header() {
         out.line(&header)?;
@@ -151,8 +165,11 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         )
         .collect();
     let outputs: Vec<String> = cli.outputs.iter().map(ToString::to_string).collect();
+    let metrics = cli
+        .metrics
+        .map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics"));
     log::info!(
-        "tcptrace {} on Linux {kernel}; tracepoints {}; outputs {}",
+        "tcptrace {} on Linux {kernel}; tracepoints {}; outputs {}; metrics {metrics}",
         env!("CARGO_PKG_VERSION"),
         programs.join(", "),
         outputs.join(", ")
@@ -188,6 +205,10 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 report_leaks(&mut pipeline, &mut enricher, &stacks, &mut out)?;
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
+            scrape = scrape_rx.recv(), if scrapes_open => match scrape {
+                Some(req) => answer_scrape(req, &pipeline, lost_seen, &out),
+                None => scrapes_open = false,
+            },
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
             _ = sighup.recv() => {
@@ -222,6 +243,25 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         lost_seen
     );
     Ok(())
+}
+
+/// Renders the metrics for one scrape; a scraper that went away is no error.
+fn answer_scrape(
+    req: crate::metrics_server::ScrapeRequest,
+    pipeline: &Pipeline,
+    lost_total: u64,
+    out: &Out,
+) {
+    let mut snapshot = pipeline.metrics_snapshot();
+    snapshot.lost_total = lost_total;
+    snapshot.outputs = out.sinks.stats();
+    snapshot.process = crate::metrics::process_stats();
+    match crate::metrics::render(snapshot, req.format) {
+        Ok(text) => {
+            let _ = req.reply.send(text);
+        }
+        Err(e) => log::warn!("cannot render the metrics: {e}"),
+    }
 }
 
 fn on_off(b: bool) -> &'static str {

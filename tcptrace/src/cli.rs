@@ -105,6 +105,15 @@ pub struct Cli {
     )]
     pub events: Vec<EventKind>,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default; a bare --metrics
+    /// listens on 127.0.0.1:9464, an address without a port gets 9464). Transition counts,
+    /// CLOSE_WAIT sockets by process, linger histogram, leaks, TIME_WAIT by destination, lost
+    /// and dropped records, the agent's CPU and memory.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1,
+          default_missing_value = crate::metrics_server::DEFAULT_ADDR,
+          value_parser = crate::metrics_server::parse_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+
     /// Where the agent keeps the current leaks for `tcptrace leaks` (rewritten at each
     /// leak-group interval); `none` disables it.
     #[arg(long, value_name = "PATH", default_value = crate::report::DEFAULT_STATE_FILE)]

@@ -102,6 +102,9 @@ pub struct CloseWaitDetector {
     lingering: HashMap<u64, Lingering>,
     max_lingering: usize,
     histograms: HashMap<u32, LingerHistogram>,
+    /// Every linger time since start, never evicted (a Prometheus histogram
+    /// must only grow).
+    total: LingerHistogram,
     /// Inventory sockets by four-tuple, to their seed key.
     seeded: HashMap<TupleKey, u64>,
     next_seed: u64,
@@ -126,6 +129,7 @@ impl CloseWaitDetector {
             lingering: HashMap::new(),
             max_lingering: max.max(1),
             histograms: HashMap::new(),
+            total: LingerHistogram::default(),
             seeded: HashMap::new(),
             next_seed: SEED_KEY_BASE,
             dropped: 0,
@@ -173,6 +177,32 @@ impl CloseWaitDetector {
     /// Linger histograms by owner pid (`0` when the owner is unknown).
     pub fn histograms(&self) -> &HashMap<u32, LingerHistogram> {
         &self.histograms
+    }
+
+    /// Every linger time since start, all processes together.
+    pub fn total_histogram(&self) -> &LingerHistogram {
+        &self.total
+    }
+
+    /// Sockets in CLOSE_WAIT now by owner: `(pid, comm, count)`, most first;
+    /// pid `0` and an empty comm when the owner is unknown.
+    pub fn lingering_by_owner(&self) -> Vec<(u32, String, u64)> {
+        let mut by: HashMap<u32, (String, u64)> = HashMap::new();
+        for l in self.lingering.values() {
+            let (pid, comm) = l
+                .entered
+                .owner
+                .as_ref()
+                .map_or((0, ""), |o| (o.pid, o.comm.as_str()));
+            let e = by.entry(pid).or_insert_with(|| (comm.to_string(), 0));
+            e.1 += 1;
+        }
+        let mut v: Vec<(u32, String, u64)> = by
+            .into_iter()
+            .map(|(pid, (comm, n))| (pid, comm, n))
+            .collect();
+        v.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+        v
     }
 
     /// One line per process (most CLOSE_WAIT closes first, at most `top`):
@@ -294,6 +324,7 @@ impl CloseWaitDetector {
             }
         }
         self.histograms.entry(pid).or_default().record(ms);
+        self.total.record(ms);
     }
 }
 
@@ -461,5 +492,35 @@ mod tests {
         }
         assert_eq!(h.buckets, [1; 7]);
         assert_eq!(h.count, 7);
+    }
+
+    #[test]
+    fn lingering_by_owner_and_the_total_histogram() {
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::with_capacity(MS, 4));
+        let srv = Known {
+            owner: Some(Owner {
+                pid: 50,
+                fd: Some(4),
+                comm: "srv".into(),
+            }),
+            origin: None,
+            ino: None,
+        };
+        for sk in 1..=3 {
+            feed(&mut tr, &mut d, change(sk, 0, Established, CloseWait));
+        }
+        d.refresh(1, &srv);
+        d.refresh(2, &srv);
+        assert_eq!(
+            d.lingering_by_owner(),
+            [(50, "srv".to_string(), 2), (0, String::new(), 1)]
+        );
+        feed(&mut tr, &mut d, change(3, 2, CloseWait, LastAck));
+        feed(&mut tr, &mut d, change(1, 2_000, CloseWait, LastAck));
+        assert_eq!(d.lingering_by_owner(), [(50, "srv".to_string(), 1)]);
+        let total = d.total_histogram();
+        assert_eq!(total.count, 2);
+        assert_eq!(total.buckets[1], 1, "2 ms");
+        assert_eq!(total.buckets[4], 1, "2 s");
     }
 }

@@ -19,6 +19,8 @@ pub mod groups;
 pub mod inventory;
 pub mod layout;
 pub mod leak;
+pub mod metrics;
+pub mod metrics_server;
 
 pub mod output;
 pub mod pipeline;

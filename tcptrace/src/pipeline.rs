@@ -60,6 +60,10 @@ pub struct Pipeline {
     pub current_leaks: std::collections::HashMap<TupleKey, CurrentLeak>,
     /// Records rejected by the decoder.
     pub malformed: u64,
+    /// Every transition seen (before filters), by (old, new) state.
+    pub transitions: std::collections::HashMap<(TcpState, TcpState), u64>,
+    /// Leaks detected since start (reported or rate-limited alike).
+    pub leaks_total: u64,
 }
 
 impl Pipeline {
@@ -87,6 +91,24 @@ impl Pipeline {
             .into(),
             pressure: crate::timewait::PortPressure::new(),
             malformed: 0,
+            transitions: std::collections::HashMap::new(),
+            leaks_total: 0,
+        }
+    }
+
+    /// The pipeline's numbers for the metrics endpoint; the agent adds what
+    /// lives outside (lost records, outputs, its own CPU and memory).
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
+            transitions: self.transitions.iter().map(|(k, n)| (*k, *n)).collect(),
+            close_wait: self.closewait.lingering_by_owner(),
+            linger: self.closewait.total_histogram().clone(),
+            leaks_open: self.current_leaks.len() as u64,
+            leaks_total: self.leaks_total,
+            time_wait: self.pressure.counts(),
+            malformed_total: self.malformed,
+            tracked_sockets: self.tracker.len() as u64,
+            ..Default::default()
         }
     }
 
@@ -96,6 +118,10 @@ impl Pipeline {
         let record = decode::decode(raw).inspect_err(|_| self.malformed += 1)?;
         match record {
             Record::State(change) => {
+                *self
+                    .transitions
+                    .entry((change.old, change.new))
+                    .or_default() += 1;
                 let t = self.tracker.on_state(change);
                 let end = self.closewait.on_transition(&t);
                 if t.enters_time_wait() {
@@ -151,11 +177,14 @@ impl Pipeline {
     /// Sockets that became leaks by `now_ns` and pass the filter.
     pub fn due_leaks(&mut self, now_ns: u64) -> Vec<LeakCandidate> {
         let filter = &self.filter;
-        self.closewait
+        let due: Vec<LeakCandidate> = self
+            .closewait
             .due(now_ns)
             .into_iter()
             .filter(|c| filter.matches(&c.entered))
-            .collect()
+            .collect();
+        self.leaks_total += due.len() as u64;
+        due
     }
 
     /// The line reporting `lost` records.

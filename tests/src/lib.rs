@@ -90,6 +90,14 @@ impl Lines {
     }
 }
 
+/// A loopback TCP port free right now (for a server the test starts next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
 /// A running agent (`--format json`).
 pub struct Agent {
     child: Child,

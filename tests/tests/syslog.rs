@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tcptrace_tests::{peer_bin, Agent};
+use tcptrace_tests::{free_port, peer_bin, Agent};
 
 /// rsyslogd with a config of ours: UDP and TCP inputs on loopback, every
 /// message to a file as `severity|facility|app|msgid|msg`. Stopped and
@@ -16,13 +16,6 @@ struct Rsyslog {
     dir: PathBuf,
     udp: u16,
     tcp: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 impl Rsyslog {

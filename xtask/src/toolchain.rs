@@ -296,6 +296,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("rsyslogd", "rsyslog"),
     ("systemd-analyze", "systemd"),
+    ("promtool", "prometheus"),
 ];
 
 /// Makes sure every command of [`TEST_TOOLS`] exists, installing the
@@ -312,7 +313,14 @@ pub fn ensure_test_tools(apt: &mut Apt) -> Result<()> {
     };
     let packages = missing_packages(TEST_TOOLS);
     if packages.is_empty() {
-        say!("test tools: found (ip, ss, unshare, setpriv, mount, umount)");
+        say!(
+            "test tools: found ({})",
+            TEST_TOOLS
+                .iter()
+                .map(|t| t.0)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         return Ok(());
     }
     say!("test tools missing; installing {}", packages.join(" "));

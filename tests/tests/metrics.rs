@@ -1,0 +1,211 @@
+//! The `--metrics` endpoint over real HTTP: `promtool check metrics` accepts
+//! it, and the CLOSE_WAIT gauge follows a real leaking fixture, checked
+//! against `ss` ground truth, until the fixture exits.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tcptrace_tests::{
+    agent_bin, free_port, leaky_server, peer_bin, poll, run_to_end, ss_close_wait, Agent, TIMEOUT,
+};
+
+/// An HTTP response: status code, headers (lower-case names), body.
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request, read to the end (the server closes).
+fn http(port: u16, method: &str, path: &str, accept: Option<&str>) -> Response {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{accept}User-Agent: test\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+fn scrape(port: u16) -> String {
+    let r = http(port, "GET", "/metrics", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+/// The value of the sample named exactly `series` (name and labels).
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `promtool check metrics` on `text`: passes, or panics with its complaints.
+fn promtool_check(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool (apt-get install prometheus)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\non:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn close_wait_gauge_follows_a_leaking_fixture_and_promtool_accepts_the_endpoint() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start(&["--leak-after", "500ms", "--metrics", &addr]);
+    agent.wait_stderr(&format!("metrics http://{addr}/metrics"));
+
+    let leaked = leaky_server(peer_bin!(), None, None, "127.0.0.1", 3, None);
+    let pid = leaked.server.pid();
+    let series = format!("tcptrace_close_wait_sockets{{pid=\"{pid}\",comm=\"leaky_server\"}}");
+    let text = poll(
+        "the CLOSE_WAIT gauge to show the fixture's 3 sockets and their leaks",
+        TIMEOUT,
+        || {
+            let t = scrape(port);
+            (value(&t, &series) == Some(3.0)
+                && value(&t, "tcptrace_leaks_open").is_some_and(|n| n >= 3.0))
+            .then_some(t)
+        },
+        || agent.dump(),
+    );
+    // Ground truth: the kernel's own view of the fixture's port.
+    let in_ss = ss_close_wait(None)
+        .iter()
+        .filter(|l| l.contains(&format!("127.0.0.1:{} ", leaked.port)))
+        .count();
+    assert_eq!(in_ss, 3, "ss shows the 3 sockets in CLOSE_WAIT");
+    assert!(value(&text, "tcptrace_leaks_total").is_some_and(|n| n >= 3.0));
+    assert!(value(
+        &text,
+        "tcptrace_transitions_total{old_state=\"ESTABLISHED\",new_state=\"CLOSE_WAIT\"}"
+    )
+    .is_some_and(|n| n >= 3.0));
+    assert!(value(&text, "process_resident_memory_bytes").is_some_and(|n| n > 0.0));
+    assert!(
+        value(
+            &text,
+            "tcptrace_output_dropped_lines_total{output=\"stdout\"}"
+        ) == Some(0.0)
+    );
+    promtool_check(&text);
+
+    // The fixture exits: the kernel closes its sockets, CLOSE_WAIT ends.
+    let linger_before = value(&text, "tcptrace_close_wait_linger_seconds_count").unwrap_or(0.0);
+    drop(leaked);
+    let text = poll(
+        "the CLOSE_WAIT gauge to drop the exited fixture",
+        TIMEOUT,
+        || {
+            let t = scrape(port);
+            (value(&t, &series).is_none()).then_some(t)
+        },
+        || agent.dump(),
+    );
+    assert!(
+        value(&text, "tcptrace_close_wait_linger_seconds_count")
+            .is_some_and(|n| n >= linger_before + 3.0),
+        "the 3 lingers are in the histogram:\n{text}"
+    );
+    assert!(value(
+        &text,
+        "tcptrace_close_wait_linger_seconds_bucket{le=\"0.1\"}"
+    )
+    .is_some());
+    promtool_check(&text);
+}
+
+#[test]
+fn openmetrics_on_request_and_only_metrics_is_served() {
+    let port = free_port();
+    let agent = Agent::start(&["--metrics", &format!("127.0.0.1:{port}")]);
+    let om = http(
+        port,
+        "GET",
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+    );
+    assert_eq!(om.status, 200);
+    assert!(om
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("application/openmetrics-text")));
+    assert!(om.body.ends_with("# EOF\n"), "{}", om.body);
+    let plain = http(port, "GET", "/metrics", None);
+    assert!(plain
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")));
+    assert_eq!(http(port, "GET", "/nope", None).status, 404);
+    assert_eq!(http(port, "POST", "/metrics", None).status, 405);
+    let head = http(port, "HEAD", "/metrics", None);
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+#[test]
+fn a_metrics_port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = taken.local_addr().expect("addr").port();
+    let (code, _, stderr) = run_to_end(
+        Command::new(agent_bin())
+            .args(["--state-file", "none", "--metrics"])
+            .arg(format!("127.0.0.1:{port}")),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen for metrics") && stderr.contains("in use"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_to_end(Command::new(agent_bin()).args(["--metrics", "nowhere:x"]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--metrics"), "{stderr}");
+}
