@@ -137,6 +137,11 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut tick = tokio::time::interval(LOST_CHECK_INTERVAL);
+    let mut summary_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + cli.summary_interval,
+        cli.summary_interval,
+    );
+    let mut summary = SummaryState::new();
     let mut lost_seen = 0u64;
 
     // After attaching, so a socket entering CLOSE_WAIT now is seen live
@@ -205,6 +210,9 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 report_leaks(&mut pipeline, &mut enricher, &stacks, &mut out)?;
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
+            _ = summary_tick.tick() => {
+                summary.report(&pipeline, lost_seen, &mut out)?;
+            }
             scrape = scrape_rx.recv(), if scrapes_open => match scrape {
                 Some(req) => answer_scrape(req, &pipeline, lost_seen, &out),
                 None => scrapes_open = false,
@@ -243,6 +251,57 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         lost_seen
     );
     Ok(())
+}
+
+/// What the previous `summary` saw, to report what changed since.
+struct SummaryState {
+    started: std::time::Instant,
+    transitions: u64,
+    dropped: std::collections::HashMap<String, u64>,
+}
+
+impl SummaryState {
+    fn new() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            transitions: 0,
+            dropped: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Prints the `summary` event and warns about outputs that dropped
+    /// lines since the previous one (the drops must not wait for the exit).
+    fn report(
+        &mut self,
+        pipeline: &Pipeline,
+        lost_total: u64,
+        out: &mut Out,
+    ) -> anyhow::Result<()> {
+        let mut snapshot = pipeline.metrics_snapshot();
+        snapshot.lost_total = lost_total;
+        snapshot.outputs = out.sinks.stats();
+        let s = crate::output::Summary::of(
+            &snapshot,
+            self.started.elapsed().as_secs(),
+            self.transitions,
+        );
+        self.transitions = s.transitions_total;
+        for (output, _, dropped) in &s.outputs {
+            let before = self.dropped.insert(output.clone(), *dropped).unwrap_or(0);
+            if *dropped > before {
+                log::warn!(
+                    "output {output}: {} lines dropped since the last summary ({dropped} since \
+                     start): its destination is slow or down; raise --queue-size to ride out \
+                     longer outages",
+                    dropped - before
+                );
+            }
+        }
+        if pipeline.events.contains(&EventKind::Summary) {
+            out.line(&pipeline.format.summary(&s, std::time::SystemTime::now()))?;
+        }
+        out.flush()
+    }
 }
 
 /// Renders the metrics for one scrape; a scraper that went away is no error.

@@ -101,9 +101,14 @@ pub struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "state-change,close-wait,leak,port-pressure"
+        default_value = "state-change,close-wait,leak,port-pressure,summary"
     )]
     pub events: Vec<EventKind>,
+
+    /// How often a `summary` event (counts, lost and dropped records) is printed, so that a
+    /// quiet host still shows the agent is alive.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub summary_interval: std::time::Duration,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (off by default; a bare --metrics
     /// listens on 127.0.0.1:9464, an address without a port gets 9464). Transition counts,
@@ -133,6 +138,8 @@ pub enum EventKind {
     TimeWait,
     /// Destinations whose TIME_WAIT sockets fill 50/80/95 % of the port range.
     PortPressure,
+    /// Periodic counts (`summary`, every --summary-interval): proof of life, drop counters.
+    Summary,
 }
 
 /// Reports.

@@ -36,6 +36,55 @@ pub struct Lost {
     pub lost_total: u64,
 }
 
+/// The agent's counts for the periodic `summary` event: proof of life on a
+/// quiet host, and drop counters while running.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    /// Seconds since the agent started.
+    pub uptime_s: u64,
+    /// Transitions since the previous summary.
+    pub transitions: u64,
+    /// Transitions since start.
+    pub transitions_total: u64,
+    /// Sockets in CLOSE_WAIT now.
+    pub close_wait: u64,
+    /// Leaks reported and not yet closed.
+    pub leaks_open: u64,
+    /// Leaks detected since start.
+    pub leaks_total: u64,
+    /// Sockets in TIME_WAIT now.
+    pub time_wait: u64,
+    /// Sockets the tracker remembers.
+    pub tracked_sockets: u64,
+    /// Ring-buffer records lost since start.
+    pub lost_total: u64,
+    /// Malformed records since start.
+    pub malformed_total: u64,
+    /// Per output: (name, lines written, lines dropped) since start.
+    pub outputs: Vec<(String, u64, u64)>,
+}
+
+impl Summary {
+    /// The summary of a metrics snapshot; `transitions_before` is the total at
+    /// the previous summary.
+    pub fn of(s: &crate::metrics::Snapshot, uptime_s: u64, transitions_before: u64) -> Self {
+        let transitions_total = s.transitions.iter().map(|(_, n)| n).sum::<u64>();
+        Self {
+            uptime_s,
+            transitions: transitions_total.saturating_sub(transitions_before),
+            transitions_total,
+            close_wait: s.close_wait.iter().map(|c| c.2).sum(),
+            leaks_open: s.leaks_open,
+            leaks_total: s.leaks_total,
+            time_wait: s.time_wait.iter().map(|t| t.1).sum(),
+            tracked_sockets: s.tracked_sockets,
+            lost_total: s.lost_total,
+            malformed_total: s.malformed_total,
+            outputs: s.outputs.clone(),
+        }
+    }
+}
+
 /// RFC 3339, UTC, microseconds: `2026-11-24T19:00:00.123456Z`.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_micros(t).to_string()
@@ -217,6 +266,31 @@ struct LostLine {
     event: &'static str,
     lost: u64,
     lost_total: u64,
+}
+
+#[derive(Serialize)]
+struct SummaryLine<'a> {
+    schema: u32,
+    ts: String,
+    event: &'static str,
+    uptime_s: u64,
+    transitions: u64,
+    transitions_total: u64,
+    close_wait: u64,
+    leaks_open: u64,
+    leaks_total: u64,
+    time_wait: u64,
+    tracked_sockets: u64,
+    lost_total: u64,
+    malformed_total: u64,
+    outputs: Vec<OutputCounts<'a>>,
+}
+
+#[derive(Serialize)]
+struct OutputCounts<'a> {
+    output: &'a str,
+    written: u64,
+    dropped: u64,
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -519,6 +593,55 @@ impl Format {
         }
     }
 
+    /// A periodic summary, without the trailing newline.
+    pub fn summary(self, s: &Summary, now: SystemTime) -> String {
+        match self {
+            Self::Json => to_json(&SummaryLine {
+                schema: SCHEMA_VERSION,
+                ts: rfc3339(now),
+                event: "summary",
+                uptime_s: s.uptime_s,
+                transitions: s.transitions,
+                transitions_total: s.transitions_total,
+                close_wait: s.close_wait,
+                leaks_open: s.leaks_open,
+                leaks_total: s.leaks_total,
+                time_wait: s.time_wait,
+                tracked_sockets: s.tracked_sockets,
+                lost_total: s.lost_total,
+                malformed_total: s.malformed_total,
+                outputs: s
+                    .outputs
+                    .iter()
+                    .map(|(output, written, dropped)| OutputCounts {
+                        output,
+                        written: *written,
+                        dropped: *dropped,
+                    })
+                    .collect(),
+            }),
+            Self::Text => {
+                let mut line = format!(
+                    "{:<15} SUMMARY up {}s: {} transitions ({} since start), {} in CLOSE_WAIT, \
+                     {} leaks open ({} since start), {} in TIME_WAIT, {} records lost",
+                    time_of_day(now),
+                    s.uptime_s,
+                    s.transitions,
+                    s.transitions_total,
+                    s.close_wait,
+                    s.leaks_open,
+                    s.leaks_total,
+                    s.time_wait,
+                    s.lost_total
+                );
+                for (output, written, dropped) in &s.outputs {
+                    let _ = write!(line, "; {output}: {written} written, {dropped} dropped");
+                }
+                line
+            }
+        }
+    }
+
     /// A lost-records report, without the trailing newline.
     pub fn lost(self, lost: Lost, wall: SystemTime) -> String {
         match self {
@@ -638,6 +761,53 @@ mod tests {
                 wall()
             )
             .contains("LOST 5"));
+    }
+
+    #[test]
+    fn summary_line() {
+        let s = Summary {
+            uptime_s: 60,
+            transitions: 10,
+            transitions_total: 25,
+            close_wait: 3,
+            leaks_open: 2,
+            leaks_total: 4,
+            time_wait: 812,
+            tracked_sockets: 40,
+            lost_total: 0,
+            malformed_total: 0,
+            outputs: vec![("tcp://127.0.0.1:9000".into(), 100, 7)],
+        };
+        assert_eq!(
+            Format::Json.summary(&s, wall()),
+            concat!(
+                r#"{"schema":1,"ts":"2025-11-24T19:00:00.123456Z","event":"summary","uptime_s":60,"#,
+                r#""transitions":10,"transitions_total":25,"close_wait":3,"leaks_open":2,"#,
+                r#""leaks_total":4,"time_wait":812,"tracked_sockets":40,"lost_total":0,"#,
+                r#""malformed_total":0,"outputs":[{"output":"tcp://127.0.0.1:9000","#,
+                r#""written":100,"dropped":7}]}"#
+            )
+        );
+        let text = Format::Text.summary(&s, wall());
+        assert!(text.contains("SUMMARY up 60s: 10 transitions (25 since start), 3 in CLOSE_WAIT"));
+        assert!(text.ends_with("; tcp://127.0.0.1:9000: 100 written, 7 dropped"));
+    }
+
+    #[test]
+    fn summary_of_a_snapshot() {
+        let snap = crate::metrics::Snapshot {
+            transitions: vec![
+                ((TcpState::Established, TcpState::CloseWait), 3),
+                ((TcpState::Close, TcpState::SynSent), 7),
+            ],
+            close_wait: vec![(1, "a".into(), 2), (0, String::new(), 1)],
+            ..Default::default()
+        };
+        let s = Summary::of(&snap, 5, 4);
+        assert_eq!(
+            (s.transitions, s.transitions_total, s.close_wait),
+            (6, 10, 3)
+        );
     }
 
     #[test]

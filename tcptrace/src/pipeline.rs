@@ -87,6 +87,7 @@ impl Pipeline {
                 EventKind::CloseWait,
                 EventKind::Leak,
                 EventKind::PortPressure,
+                EventKind::Summary,
             ]
             .into(),
             pressure: crate::timewait::PortPressure::new(),

@@ -6,7 +6,8 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tcptrace_tests::{kill, peer_bin, play_pair, Agent};
+use serde_json::Value;
+use tcptrace_tests::{free_port, kill, peer_bin, play_pair, Agent};
 
 #[test]
 fn file_output_survives_rotation_without_loss_or_duplicates() {
@@ -104,11 +105,12 @@ impl Collector {
     }
 }
 
-/// "output SINK: W lines written, D dropped (queue full)" -> (W, D).
+/// "output SINK: W lines written, D dropped (queue full)", logged at exit,
+/// -> (W, D).
 fn sink_counts(stderr: &[String], sink: &str) -> (u64, u64) {
     let line = stderr
         .iter()
-        .find(|l| l.contains(&format!("output {sink}:")))
+        .find(|l| l.contains(&format!("output {sink}:")) && l.contains("lines written"))
         .unwrap_or_else(|| panic!("no summary for {sink}: {stderr:?}"));
     let rest = line.split(&format!("output {sink}:")).nth(1).unwrap_or("");
     let mut nums = rest
@@ -188,4 +190,70 @@ fn tcp_output_reconnects_and_counts_exactly_what_it_drops() {
         total,
         "every line is either delivered or counted as dropped"
     );
+}
+
+#[test]
+fn summary_events_show_counts_and_drops_while_running() {
+    // A collector that is down from the start: nobody listens on the port.
+    let sink = format!("tcp://127.0.0.1:{}", free_port());
+    let agent = Agent::start(&[
+        "--output",
+        "stdout",
+        "--output",
+        &sink,
+        "--queue-size",
+        "4",
+        "--summary-interval",
+        "1s",
+    ]);
+    // Traffic that does not depend on reading every line back (stdout's
+    // queue is small too): five loopback connections from this process.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    for _ in 0..5 {
+        let client = std::net::TcpStream::connect(addr).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        drop(client);
+        drop(server);
+    }
+    let dropped_of = |e: &Value| {
+        e["outputs"]
+            .as_array()
+            .and_then(|o| o.iter().find(|o| o["output"] == sink.as_str()))
+            .and_then(|o| o["dropped"].as_u64())
+    };
+    let events = agent.wait_for("a summary counting the dead collector's drops", |ev| {
+        ev.iter()
+            .any(|e| e["event"] == "summary" && dropped_of(e).is_some_and(|d| d > 0))
+    });
+    let summary = events
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "summary")
+        .expect("a summary");
+    assert!(
+        summary["transitions_total"]
+            .as_u64()
+            .is_some_and(|n| n >= 40),
+        "five connections, at least 8 transitions each: {summary}"
+    );
+    assert!(
+        summary["uptime_s"].as_u64().is_some_and(|s| s >= 1),
+        "{summary}"
+    );
+    assert_eq!(summary["outputs"][0]["output"], "stdout", "{summary}");
+    for key in [
+        "close_wait",
+        "leaks_open",
+        "time_wait",
+        "lost_total",
+        "tracked_sockets",
+    ] {
+        assert!(summary[key].is_u64(), "{key} in {summary}");
+    }
+    // The drops are also a warning while running, not only at exit.
+    agent.wait_stderr(&format!("output {sink}: "));
+    agent.wait_stderr("dropped since the last summary");
+    let summaries = events.iter().filter(|e| e["event"] == "summary").count();
+    assert!(summaries >= 1);
 }
