@@ -173,8 +173,12 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let metrics = cli
         .metrics
         .map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics"));
+    let config = cli
+        .config
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |p| p.display().to_string());
     log::info!(
-        "tcptrace {} on Linux {kernel}; tracepoints {}; outputs {}; metrics {metrics}",
+        "tcptrace {} on Linux {kernel}; tracepoints {}; outputs {}; metrics {metrics}; config {config}",
         env!("CARGO_PKG_VERSION"),
         programs.join(", "),
         outputs.join(", ")

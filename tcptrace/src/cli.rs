@@ -29,7 +29,8 @@ tcptrace --format text --port 3306  transitions of connections to or from port 3
 tcptrace --state close_wait        transitions into and out of CLOSE_WAIT\n  \
 tcptrace --pid 4242 -6             IPv6 sockets owned by process 4242\n  \
 tcptrace leaks                     the CLOSE_WAIT leaks now, grouped by process and code path\n  \
-tcptrace timewait                  TIME_WAIT by destination: how close to port exhaustion\n\n\
+tcptrace timewait                  TIME_WAIT by destination: how close to port exhaustion\n  \
+tcptrace --config /etc/tcptrace/tcptrace.toml --metrics   options from a file, plus metrics\n\n\
 Logs go to stderr; set RUST_LOG=debug for more."
 )]
 #[command(args_conflicts_with_subcommands = true)]
@@ -37,6 +38,13 @@ pub struct Cli {
     /// A report instead of the live trace.
     #[command(subcommand)]
     pub command: Option<Command>,
+
+    /// Read options from a TOML file: keys are the long option names, e.g.
+    /// `leak-after = "10s"`, `output = ["stdout", "tcp://10.0.0.5:9000"]`, `ipv4 = true`.
+    /// Options on the command line win over the file. Check a file with `tcptrace
+    /// check-config FILE`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
 
     /// Output format [default: json when stdout is not a terminal, text when it is]
     #[arg(long, value_enum)]
@@ -158,6 +166,13 @@ pub enum Command {
         /// Without an agent: sockets in CLOSE_WAIT for longer than this count as leaks.
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
         leak_after: std::time::Duration,
+    },
+    /// Check a --config file: prints the settings it makes, or the line and the reason it
+    /// is wrong (exit status 2).
+    CheckConfig {
+        /// The TOML file.
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
     },
     /// TIME_WAIT sockets by destination, with their share of the ephemeral port range and
     /// the processes that closed first (known with an agent running).

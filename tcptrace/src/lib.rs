@@ -13,6 +13,7 @@ pub mod btf;
 pub mod cli;
 pub mod clock;
 pub mod closewait;
+pub mod config;
 pub mod decode;
 pub mod filter;
 pub mod groups;

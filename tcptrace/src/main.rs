@@ -3,14 +3,37 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use tcptrace::{
     agent,
-    cli::{Cli, Command},
+    cli::Command,
+    config::{self, ArgsError},
 };
 
+/// Exit status for bad usage: flags, values, config files.
+const USAGE: u8 = 2;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match config::parse_args(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(ArgsError::Clap(e)) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // One line: what is wrong, and where to look.
+            eprintln!("error: {}; see `tcptrace --help`", config::clap_reason(&e));
+            return ExitCode::from(USAGE);
+        }
+        Err(ArgsError::Config(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(USAGE);
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
@@ -26,6 +49,21 @@ fn main() -> ExitCode {
         )),
         Some(Command::Timewait { format, state_file }) => {
             Some(tcptrace::report_cmd::timewait(*format, state_file))
+        }
+        Some(Command::CheckConfig { file }) => {
+            return match config::load(file) {
+                Ok(settings) => {
+                    println!("{}: OK, {} settings", file.display(), settings.len());
+                    for s in settings {
+                        println!("  line {}: {}", s.line, s.args.join(" "));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(USAGE)
+                }
+            };
         }
         None => None,
     };

@@ -765,9 +765,18 @@ pub fn fixture(name: &str) -> PathBuf {
 pub struct TempPath(pub PathBuf);
 
 impl TempPath {
-    /// `$TMPDIR/tcptrace-TAG-PID.json`.
+    /// `$TMPDIR/tcptrace-TAG-PID-N.json`, unique within the test run.
     pub fn new(tag: &str) -> Self {
-        Self(std::env::temp_dir().join(format!("tcptrace-{tag}-{}.json", std::process::id())))
+        Self::named(tag, "json")
+    }
+
+    /// `$TMPDIR/tcptrace-TAG-PID-N.EXT`, unique within the test run.
+    pub fn named(tag: &str, ext: &str) -> Self {
+        Self(std::env::temp_dir().join(format!(
+            "tcptrace-{tag}-{}-{}.{ext}",
+            std::process::id(),
+            unique()
+        )))
     }
 
     /// The path as a string, for command lines.
@@ -782,14 +791,24 @@ impl Drop for TempPath {
     }
 }
 
+/// A number no other call in this process gets: tests run in parallel.
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A directory in the temporary directory, removed with its contents on
 /// drop.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
-    /// `$TMPDIR/tcptrace-TAG-PID/`, created.
+    /// `$TMPDIR/tcptrace-TAG-PID-N/`, created, unique within the test run.
     pub fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("tcptrace-{tag}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "tcptrace-{tag}-{}-{}",
+            std::process::id(),
+            unique()
+        ));
         std::fs::create_dir_all(&dir).expect("temporary directory");
         Self(dir)
     }

@@ -120,10 +120,87 @@ fn bad_command_line_values_exit_2_naming_the_value() {
         (&["--output", "file:"], "file:"),
         (&["--output", "tcp://collector"], "tcp://collector"),
         (&["--queue-size", "0"], "0"),
+        (
+            &["--output", "syslog+udp://loghost"],
+            "syslog+udp://loghost",
+        ),
+        (&["--output", "syslog+tcp://:601"], "syslog+tcp://:601"),
+        (&["--output", "syslog+unix://dev/log"], "absolute path"),
+        (
+            &["--output", "tcp://127.0.0.1:70000"],
+            "tcp://127.0.0.1:70000",
+        ),
+        (&["--output", ""], "unknown output"),
+        (&["--metrics", "127.0.0.1:x"], "127.0.0.1:x"),
+        (&["--summary-interval", "0s"], "more than zero"),
     ] {
         let (code, _, stderr) = run_to_end(Command::new(agent_bin()).args(args));
         assert_clean_error(code, &stderr, 2, needle);
+        assert_one_line(&stderr);
     }
+}
+
+fn assert_one_line(stderr: &str) {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line of error:\n{stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+}
+
+/// A scratch config file, removed on drop.
+fn config_file(text: &str) -> tcptrace_tests::TempPath {
+    let file = tcptrace_tests::TempPath::named("config", "toml");
+    std::fs::write(&file.0, text).expect("write the config");
+    file
+}
+
+#[test]
+fn bad_config_files_exit_2_with_the_line_and_the_reason() {
+    for (text, needle) in [
+        (
+            "leak-after = \"10s\"\nbogus-option = 1\n",
+            ":2: unknown option \"bogus-option\"",
+        ),
+        ("# ports\nport = [80, 70000]\n", ":2: invalid value '70000'"),
+        (
+            "output = [\"stdout\", \"udp://x:1\"]\n",
+            ":1: invalid value 'udp://x:1'",
+        ),
+        ("leak-after = 30s\n", ":1: not valid TOML"),
+        ("ipv4 = \"yes\"\n", ":1: ipv4 is a switch"),
+        ("ipv4 = true\nipv6 = true\n", "cannot be used with"),
+    ] {
+        let file = config_file(text);
+        let (code, _, stderr) = run_to_end(
+            Command::new(agent_bin())
+                .arg("--config")
+                .arg(&file.0)
+                .args(["--state-file", "none"]),
+        );
+        assert_clean_error(code, &stderr, 2, needle);
+        assert_one_line(&stderr);
+        assert!(stderr.contains(&*file.0.display().to_string()), "{stderr}");
+        let (code, _, check) =
+            run_to_end(Command::new(agent_bin()).arg("check-config").arg(&file.0));
+        assert_eq!(code, Some(2), "check-config {text:?}: {check}");
+        assert_eq!(check, stderr, "check-config says the same as the agent");
+    }
+    let (code, _, stderr) =
+        run_to_end(Command::new(agent_bin()).args(["--config", "/nonexistent/tcptrace.toml"]));
+    assert_clean_error(code, &stderr, 2, "cannot read the config file");
+}
+
+#[test]
+fn check_config_lists_what_a_good_file_sets() {
+    let file =
+        config_file("leak-after = \"10s\"\noutput = [\"stdout\", \"tcp://127.0.0.1:9000\"]\n");
+    let (code, stdout, stderr) =
+        run_to_end(Command::new(agent_bin()).arg("check-config").arg(&file.0));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("OK, 2 settings"), "{stdout}");
+    assert!(
+        stdout.contains("line 2: --output=stdout --output=tcp://127.0.0.1:9000"),
+        "{stdout}"
+    );
 }
 
 #[test]
