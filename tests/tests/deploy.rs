@@ -47,6 +47,8 @@ fn daemonset_uses_capabilities_and_host_pid() {
         "- BPF",
         "- PERFMON",
         "/sys/kernel/tracing",
+        "--metrics=0.0.0.0:9464",
+        "containerPort: 9464",
     ] {
         assert!(ds.contains(needle), "daemonset.yaml lacks {needle}");
     }
