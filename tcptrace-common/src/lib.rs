@@ -236,6 +236,12 @@ pub struct KernelConfig {
     pub rst_send_skaddr: u32,
     /// [`CONFIG_NETNS`] | [`CONFIG_ACCEPT`] | [`CONFIG_INODE`].
     pub flags: u32,
+    /// Records are submitted without waking the agent (it polls on a
+    /// timer) until this many bytes wait in the ring buffer; 0 wakes it on
+    /// every record. A wakeup runs an interrupt inside the BPF program, and
+    /// softirqs that run on its exit cannot run BPF programs (the kernel's
+    /// per-CPU recursion guard drops them): fewer wakeups, fewer misses.
+    pub wakeup_bytes: u32,
 }
 
 impl KernelConfig {
@@ -272,6 +278,7 @@ impl KernelConfig {
         rst_recv_skaddr: 0,
         rst_send_skaddr: 0,
         flags: 0,
+        wakeup_bytes: 0,
     };
 }
 
@@ -299,7 +306,7 @@ mod tests {
         assert_eq!(size_of::<StateRecord>(), 112);
         assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
-        assert_eq!(size_of::<KernelConfig>(), 30 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 31 * 4);
         assert_eq!(size_of::<ResetRecord>(), 24);
     }
 }

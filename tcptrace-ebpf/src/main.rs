@@ -79,6 +79,24 @@ fn sk_ino(cfg: &KernelConfig, sk: u64) -> u64 {
     read_kernel::<u64>(sk + u64::from(cfg.sk_socket)).map_or(0, |socket| socket_ino(cfg, socket))
 }
 
+/// `BPF_RB_NO_WAKEUP`, `BPF_RB_FORCE_WAKEUP`, `BPF_RB_AVAIL_DATA`.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Flags for a submit: wake the agent only once enough data waits (see
+/// [`KernelConfig::wakeup_bytes`]); the agent polls on a timer otherwise.
+#[inline(always)]
+fn wakeup_flags(cfg: &KernelConfig) -> u64 {
+    if cfg.wakeup_bytes == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(cfg.wakeup_bytes) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[inline(always)]
 fn count_lost() {
     if let Some(counter) = LOST.get_ptr_mut(0) {
@@ -191,7 +209,7 @@ fn on_state_change(ctx: &TracePointContext) -> Option<()> {
         addr_of_mut!((*rec).daddr).write(daddr);
         addr_of_mut!((*rec).comm).write(bpf_get_current_comm().unwrap_or([0; 16]));
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags(&cfg));
     Some(())
 }
 
@@ -228,7 +246,7 @@ fn on_reset(ctx: &TracePointContext, skaddr_offset: u32, direction: u32) -> Opti
         addr_of_mut!((*rec).ts_ns).write(bpf_ktime_get_ns());
         addr_of_mut!((*rec).skaddr).write(skaddr);
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags(&TCPTRACE_CONFIG.load()));
     Some(())
 }
 
@@ -310,7 +328,7 @@ fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Op
         addr_of_mut!((*rec)._pad0).write(0);
         addr_of_mut!((*rec).ino).write(ino);
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags(&TCPTRACE_CONFIG.load()));
     Some(())
 }
 

@@ -18,11 +18,16 @@ use crate::leak::{group_key, summary, Enricher};
 use crate::output::Lost;
 use crate::pipeline::Pipeline;
 use crate::pipeline::{tuple_key, CurrentLeak, LEAK_LINE_WINDOW_NS};
-use crate::probe::{self, Probes};
+use crate::probe::{self, LostCounts, Probes};
 use crate::{layout, privileges, tracefs};
 
 /// How often the lost counter is read (and the wall clock re-synced).
 const LOST_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the ring buffer is read when the kernel does not wake the
+/// agent: records are submitted without a wakeup until an eighth of the
+/// ring is full (see `KernelConfig::wakeup_bytes`), so that a busy host
+/// costs one read per batch, not one wakeup per transition.
+const RING_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Malformed records logged one by one before only the count is kept.
 const MALFORMED_LOG_LIMIT: u64 = 10;
 
@@ -137,12 +142,14 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut tick = tokio::time::interval(LOST_CHECK_INTERVAL);
+    let mut ring_poll = tokio::time::interval(RING_POLL_INTERVAL);
+    ring_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut summary_tick = tokio::time::interval_at(
         tokio::time::Instant::now() + cli.summary_interval,
         cli.summary_interval,
     );
     let mut summary = SummaryState::new();
-    let mut lost_seen = 0u64;
+    let mut lost_seen = LostCounts::default();
 
     // After attaching, so a socket entering CLOSE_WAIT now is seen live
     // (the live record then replaces its inventory record).
@@ -198,8 +205,12 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 guard.clear_ready();
                 out.flush()?;
             }
+            _ = ring_poll.tick() => {
+                drain(ring.get_mut(), &mut pipeline, &mut out)?;
+                out.flush()?;
+            }
             _ = tick.tick() => {
-                report_lost(lost.total()?, &mut lost_seen, &pipeline, &mut out)?;
+                report_lost(lost.counts()?, &mut lost_seen, &pipeline, &mut out)?;
                 pipeline.clock.resync();
             }
             _ = pressure_tick.tick() => {
@@ -232,7 +243,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
 
     // Whatever the kernel wrote before the signal still goes out.
     drain(ring.get_mut(), &mut pipeline, &mut out)?;
-    report_lost(lost.total()?, &mut lost_seen, &pipeline, &mut out)?;
+    report_lost(lost.counts()?, &mut lost_seen, &pipeline, &mut out)?;
     out.flush()?;
     state.remove();
     out.sinks.shutdown(Duration::from_secs(5));
@@ -252,7 +263,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     log::info!(
         "stopped; {} sockets tracked, {} records lost in total",
         pipeline.tracker.len(),
-        lost_seen
+        lost_seen.total()
     );
     Ok(())
 }
@@ -278,11 +289,12 @@ impl SummaryState {
     fn report(
         &mut self,
         pipeline: &Pipeline,
-        lost_total: u64,
+        lost: LostCounts,
         out: &mut Out,
     ) -> anyhow::Result<()> {
         let mut snapshot = pipeline.metrics_snapshot();
-        snapshot.lost_total = lost_total;
+        snapshot.lost_ring_full = lost.ring_full;
+        snapshot.lost_missed = lost.missed;
         snapshot.outputs = out.sinks.stats();
         let s = crate::output::Summary::of(
             &snapshot,
@@ -312,11 +324,12 @@ impl SummaryState {
 fn answer_scrape(
     req: crate::metrics_server::ScrapeRequest,
     pipeline: &Pipeline,
-    lost_total: u64,
+    lost: LostCounts,
     out: &Out,
 ) {
     let mut snapshot = pipeline.metrics_snapshot();
-    snapshot.lost_total = lost_total;
+    snapshot.lost_ring_full = lost.ring_full;
+    snapshot.lost_missed = lost.missed;
     snapshot.outputs = out.sinks.stats();
     snapshot.process = crate::metrics::process_stats();
     match crate::metrics::render(snapshot, req.format) {
@@ -530,21 +543,26 @@ impl StateFile {
 }
 
 fn report_lost(
-    total: u64,
-    seen: &mut u64,
+    now: LostCounts,
+    seen: &mut LostCounts,
     pipeline: &Pipeline,
     out: &mut Out,
 ) -> anyhow::Result<()> {
-    if total > *seen {
+    if now.total() > seen.total() {
         let lost = Lost {
-            lost: total - *seen,
-            lost_total: total,
+            lost: now.total() - seen.total(),
+            lost_total: now.total(),
+            ring_full_total: now.ring_full,
+            missed_total: now.missed,
         };
-        *seen = total;
+        *seen = now;
         log::warn!(
-            "lost {} records ({} since start): the ring buffer was full; raise --ring-buffer-size",
+            "lost {} records ({} since start: {} ring buffer full, {} skipped by the kernel): {}",
             lost.lost,
-            lost.lost_total
+            lost.lost_total,
+            lost.ring_full_total,
+            lost.missed_total,
+            lost.advice()
         );
         out.line(&pipeline.lost_line(lost))?;
         out.flush()?;

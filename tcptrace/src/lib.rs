@@ -29,6 +29,7 @@ pub mod portspace;
 pub mod privileges;
 pub mod probe;
 pub mod procfs;
+pub mod progstats;
 pub mod report;
 pub mod report_cmd;
 pub mod sinks;

@@ -55,8 +55,11 @@ pub struct Snapshot {
     pub leaks_total: u64,
     /// Sockets in TIME_WAIT now by destination, most first.
     pub time_wait: Vec<(Dest, u64)>,
-    /// Ring-buffer records the kernel could not deliver.
-    pub lost_total: u64,
+    /// Records lost because the ring buffer was full.
+    pub lost_ring_full: u64,
+    /// Records never written: the kernel skipped the program (recursion
+    /// guard, a softirq nesting in another BPF program).
+    pub lost_missed: u64,
     /// Records dropped as malformed.
     pub malformed_total: u64,
     /// Per output: (name, lines written, lines dropped).
@@ -265,9 +268,12 @@ impl Collector for SnapshotCollector {
         family(
             &mut e,
             "tcptrace_ring_buffer_lost_records",
-            "Records the kernel dropped because the ring buffer was full; raise --ring-buffer-size if this grows.",
+            "Records the kernel could not deliver: cause=\"ring_full\" (raise --ring-buffer-size if this grows) or cause=\"missed\" (the kernel skipped the program while another BPF program ran on the same CPU).",
             None,
-            [(Labels::new(), counter(s.lost_total))],
+            [
+                (vec![("cause", "ring_full".to_string())], counter(s.lost_ring_full)),
+                (vec![("cause", "missed".to_string())], counter(s.lost_missed)),
+            ],
         )?;
         family(
             &mut e,
@@ -455,7 +461,8 @@ mod tests {
                 },
                 812,
             )],
-            lost_total: 4,
+            lost_ring_full: 4,
+            lost_missed: 1,
             malformed_total: 0,
             outputs: vec![("tcp://127.0.0.1:9000".into(), 100, 3)],
             tracked_sockets: 9,
@@ -487,7 +494,8 @@ mod tests {
             "tcptrace_leaks_open 2",
             "tcptrace_leaks_total 5",
             "tcptrace_time_wait_sockets{netns=\"4026531840\",local_addr=\"127.0.0.1\",remote_addr=\"127.0.0.1\",remote_port=\"6379\"} 812",
-            "tcptrace_ring_buffer_lost_records_total 4",
+            "tcptrace_ring_buffer_lost_records_total{cause=\"ring_full\"} 4",
+            "tcptrace_ring_buffer_lost_records_total{cause=\"missed\"} 1",
             "tcptrace_output_dropped_lines_total{output=\"tcp://127.0.0.1:9000\"} 3",
             "process_cpu_seconds_total 1.5",
             "process_resident_memory_bytes 4096",

@@ -34,6 +34,23 @@ pub struct Lost {
     pub lost: u64,
     /// Records lost since the agent started.
     pub lost_total: u64,
+    /// Of those, lost because the ring buffer was full.
+    pub ring_full_total: u64,
+    /// Of those, never written: the kernel skipped the program because
+    /// another BPF program was running on the same CPU.
+    pub missed_total: u64,
+}
+
+impl Lost {
+    /// What to do about it, by cause.
+    pub fn advice(&self) -> &'static str {
+        if self.ring_full_total >= self.missed_total {
+            "the ring buffer was full; raise --ring-buffer-size"
+        } else {
+            "the kernel skipped the program while another BPF program ran on the same CPU \
+             (softirq nesting); affected sockets are resolved through sock_diag"
+        }
+    }
 }
 
 /// The agent's counts for the periodic `summary` event: proof of life on a
@@ -78,7 +95,7 @@ impl Summary {
             leaks_total: s.leaks_total,
             time_wait: s.time_wait.iter().map(|t| t.1).sum(),
             tracked_sockets: s.tracked_sockets,
-            lost_total: s.lost_total,
+            lost_total: s.lost_ring_full + s.lost_missed,
             malformed_total: s.malformed_total,
             outputs: s.outputs.clone(),
         }
@@ -266,6 +283,8 @@ struct LostLine {
     event: &'static str,
     lost: u64,
     lost_total: u64,
+    ring_full_total: u64,
+    missed_total: u64,
 }
 
 #[derive(Serialize)]
@@ -651,14 +670,19 @@ impl Format {
                 event: "lost",
                 lost: lost.lost,
                 lost_total: lost.lost_total,
+                ring_full_total: lost.ring_full_total,
+                missed_total: lost.missed_total,
             }),
             Self::Text => {
                 let ts = time_of_day(wall);
                 format!(
-                    "{:<15} LOST {} records ({} since start): the ring buffer was full; raise --ring-buffer-size",
+                    "{:<15} LOST {} records ({} since start: {} ring buffer full, {} skipped by the kernel): {}",
                     ts,
                     lost.lost,
-                    lost.lost_total
+                    lost.lost_total,
+                    lost.ring_full_total,
+                    lost.missed_total,
+                    lost.advice()
                 )
             }
         }
@@ -741,26 +765,28 @@ mod tests {
 
     #[test]
     fn lost_line() {
-        let line = Format::Json.lost(
-            Lost {
-                lost: 5,
-                lost_total: 12,
-            },
-            wall(),
-        );
+        let lost = Lost {
+            lost: 5,
+            lost_total: 12,
+            ring_full_total: 10,
+            missed_total: 2,
+        };
         assert_eq!(
-            line,
-            r#"{"schema":1,"ts":"2025-11-24T19:00:00.123456Z","event":"lost","lost":5,"lost_total":12}"#
-        );
-        assert!(Format::Text
-            .lost(
-                Lost {
-                    lost: 5,
-                    lost_total: 12
-                },
-                wall()
+            Format::Json.lost(lost, wall()),
+            concat!(
+                r#"{"schema":1,"ts":"2025-11-24T19:00:00.123456Z","event":"lost","lost":5,"#,
+                r#""lost_total":12,"ring_full_total":10,"missed_total":2}"#
             )
-            .contains("LOST 5"));
+        );
+        let text = Format::Text.lost(lost, wall());
+        assert!(text.contains("LOST 5 records (12 since start: 10 ring buffer full, 2 skipped"));
+        assert!(text.ends_with("raise --ring-buffer-size"));
+        let missed = Lost {
+            ring_full_total: 0,
+            missed_total: 12,
+            ..lost
+        };
+        assert!(missed.advice().contains("softirq"));
     }
 
     #[test]

@@ -5,9 +5,11 @@ use anyhow::{anyhow, Context as _};
 use aya::maps::{MapData, PerCpuArray, RingBuf, StackTraceMap};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
+use std::os::fd::AsFd as _;
 
 use crate::layout::{Layout, STATE_TP};
 use crate::privileges::NotPrivileged;
+use crate::progstats::ProgramStats;
 
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -28,8 +30,30 @@ pub struct Probes {
     pub stacks: StackTraceMap<MapData>,
 }
 
-/// The kernel's per-CPU count of records it could not reserve room for.
-pub struct LostCounter(PerCpuArray<MapData, u64>);
+/// Records the kernel could not deliver: the program's per-CPU count of
+/// records it found no room for in the ring buffer, and the runs the
+/// kernel's recursion guard skipped (see [`crate::progstats`]).
+pub struct LostCounter {
+    ring_full: PerCpuArray<MapData, u64>,
+    programs: ProgramStats,
+}
+
+/// Lost records since load, by cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LostCounts {
+    /// No room in the ring buffer: raise `--ring-buffer-size`.
+    pub ring_full: u64,
+    /// Skipped by the kernel because another BPF program was running on
+    /// the same CPU (a softirq interrupting it).
+    pub missed: u64,
+}
+
+impl LostCounts {
+    /// Both causes together.
+    pub fn total(self) -> u64 {
+        self.ring_full + self.missed
+    }
+}
 
 /// True when the error chain holds an EPERM/EACCES from the kernel.
 fn is_permission_error(err: &anyhow::Error) -> bool {
@@ -60,18 +84,25 @@ pub fn load_and_attach(layout: &Layout, ring_bytes: u32) -> anyhow::Result<Probe
     load_inner(layout, ring_bytes).map_err(explain)
 }
 
+/// Wake the agent early once this share of the ring buffer is full; below
+/// it, the agent's poll timer collects the records in batches.
+const WAKEUP_SHARE: u32 = 8;
+
 fn load_inner(layout: &Layout, ring_bytes: u32) -> anyhow::Result<Probes> {
+    let mut config = layout.config;
+    config.wakeup_bytes = ring_bytes / WAKEUP_SHARE;
     let mut ebpf = EbpfLoader::new()
-        .override_global("TCPTRACE_CONFIG", &layout.config, true)
+        .override_global("TCPTRACE_CONFIG", &config, true)
         .map_max_entries("EVENTS", ring_bytes)
         .load(PROGRAM)
         .context("loading the eBPF program")?;
 
+    let mut programs = ProgramStats::default();
     let (cat, name) = STATE_TP;
-    attach(&mut ebpf, name, cat, name)
+    attach(&mut ebpf, name, cat, name, &mut programs)
         .with_context(|| format!("attaching to tracepoint {cat}:{name}"))?;
     for (category, prog) in layout.optional_tracepoints() {
-        if let Err(e) = attach(&mut ebpf, prog, category, prog) {
+        if let Err(e) = attach(&mut ebpf, prog, category, prog, &mut programs) {
             log::warn!(
                 "could not attach {category}:{prog} ({e:#}); owners or RST aborts may be unknown"
             );
@@ -85,7 +116,10 @@ fn load_inner(layout: &Layout, ring_bytes: u32) -> anyhow::Result<Probes> {
     let lost = ebpf
         .take_map("LOST")
         .ok_or_else(|| anyhow!("the eBPF object has no LOST map"))?;
-    let lost = LostCounter(PerCpuArray::try_from(lost).context("opening the LOST counter")?);
+    let lost = LostCounter {
+        ring_full: PerCpuArray::try_from(lost).context("opening the LOST counter")?,
+        programs,
+    };
     let stacks = ebpf
         .take_map("STACKS")
         .ok_or_else(|| anyhow!("the eBPF object has no STACKS map"))?;
@@ -98,20 +132,42 @@ fn load_inner(layout: &Layout, ring_bytes: u32) -> anyhow::Result<Probes> {
     })
 }
 
-fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> anyhow::Result<()> {
+fn attach(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    category: &str,
+    name: &str,
+    stats: &mut ProgramStats,
+) -> anyhow::Result<()> {
     let program: &mut TracePoint = ebpf
         .program_mut(prog)
         .ok_or_else(|| anyhow!("the eBPF object has no program {prog}"))?
         .try_into()?;
     program.load().with_context(|| format!("loading {prog}"))?;
     program.attach(category, name)?;
+    match program
+        .fd()
+        .map_err(anyhow::Error::from)
+        .and_then(|fd| Ok(fd.as_fd().try_clone_to_owned()?))
+    {
+        Ok(fd) => stats.watch(prog, fd),
+        Err(e) => {
+            log::warn!("cannot watch {prog}'s skipped runs ({e:#}); they will not be counted")
+        }
+    }
     Ok(())
 }
 
 impl LostCounter {
-    /// Records lost since the program was loaded, summed over CPUs.
-    pub fn total(&self) -> anyhow::Result<u64> {
-        let per_cpu = self.0.get(&0, 0).context("reading the LOST counter")?;
-        Ok(per_cpu.iter().sum())
+    /// Records lost since the program was loaded, by cause.
+    pub fn counts(&self) -> anyhow::Result<LostCounts> {
+        let per_cpu = self
+            .ring_full
+            .get(&0, 0)
+            .context("reading the LOST counter")?;
+        Ok(LostCounts {
+            ring_full: per_cpu.iter().sum(),
+            missed: self.programs.recursion_misses(),
+        })
     }
 }

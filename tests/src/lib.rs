@@ -90,6 +90,19 @@ impl Lines {
     }
 }
 
+/// Records the agent reported lost so far (the largest `lost_total` of its
+/// `lost` events): the kernel may skip a program run when a softirq nests in
+/// another BPF program on the same CPU, and a test that counts events must
+/// allow for what the agent says it lost, and no more.
+pub fn lost_total(events: &[Value]) -> u64 {
+    events
+        .iter()
+        .filter(|e| e["event"] == "lost")
+        .filter_map(|e| e["lost_total"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
 /// A loopback TCP port free right now (for a server the test starts next).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

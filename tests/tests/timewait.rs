@@ -2,7 +2,9 @@
 //! connections aborted by RST kept out.
 
 use serde_json::Value;
-use tcptrace_tests::{endpoint, peer_bin, peer_cmd, port_of, reached, run_to_end, Agent, Peer};
+use tcptrace_tests::{
+    endpoint, lost_total, peer_bin, peer_cmd, port_of, reached, run_to_end, Agent, Peer,
+};
 
 fn time_waits(events: &[Value], rport: u16) -> Vec<Value> {
     events
@@ -57,9 +59,18 @@ fn churn_is_counted_like_ss_and_names_the_closer() {
     ));
     client.expect("done");
     server.expect("done");
-    let events = agent.wait_for("K time_wait events", |ev| time_waits(ev, port).len() >= K);
+    // Every TIME_WAIT, or as many as the records the agent says it lost allow.
+    let events = agent.wait_for(
+        "K time_wait events, less what the agent reported lost",
+        |ev| time_waits(ev, port).len() + lost_total(ev) as usize >= K,
+    );
     let tw = time_waits(&events, port);
-    assert_eq!(tw.len(), K);
+    let lost = lost_total(&events) as usize;
+    assert!(
+        tw.len() <= K && tw.len() + lost >= K,
+        "{} + {lost} lost",
+        tw.len()
+    );
     for e in &tw {
         assert_eq!(e["closer_pid"], client.pid(), "{e}");
         assert_eq!(e["closer_comm"], "tcptrace-peer", "{e}");
@@ -121,7 +132,12 @@ fn churn_is_counted_like_ss_and_names_the_closer() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
     assert_eq!(d["closers"][0]["pid"], client.pid(), "{d}");
-    assert_eq!(d["closers"][0]["time_waits"], K as u64, "{d}");
+    let seen = d["closers"][0]["time_waits"].as_u64().unwrap_or(0);
+    assert!(
+        seen == tw.len() as u64,
+        "{d}: {} time_wait events",
+        tw.len()
+    );
     let stopped = agent.stop();
     assert!(stopped.status.success());
 }
