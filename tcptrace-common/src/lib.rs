@@ -242,7 +242,47 @@ pub struct KernelConfig {
     /// softirqs that run on its exit cannot run BPF programs (the kernel's
     /// per-CPU recursion guard drops them): fewer wakeups, fewer misses.
     pub wakeup_bytes: u32,
+    /// A transition is sent to the agent when its new state's bit (`1 <<
+    /// state`) is in this mask or its old state's bit is in
+    /// [`KernelConfig::emit_old`]; every transition is counted in
+    /// `TRANSITIONS` either way. The agent asks only for what its events
+    /// need (all of them when it prints every transition).
+    pub emit_new: u32,
+    /// See [`KernelConfig::emit_new`].
+    pub emit_old: u32,
+    /// User stacks walked at connect()/accept() per process per second, at
+    /// most (0: every one). A walk costs about a microsecond; a process that
+    /// opens connections faster than this gets stacks for a sample of them.
+    pub stacks_per_second: u32,
 }
+
+/// The fd a thread passed to `connect()`, kept per CPU until the
+/// CLOSE -> SYN_SENT transition that the same call makes moments later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectSlot {
+    /// Thread id of the caller.
+    pub tid: u32,
+    /// The fd argument.
+    pub fd: i32,
+    /// When connect() was entered, monotonic ns.
+    pub ts_ns: u64,
+}
+
+/// Stack walks of one process in the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StackBudget {
+    /// Start of the window, monotonic ns.
+    pub window_ns: u64,
+    /// Walks in the window.
+    pub used: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+}
+
+/// Slots of the kernel's transition counter: `old * TRANSITION_STATES + new`.
+pub const TRANSITION_STATES: u32 = 16;
 
 impl KernelConfig {
     /// All offsets zero and every optional feature off: the compiled-in
@@ -279,6 +319,9 @@ impl KernelConfig {
         rst_send_skaddr: 0,
         flags: 0,
         wakeup_bytes: 0,
+        emit_new: 0,
+        emit_old: 0,
+        stacks_per_second: 0,
     };
 }
 
@@ -306,7 +349,7 @@ mod tests {
         assert_eq!(size_of::<StateRecord>(), 112);
         assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
-        assert_eq!(size_of::<KernelConfig>(), 31 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 34 * 4);
         assert_eq!(size_of::<ResetRecord>(), 24);
     }
 }

@@ -22,9 +22,9 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use tcptrace_common::{
-    tcp_state, AcceptRecord, KernelConfig, ResetRecord, StateRecord, AF_INET, AF_INET6,
-    CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS, IPPROTO_TCP, RECORD_ACCEPT, RECORD_RESET,
-    RECORD_STATE, RESET_RECEIVED, RESET_SENT,
+    tcp_state, AcceptRecord, ConnectSlot, KernelConfig, ResetRecord, StackBudget, StateRecord,
+    AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS, IPPROTO_TCP, RECORD_ACCEPT,
+    RECORD_RESET, RECORD_STATE, RESET_RECEIVED, RESET_SENT, TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -39,10 +39,26 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// fd of a `connect()` in progress, by thread id. Bounded: a thread is in at
-/// most one connect at a time, and LRU evicts threads that died mid-call.
+/// Every TCP transition, counted per CPU by `old * 16 + new`, whether or not
+/// it is sent to the agent (see `KernelConfig::emit_new`).
 #[map]
-static CONNECT_FD: LruHashMap<u32, i32> = LruHashMap::with_max_entries(16384, 0);
+static TRANSITIONS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(TRANSITION_STATES * TRANSITION_STATES, 0);
+
+/// The fd of the `connect()` this CPU entered last (see [`ConnectSlot`]): a
+/// per-CPU slot costs a plain store, where a hash map cost an insert on
+/// entry and a delete on exit.
+#[map]
+static CONNECT_FD: PerCpuArray<ConnectSlot> = PerCpuArray::with_max_entries(1, 0);
+
+/// A connect() slot older than this is stale (the CLOSE -> SYN_SENT
+/// transition follows the syscall's entry within microseconds).
+const CONNECT_SLOT_NS: u64 = 10_000_000;
+
+/// Stack walks per process in the current second (see
+/// `KernelConfig::stacks_per_second`).
+#[map]
+static STACK_BUDGET: LruHashMap<u32, StackBudget> = LruHashMap::with_max_entries(16384, 0);
 
 /// User stacks of connect() and accept() callers, deduplicated by the
 /// kernel (a leaking call site takes one slot however often it leaks).
@@ -54,10 +70,44 @@ static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 /// `BPF_F_USER_STACK`: walk the user-space stack of the current task.
 const BPF_F_USER_STACK: u64 = 256;
 
+/// The current task's user stack, unless its process used up its budget
+/// of walks for this second (-1 then, as for a failed walk).
 #[inline(always)]
-fn user_stack_id(ctx: &TracePointContext) -> i32 {
+fn user_stack_id(ctx: &TracePointContext, cfg: &KernelConfig) -> i32 {
+    if cfg.stacks_per_second != 0 && !take_stack_budget(ctx.tgid(), cfg.stacks_per_second) {
+        return -1;
+    }
     ctx.get_stackid(&STACKS, BPF_F_USER_STACK)
         .map_or(-1, |id| id as i32)
+}
+
+#[inline(always)]
+fn take_stack_budget(tgid: u32, per_second: u32) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    match STACK_BUDGET.get_ptr_mut(&tgid) {
+        Some(b) => unsafe {
+            if now.wrapping_sub((*b).window_ns) >= 1_000_000_000 {
+                (*b).window_ns = now;
+                (*b).used = 1;
+                true
+            } else if (*b).used < per_second {
+                (*b).used += 1;
+                true
+            } else {
+                false
+            }
+        },
+        None => {
+            let fresh = StackBudget {
+                window_ns: now,
+                used: 1,
+                _pad: 0,
+            };
+            // A full LRU map evicts the least recent process: fine.
+            let _ = STACK_BUDGET.insert(&tgid, &fresh, 0);
+            true
+        }
+    }
 }
 
 /// Inode number of the file behind `socket` (a `struct socket` embedded in
@@ -98,6 +148,33 @@ fn wakeup_flags(cfg: &KernelConfig) -> u64 {
 }
 
 #[inline(always)]
+fn state_bit(state: i32) -> u32 {
+    if (0..32).contains(&state) {
+        1 << state
+    } else {
+        0
+    }
+}
+
+/// Whether the agent asked for this transition.
+#[inline(always)]
+fn wanted(cfg: &KernelConfig, old: i32, new: i32) -> bool {
+    cfg.emit_new & state_bit(new) != 0 || cfg.emit_old & state_bit(old) != 0
+}
+
+#[inline(always)]
+fn count_transition(old: i32, new: i32) {
+    let states = TRANSITION_STATES as i32;
+    if !(0..states).contains(&old) || !(0..states).contains(&new) {
+        return;
+    }
+    if let Some(counter) = TRANSITIONS.get_ptr_mut((old * states + new) as u32) {
+        // Per-CPU slot: no other writer can race this increment.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
 fn count_lost() {
     if let Some(counter) = LOST.get_ptr_mut(0) {
         // Per-CPU slot: no other writer can race this increment.
@@ -120,28 +197,180 @@ fn read_kernel<T>(addr: u64) -> Option<T> {
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    on_state_change(&ctx);
+    let cfg = TCPTRACE_CONFIG.load();
+    on_state_change(
+        &ctx,
+        &cfg,
+        &OffsetFields {
+            ctx: &ctx,
+            cfg: &cfg,
+        },
+    );
     0
 }
 
-#[inline(always)]
-fn on_state_change(ctx: &TracePointContext) -> Option<()> {
+/// The same program for the tracepoint layout of Linux >= 5.6 (the agent
+/// attaches it when tracefs shows exactly [`FixedFields`]' offsets): fields
+/// are plain loads from the context instead of a helper call each, which
+/// matters on a path that runs about ten times per connection.
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state_fixed(ctx: TracePointContext) -> u32 {
     let cfg = TCPTRACE_CONFIG.load();
-    let protocol = if cfg.tp_protocol_size == 1 {
-        u16::from(read_ctx::<u8>(ctx, cfg.tp_protocol)?)
-    } else {
-        read_ctx::<u16>(ctx, cfg.tp_protocol)?
-    };
+    on_state_change(&ctx, &cfg, &FixedFields { ctx: &ctx });
+    0
+}
+
+/// How the state handler reads the tracepoint's fields.
+trait Fields {
+    fn protocol(&self) -> Option<u16>;
+    fn family(&self) -> Option<u16>;
+    fn skaddr(&self) -> Option<u64>;
+    fn oldstate(&self) -> Option<i32>;
+    fn newstate(&self) -> Option<i32>;
+    fn sport(&self) -> u16;
+    fn dport(&self) -> u16;
+    fn addrs_v4(&self) -> ([u8; 4], [u8; 4]);
+    fn addrs_v6(&self) -> ([u8; 16], [u8; 16]);
+}
+
+/// Offsets from tracefs, read with `bpf_probe_read`: any layout.
+struct OffsetFields<'a> {
+    ctx: &'a TracePointContext,
+    cfg: &'a KernelConfig,
+}
+
+impl Fields for OffsetFields<'_> {
+    #[inline(always)]
+    fn protocol(&self) -> Option<u16> {
+        if self.cfg.tp_protocol_size == 1 {
+            read_ctx::<u8>(self.ctx, self.cfg.tp_protocol).map(u16::from)
+        } else {
+            read_ctx::<u16>(self.ctx, self.cfg.tp_protocol)
+        }
+    }
+    #[inline(always)]
+    fn family(&self) -> Option<u16> {
+        read_ctx::<u16>(self.ctx, self.cfg.tp_family)
+    }
+    #[inline(always)]
+    fn skaddr(&self) -> Option<u64> {
+        read_ctx::<u64>(self.ctx, self.cfg.tp_skaddr)
+    }
+    #[inline(always)]
+    fn oldstate(&self) -> Option<i32> {
+        read_ctx::<i32>(self.ctx, self.cfg.tp_oldstate)
+    }
+    #[inline(always)]
+    fn newstate(&self) -> Option<i32> {
+        read_ctx::<i32>(self.ctx, self.cfg.tp_newstate)
+    }
+    #[inline(always)]
+    fn sport(&self) -> u16 {
+        read_ctx::<u16>(self.ctx, self.cfg.tp_sport).unwrap_or(0)
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        read_ctx::<u16>(self.ctx, self.cfg.tp_dport).unwrap_or(0)
+    }
+    #[inline(always)]
+    fn addrs_v4(&self) -> ([u8; 4], [u8; 4]) {
+        (
+            read_ctx::<[u8; 4]>(self.ctx, self.cfg.tp_saddr).unwrap_or([0; 4]),
+            read_ctx::<[u8; 4]>(self.ctx, self.cfg.tp_daddr).unwrap_or([0; 4]),
+        )
+    }
+    #[inline(always)]
+    fn addrs_v6(&self) -> ([u8; 16], [u8; 16]) {
+        (
+            read_ctx::<[u8; 16]>(self.ctx, self.cfg.tp_saddr_v6).unwrap_or([0; 16]),
+            read_ctx::<[u8; 16]>(self.ctx, self.cfg.tp_daddr_v6).unwrap_or([0; 16]),
+        )
+    }
+}
+
+/// The Linux >= 5.6 layout of `inet_sock_set_state` (after the 8-byte
+/// common header): skaddr 8, oldstate 16, newstate 20, sport 24, dport 26,
+/// family 28, protocol 30 (u16), saddr 32, daddr 36, saddr_v6 40,
+/// daddr_v6 56. Mirrored by the agent's `layout::FIXED_STATE_OFFSETS`.
+struct FixedFields<'a> {
+    ctx: &'a TracePointContext,
+}
+
+impl FixedFields<'_> {
+    /// A load from the context at a constant, naturally aligned offset (the
+    /// verifier checks it against the event's size at attach time).
+    #[inline(always)]
+    fn at<T: Copy>(&self, offset: usize) -> T {
+        unsafe { *(self.ctx.as_ptr() as *const u8).add(offset).cast::<T>() }
+    }
+}
+
+impl Fields for FixedFields<'_> {
+    #[inline(always)]
+    fn protocol(&self) -> Option<u16> {
+        Some(self.at::<u16>(30))
+    }
+    #[inline(always)]
+    fn family(&self) -> Option<u16> {
+        Some(self.at::<u16>(28))
+    }
+    #[inline(always)]
+    fn skaddr(&self) -> Option<u64> {
+        Some(self.at::<u64>(8))
+    }
+    #[inline(always)]
+    fn oldstate(&self) -> Option<i32> {
+        Some(self.at::<i32>(16))
+    }
+    #[inline(always)]
+    fn newstate(&self) -> Option<i32> {
+        Some(self.at::<i32>(20))
+    }
+    #[inline(always)]
+    fn sport(&self) -> u16 {
+        self.at::<u16>(24)
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        self.at::<u16>(26)
+    }
+    #[inline(always)]
+    fn addrs_v4(&self) -> ([u8; 4], [u8; 4]) {
+        (
+            self.at::<u32>(32).to_ne_bytes(),
+            self.at::<u32>(36).to_ne_bytes(),
+        )
+    }
+    #[inline(always)]
+    fn addrs_v6(&self) -> ([u8; 16], [u8; 16]) {
+        let v6 = |off: usize| -> [u8; 16] {
+            let (a, b) = (self.at::<u64>(off), self.at::<u64>(off + 8));
+            let mut out = [0u8; 16];
+            out[..8].copy_from_slice(&a.to_ne_bytes());
+            out[8..].copy_from_slice(&b.to_ne_bytes());
+            out
+        };
+        (v6(40), v6(56))
+    }
+}
+
+#[inline(always)]
+fn on_state_change<F: Fields>(ctx: &TracePointContext, cfg: &KernelConfig, f: &F) -> Option<()> {
+    let protocol = f.protocol()?;
     if protocol != IPPROTO_TCP {
         return None;
     }
-    let family = read_ctx::<u16>(ctx, cfg.tp_family)?;
+    let family = f.family()?;
     if family != AF_INET && family != AF_INET6 {
         return None;
     }
-    let skaddr = read_ctx::<u64>(ctx, cfg.tp_skaddr)?;
-    let oldstate = read_ctx::<i32>(ctx, cfg.tp_oldstate)?;
-    let newstate = read_ctx::<i32>(ctx, cfg.tp_newstate)?;
+    let oldstate = f.oldstate()?;
+    let newstate = f.newstate()?;
+    count_transition(oldstate, newstate);
+    if !wanted(cfg, oldstate, newstate) {
+        return None;
+    }
+    let skaddr = f.skaddr()?;
 
     let pid_tgid = ctx.pid() as u64 | (u64::from(ctx.tgid()) << 32);
     let tid = pid_tgid as u32;
@@ -149,15 +378,12 @@ fn on_state_change(ctx: &TracePointContext) -> Option<()> {
     let (connect_fd, stack_id) = if in_connect {
         // Runs inside connect(): the current task is the owner, and its
         // stack is the code path that opened the connection.
-        (
-            CONNECT_FD.get_ptr(tid).map_or(-1, |fd| unsafe { *fd }),
-            user_stack_id(ctx),
-        )
+        (connect_fd(tid), user_stack_id(ctx, cfg))
     } else {
         (-1, -1)
     };
     let ino = if in_connect || newstate == tcp_state::CLOSE_WAIT {
-        sk_ino(&cfg, skaddr)
+        sk_ino(cfg, skaddr)
     } else {
         0
     };
@@ -185,8 +411,8 @@ fn on_state_change(ctx: &TracePointContext) -> Option<()> {
         addr_of_mut!((*rec).oldstate).write(oldstate);
         addr_of_mut!((*rec).newstate).write(newstate);
         addr_of_mut!((*rec).family).write(family);
-        addr_of_mut!((*rec).sport).write(read_ctx::<u16>(ctx, cfg.tp_sport).unwrap_or(0));
-        addr_of_mut!((*rec).dport).write(read_ctx::<u16>(ctx, cfg.tp_dport).unwrap_or(0));
+        addr_of_mut!((*rec).sport).write(f.sport());
+        addr_of_mut!((*rec).dport).write(f.dport());
         addr_of_mut!((*rec)._pad0).write(0);
         addr_of_mut!((*rec).connect_fd).write(connect_fd);
         addr_of_mut!((*rec).stack_id).write(stack_id);
@@ -194,16 +420,12 @@ fn on_state_change(ctx: &TracePointContext) -> Option<()> {
         let (saddr, daddr) = if family == AF_INET {
             let mut s = [0u8; 16];
             let mut d = [0u8; 16];
-            let s4 = read_ctx::<[u8; 4]>(ctx, cfg.tp_saddr).unwrap_or([0; 4]);
-            let d4 = read_ctx::<[u8; 4]>(ctx, cfg.tp_daddr).unwrap_or([0; 4]);
+            let (s4, d4) = f.addrs_v4();
             s[..4].copy_from_slice(&s4);
             d[..4].copy_from_slice(&d4);
             (s, d)
         } else {
-            (
-                read_ctx::<[u8; 16]>(ctx, cfg.tp_saddr_v6).unwrap_or([0; 16]),
-                read_ctx::<[u8; 16]>(ctx, cfg.tp_daddr_v6).unwrap_or([0; 16]),
-            )
+            f.addrs_v6()
         };
         addr_of_mut!((*rec).saddr).write(saddr);
         addr_of_mut!((*rec).daddr).write(daddr);
@@ -211,6 +433,14 @@ fn on_state_change(ctx: &TracePointContext) -> Option<()> {
     }
     entry.submit(wakeup_flags(&cfg));
     Some(())
+}
+
+/// The benchmark's floor: the same tracepoint with a program that does
+/// nothing, so that `cargo xtask bench` can tell the cost of running any
+/// program there from the cost of ours. Never attached by the agent.
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn bench_floor(_ctx: TracePointContext) -> u32 {
+    0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
@@ -253,18 +483,35 @@ fn on_reset(ctx: &TracePointContext, skaddr_offset: u32, direction: u32) -> Opti
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let cfg = TCPTRACE_CONFIG.load();
-    if let Some(fd) = read_ctx::<u64>(&ctx, cfg.enter_connect_fd) {
-        // Failure only means the LRU map could not take the entry: the
-        // transition then reports no fd, which the agent handles.
-        let _ = CONNECT_FD.insert(ctx.pid(), fd as i32, 0);
+    if let (Some(fd), Some(slot)) = (
+        read_ctx::<u64>(&ctx, cfg.enter_connect_fd),
+        CONNECT_FD.get_ptr_mut(0),
+    ) {
+        unsafe {
+            *slot = ConnectSlot {
+                tid: ctx.pid(),
+                fd: fd as i32,
+                ts_ns: bpf_ktime_get_ns(),
+            };
+        }
     }
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let _ = CONNECT_FD.remove(ctx.pid());
-    0
+/// The fd thread `tid` passed to the connect() it is in, if this CPU saw
+/// it enter moments ago; -1 otherwise.
+#[inline(always)]
+fn connect_fd(tid: u32) -> i32 {
+    let Some(slot) = CONNECT_FD.get_ptr(0) else {
+        return -1;
+    };
+    let slot = unsafe { *slot };
+    let fresh = unsafe { bpf_ktime_get_ns() }.wrapping_sub(slot.ts_ns) < CONNECT_SLOT_NS;
+    if slot.tid == tid && fresh {
+        slot.fd
+    } else {
+        -1
+    }
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
@@ -309,7 +556,7 @@ fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Op
         return None;
     }
     let ino = socket_ino(cfg, socket);
-    let stack_id = user_stack_id(ctx);
+    let stack_id = user_stack_id(ctx, cfg);
 
     let Some(mut entry) = EVENTS.reserve::<AcceptRecord>(0) else {
         count_lost();

@@ -28,6 +28,8 @@ const LOST_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// ring is full (see `KernelConfig::wakeup_bytes`), so that a busy host
 /// costs one read per batch, not one wakeup per transition.
 const RING_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Lines handed to the outputs at once, at most.
+const MAX_BATCH_LINES: usize = 4096;
 /// Malformed records logged one by one before only the count is kept.
 const MALFORMED_LOG_LIMIT: u64 = 10;
 
@@ -38,12 +40,14 @@ struct Out {
 }
 
 impl Out {
-    fn line(&mut self, line: &str) -> anyhow::Result<()> {
+    /// Adds a line to the batch that the next [`Out::flush`] hands over.
+    fn line(&mut self, line: impl Into<String>) -> anyhow::Result<()> {
         self.sinks.send(line);
-        self.flush()
+        Ok(())
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
+        self.sinks.commit();
         if self.sinks.only_sink_closed() {
             Err(anyhow::Error::new(StdoutClosed))
         } else {
@@ -80,12 +84,22 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     raise_memlock_limit();
     let tracefs = tracefs::locate_or_mount()?;
     let layout = layout::resolve(&tracefs)?;
+    let events: std::collections::HashSet<EventKind> = cli.events.iter().copied().collect();
     let Probes {
         ebpf: _attached,
         ring,
         lost,
         stacks,
-    } = probe::load_and_attach(&layout, cli.ring_buffer_size)?;
+        transitions,
+    } = probe::load_and_attach(
+        &layout,
+        &probe::ProbeOptions {
+            ring_bytes: cli.ring_buffer_size,
+            interest: crate::pipeline::kernel_interest(&events),
+            state_program: cli.state_program,
+            stacks_per_second: cli.stacks_per_second,
+        },
+    )?;
 
     // Text only for a person at a terminal; collectors always get JSON.
     let format =
@@ -97,7 +111,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         LEAK_LINE_WINDOW_NS,
         u64::try_from(cli.leak_group_interval.as_nanos()).unwrap_or(u64::MAX),
     );
-    pipeline.events = cli.events.iter().copied().collect();
+    pipeline.events = events;
     let mut enricher = Enricher::new();
     let mut state = StateFile::new(&cli.state_file);
     // Leaks are due within a quarter of the threshold (at most a second)
@@ -129,7 +143,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     };
     let mut out = Out { sinks };
     if let Some(header) = format.header() {
-        out.line(&header)?;
+        out.line(header)?;
         out.flush()?;
     }
 
@@ -226,10 +240,10 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
             _ = summary_tick.tick() => {
-                summary.report(&pipeline, lost_seen, &mut out)?;
+                summary.report(&pipeline, lost_seen, &transitions, &mut out)?;
             }
             scrape = scrape_rx.recv(), if scrapes_open => match scrape {
-                Some(req) => answer_scrape(req, &pipeline, lost_seen, &out),
+                Some(req) => answer_scrape(req, &pipeline, lost_seen, &transitions, &out),
                 None => scrapes_open = false,
             },
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
@@ -290,9 +304,11 @@ impl SummaryState {
         &mut self,
         pipeline: &Pipeline,
         lost: LostCounts,
+        transitions: &probe::TransitionCounter,
         out: &mut Out,
     ) -> anyhow::Result<()> {
         let mut snapshot = pipeline.metrics_snapshot();
+        snapshot.transitions = transitions.counts();
         snapshot.lost_ring_full = lost.ring_full;
         snapshot.lost_missed = lost.missed;
         snapshot.outputs = out.sinks.stats();
@@ -314,7 +330,7 @@ impl SummaryState {
             }
         }
         if pipeline.events.contains(&EventKind::Summary) {
-            out.line(&pipeline.format.summary(&s, std::time::SystemTime::now()))?;
+            out.line(pipeline.format.summary(&s, std::time::SystemTime::now()))?;
         }
         out.flush()
     }
@@ -325,9 +341,11 @@ fn answer_scrape(
     req: crate::metrics_server::ScrapeRequest,
     pipeline: &Pipeline,
     lost: LostCounts,
+    transitions: &probe::TransitionCounter,
     out: &Out,
 ) {
     let mut snapshot = pipeline.metrics_snapshot();
+    snapshot.transitions = transitions.counts();
     snapshot.lost_ring_full = lost.ring_full;
     snapshot.lost_missed = lost.missed;
     snapshot.outputs = out.sinks.stats();
@@ -354,6 +372,7 @@ fn drain(
     out: &mut Out,
 ) -> anyhow::Result<()> {
     let mut lines = Vec::new();
+    let mut batched = 0usize;
     while let Some(item) = ring.next() {
         match pipeline.handle(&item, &mut lines) {
             Ok(()) => {}
@@ -363,7 +382,14 @@ fn drain(
             Err(_) => {}
         }
         for line in lines.drain(..) {
-            out.line(&line)?;
+            out.line(line)?;
+            batched += 1;
+        }
+        // A ring that refills as fast as it is read must not grow one
+        // endless batch.
+        if batched >= MAX_BATCH_LINES {
+            out.flush()?;
+            batched = 0;
         }
     }
     Ok(())
@@ -403,7 +429,7 @@ fn report_leaks(
         if print {
             log::warn!("CLOSE_WAIT leak: {}", summary(&leak));
             if pipeline.events.contains(&EventKind::Leak) {
-                out.line(&pipeline.format.leak(&leak, now, &pipeline.clock))?;
+                out.line(pipeline.format.leak(&leak, now, &pipeline.clock))?;
             }
         }
     }
@@ -454,7 +480,7 @@ fn report_pressure(
             e.level
         );
         if pipeline.events.contains(&EventKind::PortPressure) {
-            out.line(&pipeline.format.port_pressure(e, now))?;
+            out.line(pipeline.format.port_pressure(e, now))?;
         }
     }
     out.flush()
@@ -466,7 +492,7 @@ fn report_leak_groups(pipeline: &mut Pipeline, out: &mut Out) -> anyhow::Result<
     let reports = pipeline.groups.due_reports(now_ns);
     if pipeline.events.contains(&EventKind::Leak) {
         for report in &reports {
-            out.line(&pipeline.format.leak_group(report, now, now_ns))?;
+            out.line(pipeline.format.leak_group(report, now, now_ns))?;
         }
     }
     out.flush()
@@ -564,7 +590,7 @@ fn report_lost(
             lost.missed_total,
             lost.advice()
         );
-        out.line(&pipeline.lost_line(lost))?;
+        out.line(pipeline.lost_line(lost))?;
         out.flush()?;
     }
     Ok(())

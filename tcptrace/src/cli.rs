@@ -127,10 +127,39 @@ pub struct Cli {
           value_parser = crate::metrics_server::parse_addr)]
     pub metrics: Option<std::net::SocketAddr>,
 
+    /// User stacks taken at connect()/accept() per process per second, at most (0, the
+    /// default: every one). A stack walk costs the connecting process about a microsecond;
+    /// with a limit, a process that connects faster gets origin stacks for a sample of its
+    /// connections and none for the others (their leaks group apart, without a stack).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_STACKS_PER_SECOND)]
+    pub stacks_per_second: u32,
+
+    /// Which kernel program reads the state tracepoint: `auto` (the fast one when the
+    /// kernel's layout is the usual one), `offsets` (fields at tracefs offsets, any layout)
+    /// or `fixed`. For tests and troubleshooting.
+    #[arg(long, value_enum, default_value = "auto", hide = true)]
+    pub state_program: StateProgram,
+
     /// Where the agent keeps the current leaks for `tcptrace leaks` (rewritten at each
     /// leak-group interval); `none` disables it.
     #[arg(long, value_name = "PATH", default_value = crate::report::DEFAULT_STATE_FILE)]
     pub state_file: String,
+}
+
+/// Default of `--stacks-per-second`: no limit, every connection gets its
+/// origin stack (exact leak attribution first; the limit is for hosts where
+/// connection churn makes the walks too costly).
+pub const DEFAULT_STACKS_PER_SECOND: u32 = 0;
+
+/// `--state-program`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateProgram {
+    /// The fast program when the layout allows it.
+    Auto,
+    /// Fields read at the offsets tracefs gives.
+    Offsets,
+    /// Fields at the Linux >= 5.6 offsets (fails to attach on other layouts).
+    Fixed,
 }
 
 /// Kinds of events the agent prints.
@@ -174,6 +203,10 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: std::path::PathBuf,
     },
+    /// For `cargo xtask bench`: attach a program that does nothing to the same tracepoint
+    /// until SIGINT/SIGTERM (the cost of any program there, the benchmark's floor).
+    #[command(hide = true)]
+    BenchFloor,
     /// TIME_WAIT sockets by destination, with their share of the ephemeral port range and
     /// the processes that closed first (known with an agent running).
     Timewait {

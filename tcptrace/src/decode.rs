@@ -306,6 +306,7 @@ fn decode_accept(buf: &[u8]) -> Result<Accept, DecodeError> {
 /// Test and benchmark helpers: raw records as the kernel program writes them.
 pub mod raw {
     use super::*;
+    use tcptrace_common::tcp_state;
 
     fn bytes_of<T: Copy>(rec: &T) -> Vec<u8> {
         // SAFETY: `T` is one of the `#[repr(C)]` plain-data records of
@@ -331,6 +332,25 @@ pub mod raw {
         out[..n].copy_from_slice(&name.as_bytes()[..n]);
         out
     }
+
+    /// A client's life: it connects, then closes first (TIME_WAIT).
+    pub const CLIENT_LIFE: [(i32, i32); 5] = [
+        (tcp_state::CLOSE, tcp_state::SYN_SENT),
+        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED),
+        (tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1),
+        (tcp_state::FIN_WAIT1, tcp_state::FIN_WAIT2),
+        (tcp_state::FIN_WAIT2, tcp_state::CLOSE),
+    ];
+
+    /// The server side of the same connection: the peer closes first, the
+    /// socket waits in CLOSE_WAIT until its owner closes it.
+    pub const SERVER_LIFE: [(i32, i32); 5] = [
+        (tcp_state::LISTEN, tcp_state::SYN_RECV),
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED),
+        (tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT),
+        (tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK),
+        (tcp_state::LAST_ACK, tcp_state::CLOSE),
+    ];
 
     /// An IPv4 transition record with sensible defaults.
     pub fn ipv4_state(

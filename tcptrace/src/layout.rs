@@ -22,7 +22,8 @@ pub const STATE_TP: (&str, &str) = ("sock", "inet_sock_set_state");
 pub struct Layout {
     /// Passed to the kernel program.
     pub config: KernelConfig,
-    /// `sys_enter_connect`/`sys_exit_connect` can be attached.
+    /// `sys_enter_connect` can be attached (`sys_exit_connect` exists too:
+    /// both mean syscall tracepoints are built in).
     pub connect_hooks: bool,
     /// `sys_exit_accept`/`sys_exit_accept4` can be attached.
     pub accept_hooks: bool,
@@ -30,16 +31,54 @@ pub struct Layout {
     pub reset_hooks: bool,
 }
 
+/// The `inet_sock_set_state` field offsets of Linux >= 5.6 (non-RT), in the
+/// order skaddr, oldstate, newstate, sport, dport, family, protocol (2
+/// bytes), saddr, daddr, saddr_v6, daddr_v6: the layout the kernel program's
+/// fast variant (`inet_sock_set_state_fixed`) reads with plain loads.
+pub const FIXED_STATE_OFFSETS: [u32; 11] = [8, 16, 20, 24, 26, 28, 30, 32, 36, 40, 56];
+
+/// Whether `cfg`'s tracepoint offsets are [`FIXED_STATE_OFFSETS`].
+pub fn has_fixed_state_layout(cfg: &KernelConfig) -> bool {
+    cfg.tp_protocol_size == 2
+        && [
+            cfg.tp_skaddr,
+            cfg.tp_oldstate,
+            cfg.tp_newstate,
+            cfg.tp_sport,
+            cfg.tp_dport,
+            cfg.tp_family,
+            cfg.tp_protocol,
+            cfg.tp_saddr,
+            cfg.tp_daddr,
+            cfg.tp_saddr_v6,
+            cfg.tp_daddr_v6,
+        ] == FIXED_STATE_OFFSETS
+}
+
 impl Layout {
+    /// The kernel program for the state tracepoint: with `Auto`, the fast
+    /// one when the layout is the usual one, the one reading tracefs offsets
+    /// otherwise.
+    pub fn state_program(&self, choice: crate::cli::StateProgram) -> &'static str {
+        use crate::cli::StateProgram;
+        let fixed = match choice {
+            StateProgram::Auto => has_fixed_state_layout(&self.config),
+            StateProgram::Offsets => false,
+            StateProgram::Fixed => true,
+        };
+        if fixed {
+            "inet_sock_set_state_fixed"
+        } else {
+            "inet_sock_set_state"
+        }
+    }
+
     /// Optional tracepoints to attach, as (category, name); each program
     /// is named after its tracepoint.
     pub fn optional_tracepoints(&self) -> Vec<(&'static str, &'static str)> {
         let mut v = Vec::new();
         if self.connect_hooks {
-            v.extend([
-                ("syscalls", "sys_enter_connect"),
-                ("syscalls", "sys_exit_connect"),
-            ]);
+            v.push(("syscalls", "sys_enter_connect"));
         }
         if self.accept_hooks {
             v.extend([
@@ -195,4 +234,74 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
         accept_hooks,
         reset_hooks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_offsets(offsets: [u32; 11], protocol_size: u32) -> KernelConfig {
+        let mut c = KernelConfig::ZERO;
+        [
+            c.tp_skaddr,
+            c.tp_oldstate,
+            c.tp_newstate,
+            c.tp_sport,
+            c.tp_dport,
+            c.tp_family,
+            c.tp_protocol,
+            c.tp_saddr,
+            c.tp_daddr,
+            c.tp_saddr_v6,
+            c.tp_daddr_v6,
+        ] = offsets;
+        c.tp_protocol_size = protocol_size;
+        c
+    }
+
+    #[test]
+    fn the_fast_program_only_for_the_usual_layout() {
+        assert!(has_fixed_state_layout(&with_offsets(
+            FIXED_STATE_OFFSETS,
+            2
+        )));
+        // Before 5.6: a one-byte protocol.
+        assert!(!has_fixed_state_layout(&with_offsets(
+            FIXED_STATE_OFFSETS,
+            1
+        )));
+        // A bigger common header (PREEMPT_RT) shifts everything.
+        let shifted = FIXED_STATE_OFFSETS.map(|o| o + 8);
+        assert!(!has_fixed_state_layout(&with_offsets(shifted, 2)));
+        let layout = Layout {
+            config: with_offsets(shifted, 2),
+            connect_hooks: true,
+            accept_hooks: true,
+            reset_hooks: true,
+        };
+        use crate::cli::StateProgram;
+        assert_eq!(
+            layout.state_program(StateProgram::Auto),
+            "inet_sock_set_state"
+        );
+        assert_eq!(
+            layout.state_program(StateProgram::Fixed),
+            "inet_sock_set_state_fixed"
+        );
+    }
+
+    #[test]
+    fn this_kernel_uses_the_usual_layout_or_says_why_not() {
+        // Where tracefs is readable, resolve the real layout: either the
+        // fast path applies, or the offsets differ from the usual ones.
+        let Ok(tracefs) = crate::tracefs::locate_or_mount() else {
+            return;
+        };
+        let Ok(layout) = resolve(&tracefs) else {
+            return;
+        };
+        let fixed = has_fixed_state_layout(&layout.config);
+        let offsets = [layout.config.tp_skaddr, layout.config.tp_oldstate];
+        assert_eq!(fixed, offsets == [8, 16] && layout.config.tp_protocol == 30);
+    }
 }

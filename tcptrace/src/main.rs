@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         Some(Command::Timewait { format, state_file }) => {
             Some(tcptrace::report_cmd::timewait(*format, state_file))
         }
+        Some(Command::BenchFloor) => Some(bench_floor()),
         Some(Command::CheckConfig { file }) => {
             return match config::load(file) {
                 Ok(settings) => {
@@ -93,4 +94,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tcptrace bench-floor`: the no-op program attached until a signal.
+fn bench_floor() -> anyhow::Result<()> {
+    tcptrace::privileges::check()?;
+    tcptrace::tracefs::locate_or_mount()?;
+    let _attached = tcptrace::probe::attach_bench_floor()?;
+    log::info!("ready: no-op program attached to sock:inet_sock_set_state");
+    let mut signals = [libc::SIGINT, libc::SIGTERM];
+    // SAFETY: a zeroed sigset is valid input for sigemptyset/sigaddset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset; blocking the signals lets sigwait take them.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in &mut signals {
+            libc::sigaddset(&mut set, *s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    let mut got = 0;
+    // SAFETY: valid set and out pointer.
+    unsafe { libc::sigwait(&set, &mut got) };
+    log::info!("signal {got}: detaching");
+    Ok(())
 }

@@ -20,6 +20,28 @@ pub const LEAK_LINE_WINDOW_NS: u64 = 60_000_000_000;
 /// How often `leak_group` summaries are printed, by default.
 pub const DEFAULT_GROUP_REPORT_NS: u64 = 10_000_000_000;
 
+/// The transitions the kernel must send for `events`, as (new-state mask,
+/// old-state mask) of `1 << state` bits (see `KernelConfig::emit_new`).
+/// Printing every transition needs them all; the detectors need far fewer,
+/// and every record not sent is work the host's CPU does not do.
+pub fn kernel_interest(events: &std::collections::HashSet<EventKind>) -> (u32, u32) {
+    use tcptrace_common::tcp_state as k;
+    if events.contains(&EventKind::StateChange) {
+        return (u32::MAX, u32::MAX);
+    }
+    let bit = |s: i32| 1u32 << s;
+    // The owner and origin of a connect() (CLOSE -> SYN_SENT), entering and
+    // leaving CLOSE_WAIT, and the end of every socket (the tracker forgets
+    // it; from FIN_WAIT*/CLOSING it is a TIME_WAIT).
+    let mut new = bit(k::SYN_SENT) | bit(k::CLOSE_WAIT) | bit(k::CLOSE);
+    let old = bit(k::CLOSE_WAIT);
+    if events.contains(&EventKind::TimeWait) || events.contains(&EventKind::PortPressure) {
+        // Who closed first (the task that moved it to FIN_WAIT1).
+        new |= bit(k::FIN_WAIT1);
+    }
+    (new, old)
+}
+
 /// A socket's identity without its kernel address: namespace and four-tuple.
 pub type TupleKey = (Option<u32>, std::net::IpAddr, u16, std::net::IpAddr, u16);
 
@@ -60,8 +82,6 @@ pub struct Pipeline {
     pub current_leaks: std::collections::HashMap<TupleKey, CurrentLeak>,
     /// Records rejected by the decoder.
     pub malformed: u64,
-    /// Every transition seen (before filters), by (old, new) state.
-    pub transitions: std::collections::HashMap<(TcpState, TcpState), u64>,
     /// Leaks detected since start (reported or rate-limited alike).
     pub leaks_total: u64,
 }
@@ -92,7 +112,6 @@ impl Pipeline {
             .into(),
             pressure: crate::timewait::PortPressure::new(),
             malformed: 0,
-            transitions: std::collections::HashMap::new(),
             leaks_total: 0,
         }
     }
@@ -101,7 +120,6 @@ impl Pipeline {
     /// lives outside (lost records, outputs, its own CPU and memory).
     pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
         crate::metrics::Snapshot {
-            transitions: self.transitions.iter().map(|(k, n)| (*k, *n)).collect(),
             close_wait: self.closewait.lingering_by_owner(),
             linger: self.closewait.total_histogram().clone(),
             leaks_open: self.current_leaks.len() as u64,
@@ -119,10 +137,6 @@ impl Pipeline {
         let record = decode::decode(raw).inspect_err(|_| self.malformed += 1)?;
         match record {
             Record::State(change) => {
-                *self
-                    .transitions
-                    .entry((change.old, change.new))
-                    .or_default() += 1;
                 let t = self.tracker.on_state(change);
                 let end = self.closewait.on_transition(&t);
                 if t.enters_time_wait() {
@@ -245,6 +259,65 @@ mod tests {
         assert_eq!(v[4]["new"], "CLOSE");
         assert!(v.iter().all(|l| l["pid"] == 100 && l["fd"] == 3));
         assert!(p.tracker.is_empty());
+    }
+
+    #[test]
+    fn the_kernel_filter_keeps_every_detector_output() {
+        // A client that closes first (TIME_WAIT) and a server that lingers
+        // in CLOSE_WAIT then closes; fed whole, and as the kernel sends
+        // them with the default events' masks.
+        let (client, server) = (raw::CLIENT_LIFE, raw::SERVER_LIFE);
+        let default_events: std::collections::HashSet<EventKind> = [
+            EventKind::CloseWait,
+            EventKind::Leak,
+            EventKind::TimeWait,
+            EventKind::PortPressure,
+            EventKind::Summary,
+        ]
+        .into();
+        let (new_mask, old_mask) = kernel_interest(&default_events);
+        let run = |filtered: bool| {
+            let mut p = pipeline(5_000_000);
+            p.events = default_events.clone();
+            let mut out = Vec::new();
+            let mut leaks = 0;
+            for (i, ((c_old, c_new), (s_old, s_new))) in client.into_iter().zip(server).enumerate()
+            {
+                let ts = i as u64 * 10_000_000;
+                for (sk, old, new, ports) in [(1, c_old, c_new, (4, 5)), (2, s_old, s_new, (5, 4))]
+                {
+                    let sent = new_mask & (1 << new) != 0 || old_mask & (1 << old) != 0;
+                    if filtered && !sent {
+                        continue;
+                    }
+                    let rec = raw::ipv4_state(
+                        sk,
+                        ts,
+                        old,
+                        new,
+                        ([127, 0, 0, 1], ports.0),
+                        ([127, 0, 0, 1], ports.1),
+                    );
+                    p.handle(&raw::state_bytes(&rec), &mut out).expect("valid");
+                }
+                leaks += p.due_leaks(ts + 8_000_000).len();
+            }
+            (out, leaks, p.tracker.len())
+        };
+        let (all, all_leaks, _) = run(false);
+        let (some, some_leaks, left) = run(true);
+        assert_eq!(all, some, "the same events from fewer records");
+        assert_eq!(
+            (all_leaks, some_leaks),
+            (1, 1),
+            "the CLOSE_WAIT leak either way"
+        );
+        assert_eq!(left, 0, "nothing left behind in the tracker");
+        assert!(all.iter().any(|l| l.contains("\"time_wait\"")));
+        assert!(all.iter().any(|l| l.contains("\"close_wait_end\"")));
+        let everything = kernel_interest(&[EventKind::StateChange].into());
+        assert_eq!(everything, (u32::MAX, u32::MAX));
+        assert_eq!(new_mask & (1 << k::ESTABLISHED), 0, "not sent by default");
     }
 
     #[test]

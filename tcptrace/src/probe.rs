@@ -10,6 +10,8 @@ use std::os::fd::AsFd as _;
 use crate::layout::{Layout, STATE_TP};
 use crate::privileges::NotPrivileged;
 use crate::progstats::ProgramStats;
+use crate::state::TcpState;
+use tcptrace_common::TRANSITION_STATES;
 
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -28,6 +30,38 @@ pub struct Probes {
     pub lost: LostCounter,
     /// User stacks taken at connect() and accept().
     pub stacks: StackTraceMap<MapData>,
+    /// Every transition, counted in the kernel.
+    pub transitions: TransitionCounter,
+}
+
+/// The kernel's per-CPU count of every TCP transition by (old, new) state,
+/// including those it does not send to the agent.
+pub struct TransitionCounter(PerCpuArray<MapData, u64>);
+
+impl TransitionCounter {
+    /// Non-zero counts by (old, new) state, summed over CPUs.
+    pub fn counts(&self) -> Vec<((TcpState, TcpState), u64)> {
+        let n = TRANSITION_STATES;
+        let mut out = Vec::new();
+        for old in 0..n {
+            for new in 0..n {
+                let Ok(per_cpu) = self.0.get(&(old * n + new), 0) else {
+                    continue;
+                };
+                let total: u64 = per_cpu.iter().sum();
+                let states = (
+                    TcpState::from_kernel(old as i32),
+                    TcpState::from_kernel(new as i32),
+                );
+                if let (Some(o), Some(w)) = states {
+                    if total > 0 {
+                        out.push(((o, w), total));
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Records the kernel could not deliver: the program's per-CPU count of
@@ -79,18 +113,35 @@ fn explain(err: anyhow::Error) -> anyhow::Error {
     }
 }
 
-/// Loads the program with `layout` and attaches every hook it supports.
-pub fn load_and_attach(layout: &Layout, ring_bytes: u32) -> anyhow::Result<Probes> {
-    load_inner(layout, ring_bytes).map_err(explain)
+/// How the kernel program is to run.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeOptions {
+    /// Size of the ring buffer, bytes.
+    pub ring_bytes: u32,
+    /// The (new, old) state masks of the transitions to send (see
+    /// [`crate::pipeline::kernel_interest`]).
+    pub interest: (u32, u32),
+    /// Which state program to attach.
+    pub state_program: crate::cli::StateProgram,
+    /// User stack walks per process per second (0: all).
+    pub stacks_per_second: u32,
+}
+
+/// Loads the program and attaches every hook it supports.
+pub fn load_and_attach(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes> {
+    load_inner(layout, options).map_err(explain)
 }
 
 /// Wake the agent early once this share of the ring buffer is full; below
 /// it, the agent's poll timer collects the records in batches.
 const WAKEUP_SHARE: u32 = 8;
 
-fn load_inner(layout: &Layout, ring_bytes: u32) -> anyhow::Result<Probes> {
+fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes> {
+    let ring_bytes = options.ring_bytes;
     let mut config = layout.config;
     config.wakeup_bytes = ring_bytes / WAKEUP_SHARE;
+    (config.emit_new, config.emit_old) = options.interest;
+    config.stacks_per_second = options.stacks_per_second;
     let mut ebpf = EbpfLoader::new()
         .override_global("TCPTRACE_CONFIG", &config, true)
         .map_max_entries("EVENTS", ring_bytes)
@@ -99,8 +150,10 @@ fn load_inner(layout: &Layout, ring_bytes: u32) -> anyhow::Result<Probes> {
 
     let mut programs = ProgramStats::default();
     let (cat, name) = STATE_TP;
-    attach(&mut ebpf, name, cat, name, &mut programs)
-        .with_context(|| format!("attaching to tracepoint {cat}:{name}"))?;
+    let state_program = layout.state_program(options.state_program);
+    attach(&mut ebpf, state_program, cat, name, &mut programs)
+        .with_context(|| format!("attaching {state_program} to tracepoint {cat}:{name}"))?;
+    log::debug!("{cat}:{name}: program {state_program}");
     for (category, prog) in layout.optional_tracepoints() {
         if let Err(e) = attach(&mut ebpf, prog, category, prog, &mut programs) {
             log::warn!(
@@ -124,12 +177,39 @@ fn load_inner(layout: &Layout, ring_bytes: u32) -> anyhow::Result<Probes> {
         .take_map("STACKS")
         .ok_or_else(|| anyhow!("the eBPF object has no STACKS map"))?;
     let stacks = StackTraceMap::try_from(stacks).context("opening the STACKS map")?;
+    let transitions = ebpf
+        .take_map("TRANSITIONS")
+        .ok_or_else(|| anyhow!("the eBPF object has no TRANSITIONS map"))?;
+    let transitions = TransitionCounter(
+        PerCpuArray::try_from(transitions).context("opening the TRANSITIONS counter")?,
+    );
     Ok(Probes {
         ebpf,
         ring,
         lost,
         stacks,
+        transitions,
     })
+}
+
+/// Loads the object and attaches only its no-op program to the state
+/// tracepoint: the floor of `cargo xtask bench`. Detached on drop.
+pub fn attach_bench_floor() -> anyhow::Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .load(PROGRAM)
+        .context("loading the eBPF program")
+        .map_err(explain)?;
+    let (cat, name) = STATE_TP;
+    attach(
+        &mut ebpf,
+        "bench_floor",
+        cat,
+        name,
+        &mut ProgramStats::default(),
+    )
+    .with_context(|| format!("attaching the no-op program to {cat}:{name}"))
+    .map_err(explain)?;
+    Ok(ebpf)
 }
 
 fn attach(

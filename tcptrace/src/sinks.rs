@@ -9,8 +9,7 @@ use std::net::{TcpStream, ToSocketAddrs as _};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -103,9 +102,102 @@ pub struct SinkStats {
     pub written: AtomicU64,
 }
 
+/// Lines handed over together: one allocation and one wakeup per batch,
+/// shared by every sink (a sink that has room for only part of it keeps
+/// the part that fits).
+type Batch = Arc<Vec<String>>;
+
+#[derive(Default)]
+struct QueueState {
+    /// Batches and the range of each this sink still has to write.
+    batches: std::collections::VecDeque<(Batch, std::ops::Range<usize>)>,
+    /// Lines in `batches`.
+    lines: usize,
+    /// No more batches will come.
+    closed: bool,
+    /// The writer is waiting for lines (worth a wakeup).
+    idle: bool,
+}
+
+/// A sink's bounded queue, in lines. One lock and at most one wakeup per
+/// batch: a wakeup per line cost the agent more than formatting the line.
+struct LineQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+    capacity: usize,
+}
+
+impl LineQueue {
+    fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(QueueState::default()),
+            ready: Condvar::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // A writer thread that panicked leaves plain data behind: go on.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues what fits of `batch`; returns how many lines did not fit.
+    fn push(&self, batch: &Batch) -> usize {
+        let mut st = self.lock();
+        if st.closed {
+            return batch.len();
+        }
+        // An empty queue takes a whole batch (the agent caps batches at a
+        // few thousand lines): a burst to a destination that keeps up is
+        // never cut because it came in one piece.
+        let room = if st.lines == 0 {
+            batch.len()
+        } else {
+            self.capacity.saturating_sub(st.lines)
+        };
+        let fits = batch.len().min(room);
+        if fits > 0 {
+            st.batches.push_back((Arc::clone(batch), 0..fits));
+            st.lines += fits;
+            if st.idle {
+                st.idle = false;
+                self.ready.notify_one();
+            }
+        }
+        batch.len() - fits
+    }
+
+    /// Everything queued, waiting at most `timeout` for something; `None`
+    /// once closed and empty.
+    fn take(&self, timeout: Duration) -> Option<Vec<(Batch, std::ops::Range<usize>)>> {
+        let mut st = self.lock();
+        if st.batches.is_empty() && !st.closed {
+            st.idle = true;
+            st = self
+                .ready
+                .wait_timeout(st, timeout)
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+            st.idle = false;
+        }
+        if st.batches.is_empty() && st.closed {
+            return None;
+        }
+        st.lines = 0;
+        Some(st.batches.drain(..).collect())
+    }
+
+    fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        self.ready.notify_one();
+    }
+}
+
 struct Handle {
     spec: SinkSpec,
-    tx: Option<SyncSender<Arc<str>>>,
+    queue: Arc<LineQueue>,
     stats: Arc<SinkStats>,
     thread: Option<JoinHandle<()>>,
 }
@@ -115,6 +207,8 @@ pub struct Sinks {
     handles: Vec<Handle>,
     reopen: Arc<AtomicBool>,
     stdout_closed: Arc<AtomicBool>,
+    /// Lines sent since the last [`Sinks::commit`].
+    pending: Vec<String>,
 }
 
 impl Sinks {
@@ -124,7 +218,7 @@ impl Sinks {
         let stdout_closed = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         for spec in specs {
-            let (tx, rx) = sync_channel::<Arc<str>>(queue.max(1));
+            let lines = Arc::new(LineQueue::new(queue));
             let stats = Arc::new(SinkStats::default());
             let writer: Box<dyn Writer> = match spec {
                 SinkSpec::Stdout => Box::new(StdoutWriter {
@@ -140,12 +234,13 @@ impl Sinks {
                 SinkSpec::SyslogUnix(path) => Box::new(DatagramWriter::unix(path.clone())),
             };
             let thread_stats = stats.clone();
+            let thread_queue = lines.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("sink {spec}"))
-                .spawn(move || run_writer(writer, rx, &thread_stats))?;
+                .spawn(move || run_writer(writer, &thread_queue, &thread_stats))?;
             handles.push(Handle {
                 spec: spec.clone(),
-                tx: Some(tx),
+                queue: lines,
                 stats,
                 thread: Some(thread),
             });
@@ -154,19 +249,26 @@ impl Sinks {
             handles,
             reopen,
             stdout_closed,
+            pending: Vec::new(),
         })
     }
 
-    /// Queues `line` on every sink; a full queue counts a drop.
-    pub fn send(&self, line: &str) {
-        let line: Arc<str> = Arc::from(line);
+    /// Adds `line` to the batch that [`Sinks::commit`] hands to every sink.
+    pub fn send(&mut self, line: impl Into<String>) {
+        self.pending.push(line.into());
+    }
+
+    /// Hands the lines sent since the last commit to every sink's queue; a
+    /// full queue counts what it refuses as dropped.
+    pub fn commit(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let batch: Batch = Arc::new(std::mem::take(&mut self.pending));
         for h in &self.handles {
-            let Some(tx) = &h.tx else { continue };
-            match tx.try_send(line.clone()) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    h.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            let refused = h.queue.push(&batch);
+            if refused > 0 {
+                h.stats.dropped.fetch_add(refused as u64, Ordering::Relaxed);
             }
         }
     }
@@ -200,8 +302,9 @@ impl Sinks {
     /// Closes the queues and waits (at most `grace` per network sink) for
     /// the writers to drain them.
     pub fn shutdown(&mut self, grace: Duration) {
+        self.commit();
         for h in &mut self.handles {
-            drop(h.tx.take());
+            h.queue.close();
         }
         let deadline = std::time::Instant::now() + grace;
         for h in &mut self.handles {
@@ -234,37 +337,36 @@ trait Writer: Send {
     fn flush(&mut self) {}
 }
 
-fn run_writer(mut writer: Box<dyn Writer>, rx: Receiver<Arc<str>>, stats: &SinkStats) {
-    let mut pending: Option<Arc<str>> = None;
-    loop {
-        let line = match pending.take() {
-            Some(l) => l,
-            None => match rx.recv_timeout(FLUSH_IDLE) {
-                Ok(l) => l,
-                Err(RecvTimeoutError::Timeout) => {
-                    writer.flush();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    writer.flush();
-                    return;
-                }
-            },
-        };
-        if !writer.ready() {
-            // Keep the line; the queue holds the rest (and counts what
-            // does not fit) until the destination is back.
-            pending = Some(line);
+fn run_writer(mut writer: Box<dyn Writer>, queue: &LineQueue, stats: &SinkStats) {
+    while let Some(batches) = queue.take(FLUSH_IDLE) {
+        if batches.is_empty() {
+            writer.flush();
             continue;
         }
-        match writer.write(&line) {
-            Ok(()) => {
+        for (batch, range) in batches {
+            for line in &batch[range] {
+                // Keep the line until the destination takes it; meanwhile
+                // the queue holds the rest and counts what does not fit.
+                // (`ready` backs off while reconnecting or reopening.)
+                loop {
+                    if writer.ready() {
+                        match writer.write(line) {
+                            Ok(()) => break,
+                            // A write that fails on a ready destination
+                            // (disk full): do not spin.
+                            Err(_) => std::thread::sleep(WRITE_RETRY),
+                        }
+                    }
+                }
                 stats.written.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => pending = Some(line),
         }
     }
+    writer.flush();
 }
+
+/// Pause after a failed write before the next try.
+const WRITE_RETRY: Duration = Duration::from_millis(100);
 
 /// Idle time after which buffered output is flushed.
 const FLUSH_IDLE: Duration = Duration::from_millis(50);
@@ -628,6 +730,7 @@ mod tests {
         let path = dir.join("out.json");
         let mut sinks = Sinks::start(&[SinkSpec::File(path.clone())], 16).expect("start");
         sinks.send("one");
+        sinks.commit();
         std::thread::sleep(Duration::from_millis(400));
         std::fs::rename(&path, dir.join("out.json.1")).expect("rename");
         sinks.reopen();
@@ -645,6 +748,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let mut sinks = Sinks::start(&[SinkSpec::Tcp(addr.to_string())], 4).expect("start");
         sinks.send("a");
+        sinks.commit();
         let (conn, _) = listener.accept().expect("accept");
         let mut lines = io::BufReader::new(conn).lines();
         assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("a"));

@@ -57,6 +57,42 @@ pub fn build_agent(tools: &BuildTools, release: bool) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// `cargo build --package PKG --bin BIN [--release]`; returns the binary.
+pub fn build_bin(tools: &BuildTools, package: &str, bin: &str, release: bool) -> Result<PathBuf> {
+    let profile = if release { "release" } else { "debug" };
+    say!("building {bin} ({profile})");
+    let mut cmd = cargo(tools)?;
+    cmd.args(["build", "--package", package, "--bin", bin]);
+    if release {
+        cmd.arg("--release");
+    }
+    run::checked(&mut cmd).with_context(|| format!("building {bin} failed"))?;
+    let path = target_dir()?.join(profile).join(bin);
+    if !path.is_file() {
+        bail!("the build succeeded but {} does not exist", path.display());
+    }
+    Ok(path)
+}
+
+/// `cargo run --release --package tcptrace --example NAME -- ARGS`; returns
+/// its stdout.
+pub fn run_example(tools: &BuildTools, name: &str, args: &[&str]) -> Result<String> {
+    say!("running the {name} example");
+    let mut cmd = cargo(tools)?;
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "tcptrace",
+        "--example",
+        name,
+        "--",
+    ])
+    .args(args);
+    run::capture_stdout(&mut cmd).with_context(|| format!("running the {name} example"))
+}
+
 /// `cargo test <args>` with TCPTRACE_BIN set to the agent binary; returns
 /// cargo's exit code.
 ///
@@ -70,7 +106,7 @@ pub fn test(tools: &BuildTools, bin: &Path, args: &[OsString]) -> Result<i32> {
 }
 
 /// The target directory, as `cargo metadata` reports it.
-fn target_dir() -> Result<PathBuf> {
+pub fn target_dir() -> Result<PathBuf> {
     let json = run::capture_stdout(
         Command::new(cargo_program())
             .current_dir(workspace_root())

@@ -17,6 +17,7 @@
 //! handling, root checks).
 
 mod apt;
+mod bench;
 mod cargo;
 mod run;
 mod toolchain;
@@ -89,6 +90,18 @@ enum Cmd {
         #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
         args: Vec<OsString>,
     },
+    /// Measure what the agent costs the host, side by side in one run (as root).
+    ///
+    /// Builds the release agent and a churn driver, then runs rounds of
+    /// loopback connection churn alternating between no tracer, a no-op
+    /// program on the same tracepoint (the floor), the agent in its default
+    /// mode, the agent writing every transition as JSON, and libbpf-tools'
+    /// tcpstates (installed if missing, when the package exists). Prints
+    /// connections/s, the ratio to no tracer, lost records, CPU per million
+    /// transitions and peak RSS; then a scale run with 100 000 open
+    /// connections and the tracker's memory with 1 000 000 sockets. The
+    /// table is recorded in BENCHMARKS.md.
+    Bench(bench::BenchOpts),
 }
 
 fn main() {
@@ -117,6 +130,12 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
         }
         Cmd::Run { release, args } => run_agent(release, args),
         Cmd::Test { args } => test(args),
+        Cmd::Bench(opts) => {
+            let mut apt = apt::Apt::new();
+            let tools = toolchain::ensure_build_tools(&mut apt)?;
+            toolchain::ensure_bench_tools(&mut apt);
+            bench::bench(&tools, &opts)
+        }
     }
 }
 

@@ -341,6 +341,19 @@ pub fn ensure_test_tools(apt: &mut Apt) -> Result<()> {
     Ok(())
 }
 
+/// Installs what `cargo xtask bench` uses when missing: iproute2 (the load
+/// runs in a namespace of its own) and libbpf-tools (tcpstates, the peer it
+/// is compared with). A missing tcpstates only leaves its row out.
+pub fn ensure_bench_tools(apt: &mut Apt) {
+    for (command, package) in [("ip", "iproute2"), ("tcpstates", "libbpf-tools")] {
+        if find_command(command).is_none() {
+            if let Err(e) = apt.ensure_installed(&[package.to_string()]) {
+                say!("could not install {package} ({e:#}); going on without {command}");
+            }
+        }
+    }
+}
+
 /// A command on PATH, or in the sbin directories a non-login root shell
 /// may leave out of PATH.
 fn find_command(name: &str) -> Option<PathBuf> {

@@ -1,0 +1,628 @@
+//! `cargo xtask bench`: what the agent costs the host, measured side by side
+//! in one run.
+//!
+//! The load is `tcptrace-churn` (tests crate): one thread of loopback
+//! connections, each connected, accepted, closed by the client then the
+//! server, in a network namespace of the benchmark's own (wide port range,
+//! TIME_WAIT reuse), so the host's ports are left alone. Rounds alternate
+//! between tracers, in a rotating order, so that drift of the machine is
+//! spread over all of them:
+//!
+//! - `none`: no tracer (the reference);
+//! - `floor`: a program that does nothing on the same tracepoint;
+//! - `agent`: the agent in its default mode, leak detection on, leak
+//!   events only;
+//! - `agent-json`: the agent writing every transition as JSON to a file;
+//! - `tcpstates`: libbpf-tools' tcpstates, when installed, to /dev/null.
+//!
+//! For the agent, transitions and lost records come from its own metrics
+//! endpoint, CPU time and peak RSS from /proc. A scale run then holds 100 000
+//! connections open and reports the agent's RSS and tracker size, and the
+//! tracker alone is filled with 1 000 000 sockets (`tracker_memory`
+//! example). The table goes to stdout and to BENCHMARKS.md.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::toolchain::BuildTools;
+use crate::{cargo, run, say};
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOpts {
+    /// Rounds per tracer (alternating).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Seconds of churn per round.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Connections held open in the scale run (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    pub scale: usize,
+    /// Sockets put in the tracker alone for its memory figure (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub tracker_sockets: usize,
+    /// Where the table is recorded.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub output: PathBuf,
+}
+
+/// A tracer under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    None,
+    Floor,
+    Agent,
+    AgentJson,
+    Tcpstates,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Floor => "floor (no-op program)",
+            Self::Agent => "agent (default: leaks only)",
+            Self::AgentJson => "agent (every transition as JSON to a file)",
+            Self::Tcpstates => "libbpf-tools tcpstates > /dev/null",
+        }
+    }
+}
+
+/// One round of one tracer.
+#[derive(Clone, Debug, Default)]
+struct Round {
+    per_second: f64,
+    connections: u64,
+    /// From the agent's metrics; `None` for other tracers.
+    transitions: Option<u64>,
+    lost: Option<u64>,
+    /// CPU seconds the tracer process used during the churn.
+    cpu_seconds: Option<f64>,
+    /// Peak RSS of the tracer process, bytes.
+    peak_rss: Option<u64>,
+}
+
+/// The network namespace the load runs in; removed on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create() -> Result<Self> {
+        let name = format!("tcptrace-bench-{}", std::process::id());
+        run::checked(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        for args in [
+            &["ip", "link", "set", "lo", "up"][..],
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_local_port_range=1024 65535",
+            ],
+            &["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"],
+            &["sysctl", "-q", "-w", "net.core.somaxconn=65535"],
+        ] {
+            run::checked(&mut ns.exec(args))?;
+        }
+        Ok(ns)
+    }
+
+    fn exec(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(args);
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A running tracer: its process, stderr lines, metrics port.
+struct Tracer {
+    child: Child,
+    metrics_port: Option<u16>,
+}
+
+impl Tracer {
+    fn start(mode: Mode, agent: &Path, scratch: &Path) -> Result<Option<Self>> {
+        let port = free_port()?;
+        let metrics = format!("127.0.0.1:{port}");
+        let json = scratch.join("transitions.json");
+        let mut cmd = match mode {
+            Mode::None => return Ok(None),
+            Mode::Floor => {
+                let mut c = Command::new(agent);
+                c.arg("bench-floor");
+                c
+            }
+            Mode::Agent => {
+                let mut c = Command::new(agent);
+                c.args([
+                    "--events",
+                    "leak",
+                    "--format",
+                    "json",
+                    "--state-file",
+                    "none",
+                ])
+                .args(["--metrics", &metrics]);
+                c
+            }
+            Mode::AgentJson => {
+                let mut c = Command::new(agent);
+                c.args(["--events", "state-change", "--format", "json"])
+                    .args(["--state-file", "none", "--metrics", &metrics])
+                    .arg("--output")
+                    .arg(format!("file:{}", json.display()));
+                c
+            }
+            Mode::Tcpstates => Command::new(tcpstates().context("tcpstates is not installed")?),
+        };
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", run::describe(&cmd)))?;
+        let stderr = child.stderr.take().context("piped stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        if mode == Mode::Tcpstates {
+            // tcpstates says nothing when ready: give it time to attach.
+            std::thread::sleep(Duration::from_secs(2));
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(line) if line.contains("ready") => break,
+                    Ok(_) => {}
+                    Err(_) => {
+                        let _ = child.kill();
+                        bail!("{} never said it was ready", mode.name());
+                    }
+                }
+            }
+        }
+        Ok(Some(Self {
+            child,
+            metrics_port: matches!(mode, Mode::Agent | Mode::AgentJson).then_some(port),
+        }))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// (transitions, lost records) from the agent's metrics.
+    fn counts(&self) -> Result<Option<(u64, u64)>> {
+        let Some(port) = self.metrics_port else {
+            return Ok(None);
+        };
+        let text = scrape(port)?;
+        Ok(Some((
+            sum_of(&text, "tcptrace_transitions_total"),
+            sum_of(&text, "tcptrace_ring_buffer_lost_records_total"),
+        )))
+    }
+
+    fn stop(mut self) -> Result<()> {
+        // SAFETY: kill with a valid pid and signal.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("the tracer did not stop after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tcpstates() -> Option<PathBuf> {
+    ["/usr/sbin/tcpstates", "/usr/bin/tcpstates"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| run::is_executable(p))
+        .or_else(|| run::find_in_path("tcpstates"))
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `GET /metrics` from the agent.
+fn scrape(port: u16) -> Result<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to the agent's metrics on port {port}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// Sum of every sample of metric `name` (all label sets).
+fn sum_of(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// (utime + stime) of `pid`, seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// A `VmHWM`/`VmRSS`-style line of /proc/PID/status, bytes.
+fn status_bytes(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The JSON number after `"key":` in a one-line object.
+fn json_number(line: &str, key: &str) -> Option<f64> {
+    let start = line.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &line[start..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+fn one_round(mode: Mode, opts: &BenchOpts, bins: &Bins, ns: &Netns) -> Result<Round> {
+    let scratch = cargo::target_dir()?.join("bench");
+    std::fs::create_dir_all(&scratch)?;
+    let tracer = Tracer::start(mode, &bins.agent, &scratch)?;
+    let before = match &tracer {
+        Some(t) => t.counts()?,
+        None => None,
+    };
+    let cpu_before = tracer.as_ref().and_then(|t| cpu_seconds(t.pid()));
+    let seconds = format!("{}", opts.seconds);
+    let churn = bins.churn.display().to_string();
+    let out = run::capture_stdout(&mut ns.exec(&[
+        &churn,
+        "churn",
+        "--seconds",
+        &seconds,
+        "--cpu",
+        CHURN_CPU,
+    ]))?;
+    let mut round = Round {
+        per_second: json_number(&out, "per_second").context("churn printed no rate")?,
+        connections: json_number(&out, "connections").unwrap_or(0.0) as u64,
+        ..Round::default()
+    };
+    if let Some(t) = &tracer {
+        // Let the tracer catch up with what the churn left in its buffer.
+        std::thread::sleep(Duration::from_millis(500));
+        round.cpu_seconds = cpu_before.zip(cpu_seconds(t.pid())).map(|(a, b)| b - a);
+        round.peak_rss = status_bytes(t.pid(), "VmHWM:");
+        if let (Some((t0, l0)), Some((t1, l1))) = (before, t.counts()?) {
+            round.transitions = Some(t1.saturating_sub(t0));
+            round.lost = Some(l1.saturating_sub(l0));
+        }
+    }
+    if let Some(t) = tracer {
+        t.stop()?;
+    }
+    let _ = std::fs::remove_file(scratch.join("transitions.json"));
+    Ok(round)
+}
+
+/// The CPU the churn is pinned to (an unpinned single thread moved between
+/// CPUs by the scheduler runs at half speed now and then).
+const CHURN_CPU: &str = "0";
+
+struct Bins {
+    agent: PathBuf,
+    churn: PathBuf,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// One table row.
+struct Row {
+    mode: Mode,
+    median: f64,
+    spread_pct: f64,
+    ratio: f64,
+    lost: Option<u64>,
+    cpu_per_m: Option<f64>,
+    peak_rss_mib: Option<f64>,
+}
+
+fn summarize(mode: Mode, rounds: &[Round], reference: f64, per_conn: f64) -> Row {
+    let mut rates: Vec<f64> = rounds.iter().map(|r| r.per_second).collect();
+    let med = median(&mut rates);
+    let (lo, hi) = (
+        rates.first().copied().unwrap_or(0.0),
+        rates.last().copied().unwrap_or(0.0),
+    );
+    let lost = rounds
+        .iter()
+        .map(|r| r.lost)
+        .try_fold(0u64, |acc, l| l.map(|l| acc + l));
+    let cpu: Option<f64> = rounds.iter().map(|r| r.cpu_seconds).sum();
+    let transitions: f64 = rounds
+        .iter()
+        .map(|r| {
+            r.transitions
+                .map_or(r.connections as f64 * per_conn, |t| t as f64)
+        })
+        .sum();
+    Row {
+        mode,
+        median: med,
+        spread_pct: if med > 0.0 {
+            (hi - lo) / med * 100.0
+        } else {
+            0.0
+        },
+        ratio: if reference > 0.0 {
+            med / reference
+        } else {
+            0.0
+        },
+        lost,
+        cpu_per_m: cpu
+            .filter(|_| transitions > 0.0)
+            .map(|c| c / transitions * 1e6),
+        peak_rss_mib: rounds
+            .iter()
+            .filter_map(|r| r.peak_rss)
+            .max()
+            .map(|b| b as f64 / (1 << 20) as f64),
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| tracer | connections/s (median) | spread (max-min) | ratio to none | lost records | CPU s per 1M transitions | peak RSS MiB |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
+    for r in rows {
+        t.push_str(&format!(
+            "| {} | {:.0} | {:.1} % | {:.3} | {} | {} | {} |\n",
+            r.mode.name(),
+            r.median,
+            r.spread_pct,
+            r.ratio,
+            opt(r.lost.map(|l| l.to_string())),
+            opt(r.cpu_per_m.map(|c| format!("{c:.2}"))),
+            opt(r.peak_rss_mib.map(|m| format!("{m:.1}"))),
+        ));
+    }
+    t
+}
+
+/// The machine, for the record.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or_else(
+            || "?".into(),
+            |k| format!("{:.1} GiB", k as f64 / 1048576.0),
+        );
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_string())
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem} RAM, Linux {kernel}")
+}
+
+/// Scale: `count` connections held open while the agent runs.
+fn scale_run(count: usize, bins: &Bins, ns: &Netns) -> Result<String> {
+    let scratch = cargo::target_dir()?.join("bench");
+    let tracer = Tracer::start(Mode::Agent, &bins.agent, &scratch)?.context("the agent")?;
+    let churn = bins.churn.display().to_string();
+    // One holder keeps as many connections as its descriptor limit allows.
+    let per_holder: usize = run::capture_stdout(&mut ns.exec(&[&churn, "hold", "--max"]))?
+        .trim()
+        .parse()
+        .context("the holder's capacity")?;
+    let per_holder = per_holder.clamp(1, count);
+    let started = Instant::now();
+    let mut holders = Vec::new();
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(per_holder);
+        left -= n;
+        let n_arg = n.to_string();
+        let mut hold = ns
+            .exec(&[&churn, "hold", "--count", &n_arg, "--ports", "4"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a connection holder")?;
+        let mut line = String::new();
+        BufReader::new(hold.stdout.take().context("piped stdout")?).read_line(&mut line)?;
+        if !line.contains("\"open\"") {
+            let _ = hold.kill();
+            bail!("a holder failed to open {n} connections: {line:?}");
+        }
+        holders.push(hold);
+    }
+    let opened_in = started.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let port = tracer.metrics_port.context("metrics port")?;
+    let text = scrape(port)?;
+    let tracked = sum_of(&text, "tcptrace_tracked_sockets");
+    let rss = status_bytes(tracer.pid(), "VmRSS:").unwrap_or(0);
+    let lost = sum_of(&text, "tcptrace_ring_buffer_lost_records_total");
+    for mut hold in holders {
+        drop(hold.stdin.take());
+        let _ = hold.wait();
+    }
+    tracer.stop()?;
+    Ok(format!(
+        "{count} connections ({} sockets) opened in {:.1} s and held: the agent tracked {tracked} \
+         sockets with {:.1} MiB RSS, {lost} records lost.",
+        count * 2,
+        opened_in.as_secs_f64(),
+        rss as f64 / 1048576.0
+    ))
+}
+
+/// The tracker alone with `n` sockets (the `tracker_memory` example).
+fn tracker_memory(tools: &BuildTools, n: usize) -> Result<String> {
+    let out = cargo::run_example(tools, "tracker_memory", &[&n.to_string()])?;
+    Ok(out.trim().to_string())
+}
+
+/// `cargo xtask bench`.
+pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
+    if !run::is_root() {
+        bail!("cargo xtask bench needs root (it loads BPF programs); run it as root");
+    }
+    let agent = cargo::build_agent(tools, true)?;
+    let churn = cargo::build_bin(tools, "tcptrace-tests", "tcptrace-churn", true)?;
+    let bins = Bins { agent, churn };
+    let ns = Netns::create()?;
+    let mut modes = vec![Mode::None, Mode::Floor, Mode::Agent, Mode::AgentJson];
+    if tcpstates().is_some() {
+        modes.push(Mode::Tcpstates);
+    } else {
+        say!("tcpstates not installed (apt-get install libbpf-tools): left out");
+    }
+    let mut results: Vec<Vec<Round>> = vec![Vec::new(); modes.len()];
+    // A warm-up round, not counted: page cache, TIME_WAIT tables, CPU clocks.
+    one_round(Mode::None, opts, &bins, &ns).context("the warm-up round")?;
+    for round in 0..opts.rounds {
+        for k in 0..modes.len() {
+            // Rotate the order each round, so no tracer always runs first.
+            let i = (k + round) % modes.len();
+            let r = one_round(modes[i], opts, &bins, &ns)
+                .with_context(|| format!("round {} of {}", round + 1, modes[i].name()))?;
+            say!(
+                "round {}/{}: {:<45} {:>9.0} connections/s",
+                round + 1,
+                opts.rounds,
+                modes[i].name(),
+                r.per_second
+            );
+            results[i].push(r);
+        }
+    }
+    let reference = {
+        let mut v: Vec<f64> = results[0].iter().map(|r| r.per_second).collect();
+        median(&mut v)
+    };
+    // Transitions per connection, as the agent counted them, for tracers
+    // that do not count.
+    let per_conn = {
+        let (t, c) = results
+            .iter()
+            .flatten()
+            .filter_map(|r| r.transitions.map(|t| (t, r.connections)))
+            .fold((0u64, 0u64), |(a, b), (t, c)| (a + t, b + c));
+        if c > 0 {
+            t as f64 / c as f64
+        } else {
+            10.0
+        }
+    };
+    let rows: Vec<Row> = modes
+        .iter()
+        .zip(&results)
+        .map(|(m, r)| summarize(*m, r, reference, per_conn))
+        .collect();
+    let table = table(&rows);
+    println!("\n{table}");
+    let scale = if opts.scale > 0 {
+        let s = scale_run(opts.scale, &bins, &ns)?;
+        println!("scale: {s}");
+        s
+    } else {
+        "skipped".into()
+    };
+    let tracker = if opts.tracker_sockets > 0 {
+        let s = tracker_memory(tools, opts.tracker_sockets)?;
+        println!("tracker: {s}");
+        s
+    } else {
+        "skipped".into()
+    };
+    let now = run::capture_stdout(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+        .unwrap_or_default();
+    let doc = format!(
+        "# Benchmarks\n\n\
+         Written by `cargo xtask bench` (do not edit by hand); rerun it to refresh.\n\n\
+         - when: {}\n- machine: {}\n- load: one thread of loopback connection churn \
+         (connect, accept, client closes, server closes; {per_conn:.1} transitions per \
+         connection as the agent counted them) pinned to CPU {CHURN_CPU}, in a network \
+         namespace of its own; {} rounds of {} s per tracer, alternating, after a warm-up \
+         round\n\n\
+         {table}\n\
+         CPU is the tracer process's own (user + system) during the churn; the kernel \
+         program's cost shows in the ratio. Lost records are the agent's own count (ring \
+         buffer full, or runs the kernel skipped).\n\n\
+         ## Scale\n\n{scale}\n\n## Tracker memory\n\n{tracker}\n",
+        now.trim(),
+        machine(),
+        opts.rounds,
+        opts.seconds,
+    );
+    let path = cargo::workspace_root().join(&opts.output);
+    std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
+    say!("recorded in {}", path.display());
+    Ok(0)
+}
