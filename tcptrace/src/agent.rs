@@ -106,6 +106,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         cli.format(io::stdout().is_terminal() && cli.outputs == [crate::sinks::SinkSpec::Stdout]);
     let leak_after_ns = u64::try_from(cli.leak_after.as_nanos()).unwrap_or(u64::MAX);
     let mut pipeline = Pipeline::new(cli.filter(), format, WallClock::new(), leak_after_ns);
+    pipeline.tracker = crate::tracker::Tracker::new(cli.max_sockets);
     pipeline.groups = LeakGroups::new(
         cli.leak_lines_per_group,
         LEAK_LINE_WINDOW_NS,

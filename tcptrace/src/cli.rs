@@ -127,6 +127,12 @@ pub struct Cli {
           value_parser = crate::metrics_server::parse_addr)]
     pub metrics: Option<std::net::SocketAddr>,
 
+    /// Sockets the agent remembers at once (owner, origin, time in state; about 136 bytes
+    /// each); past that, the least recently active eighth is forgotten (counted).
+    #[arg(long, value_name = "N", default_value_t = crate::tracker::DEFAULT_CAPACITY,
+          value_parser = parse_max_sockets)]
+    pub max_sockets: usize,
+
     /// User stacks taken at connect()/accept() per process per second, at most (0, the
     /// default: every one). A stack walk costs the connecting process about a microsecond;
     /// with a limit, a process that connects faster gets origin stacks for a sample of its
@@ -217,6 +223,16 @@ pub enum Command {
         #[arg(long, value_name = "PATH", default_value = crate::report::DEFAULT_STATE_FILE)]
         state_file: String,
     },
+}
+
+/// Parses `--max-sockets`: 1 to 64 M.
+pub fn parse_max_sockets(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=1 << 26).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a number of sockets from 1 to 67108864"
+        )),
+    }
 }
 
 /// Parses a queue length: 1 to 16 M lines.

@@ -109,41 +109,188 @@ pub struct Known {
     pub ino: Option<u64>,
 }
 
-#[derive(Debug)]
+/// What the tracker keeps per socket: 56 bytes, so that a million sockets
+/// fit in well under 150 MiB with the hash table's own overhead. Command
+/// names are interned ([`CommTable`]); an origin's process, name and fd are
+/// its owner's (both are set by the same connect() or accept()).
+#[derive(Debug, Clone, Copy)]
 struct Entry {
-    /// Current state and since when (monotonic ns); `None` when only the
-    /// owner is known (an accept seen before any transition).
-    state: Option<(TcpState, u64)>,
-    owner: Option<Owner>,
-    origin: Option<Origin>,
-    ino: Option<u64>,
-    closer: Option<crate::decode::Task>,
-    reset: bool,
-    /// Last record time, for eviction.
-    touched_ns: u64,
+    /// When the socket entered `state` (monotonic ns); also its age for
+    /// eviction.
+    since_ns: u64,
+    /// Socket inode, 0 when unknown.
+    ino: u64,
+    /// When the creating call ran.
+    origin_ts_ns: u64,
+    owner_pid: u32,
+    /// `NO_FD` when unknown.
+    owner_fd: i32,
+    owner_comm: CommId,
+    origin_tid: u32,
+    /// `NO_STACK` when none.
+    origin_stack: u32,
+    closer_pid: u32,
+    closer_comm: CommId,
+    /// `None` when only the owner is known (an accept seen before any
+    /// transition).
+    state: Option<TcpState>,
+    /// `HAS_OWNER` | `HAS_ORIGIN` | `HAS_CLOSER` | `RESET` | `ORIGIN_ACCEPT`.
+    flags: u8,
 }
+
+const HAS_OWNER: u8 = 1;
+const HAS_ORIGIN: u8 = 2;
+const HAS_CLOSER: u8 = 4;
+const RESET: u8 = 8;
+const ORIGIN_ACCEPT: u8 = 16;
+const NO_FD: i32 = i32::MIN;
+const NO_STACK: u32 = u32::MAX;
 
 impl Entry {
     fn new(ts_ns: u64) -> Self {
         Self {
+            since_ns: ts_ns,
+            ino: 0,
+            origin_ts_ns: 0,
+            owner_pid: 0,
+            owner_fd: NO_FD,
+            owner_comm: 0,
+            origin_tid: 0,
+            origin_stack: NO_STACK,
+            closer_pid: 0,
+            closer_comm: 0,
             state: None,
-            owner: None,
-            origin: None,
-            ino: None,
-            closer: None,
-            reset: false,
-            touched_ns: ts_ns,
+            flags: 0,
+        }
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn set(&mut self, flag: u8, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
+    fn owner(&self, comms: &CommTable) -> Option<Owner> {
+        self.has(HAS_OWNER).then(|| Owner {
+            pid: self.owner_pid,
+            fd: (self.owner_fd != NO_FD).then_some(self.owner_fd),
+            comm: comms.name(self.owner_comm),
+        })
+    }
+
+    fn origin(&self, comms: &CommTable) -> Option<Origin> {
+        (self.has(HAS_ORIGIN) && self.has(HAS_OWNER)).then(|| Origin {
+            syscall: if self.has(ORIGIN_ACCEPT) {
+                Syscall::Accept
+            } else {
+                Syscall::Connect
+            },
+            pid: self.owner_pid,
+            tid: self.origin_tid,
+            comm: comms.name(self.owner_comm),
+            fd: (self.owner_fd != NO_FD).then_some(self.owner_fd),
+            ts_ns: self.origin_ts_ns,
+            stack_id: (self.origin_stack != NO_STACK).then_some(self.origin_stack),
+        })
+    }
+
+    /// The closer's thread id is not kept (nothing reports it).
+    fn closer(&self, comms: &CommTable) -> Option<crate::decode::Task> {
+        self.has(HAS_CLOSER).then(|| crate::decode::Task {
+            pid: self.closer_pid,
+            tid: self.closer_pid,
+            comm: comms.name(self.closer_comm),
+        })
+    }
+
+    fn set_owner(&mut self, owner: Option<&Owner>, comms: &mut CommTable) {
+        self.set(HAS_OWNER, owner.is_some());
+        if let Some(o) = owner {
+            self.owner_pid = o.pid;
+            self.owner_fd = o.fd.unwrap_or(NO_FD);
+            self.owner_comm = comms.intern(&o.comm);
+        }
+    }
+
+    /// Keeps `origin`'s own fields; its process, name and fd are the owner's.
+    fn set_origin(&mut self, origin: Option<&Origin>) {
+        self.set(HAS_ORIGIN, origin.is_some());
+        if let Some(o) = origin {
+            self.set(ORIGIN_ACCEPT, o.syscall == Syscall::Accept);
+            self.origin_tid = o.tid;
+            self.origin_ts_ns = o.ts_ns;
+            self.origin_stack = o.stack_id.unwrap_or(NO_STACK);
+        }
+    }
+
+    fn set_closer(&mut self, closer: Option<&crate::decode::Task>, comms: &mut CommTable) {
+        self.set(HAS_CLOSER, closer.is_some());
+        if let Some(c) = closer {
+            self.closer_pid = c.pid;
+            self.closer_comm = comms.intern(&c.comm);
         }
     }
 }
 
-/// Default number of sockets tracked at once.
-pub const DEFAULT_CAPACITY: usize = 262_144;
+/// An interned command name.
+type CommId = u32;
+
+/// Most distinct command names kept; past that, new ones read as `?`
+/// (a process that renames itself endlessly cannot grow the table).
+const MAX_COMMS: usize = 1 << 16;
+
+/// Command names by id: a socket keeps 4 bytes instead of a `String`.
+#[derive(Debug)]
+struct CommTable {
+    ids: HashMap<Box<str>, CommId>,
+    names: Vec<Box<str>>,
+}
+
+impl Default for CommTable {
+    fn default() -> Self {
+        Self {
+            ids: HashMap::new(),
+            // Id 0: the name of every comm past MAX_COMMS.
+            names: vec!["?".into()],
+        }
+    }
+}
+
+impl CommTable {
+    fn intern(&mut self, comm: &str) -> CommId {
+        if let Some(id) = self.ids.get(comm) {
+            return *id;
+        }
+        if self.names.len() >= MAX_COMMS {
+            return 0;
+        }
+        let id = self.names.len() as CommId;
+        self.names.push(comm.into());
+        self.ids.insert(comm.into(), id);
+        id
+    }
+
+    fn name(&self, id: CommId) -> String {
+        self.names
+            .get(id as usize)
+            .map_or_else(|| "?".to_string(), |n| n.to_string())
+    }
+}
+
+/// Default number of sockets tracked at once: about 130 MiB when full.
+pub const DEFAULT_CAPACITY: usize = 1 << 20;
 
 /// Tracks every live TCP socket seen by the kernel program.
 #[derive(Debug)]
 pub struct Tracker {
     sockets: HashMap<u64, Entry>,
+    comms: CommTable,
     capacity: usize,
     evicted: u64,
 }
@@ -190,6 +337,7 @@ impl Tracker {
     pub fn new(capacity: usize) -> Self {
         Self {
             sockets: HashMap::new(),
+            comms: CommTable::default(),
             capacity: capacity.max(1),
             evicted: 0,
         }
@@ -218,32 +366,37 @@ impl Tracker {
             // Whatever was known under this address belonged to a freed socket.
             self.sockets.remove(&change.sk);
         }
-        let prev = self.sockets.get(&change.sk);
-        let prev_state_ms = prev.and_then(|e| e.state).and_then(|(state, since)| {
-            (state == change.old && ts >= since).then(|| (ts - since) as f64 / 1e6)
-        });
-        let owner = owner_from_context(&change).or_else(|| prev.and_then(|e| e.owner.clone()));
-        let origin = origin_from_context(&change).or_else(|| prev.and_then(|e| e.origin.clone()));
-        let ino = change.ino.or_else(|| prev.and_then(|e| e.ino));
+        let prev = self.sockets.get(&change.sk).copied();
+        let comms = &self.comms;
+        let prev_state_ms = prev
+            .and_then(|e| e.state.map(|s| (s, e.since_ns)))
+            .and_then(|(state, since)| {
+                (state == change.old && ts >= since).then(|| (ts - since) as f64 / 1e6)
+            });
+        let owner = owner_from_context(&change).or_else(|| prev.and_then(|e| e.owner(comms)));
+        let origin = origin_from_context(&change).or_else(|| prev.and_then(|e| e.origin(comms)));
+        let ino = change
+            .ino
+            .or_else(|| prev.and_then(|e| (e.ino != 0).then_some(e.ino)));
         let closer = if change.new == TcpState::FinWait1 {
             Some(change.ctx.clone())
         } else {
-            prev.and_then(|e| e.closer.clone())
+            prev.and_then(|e| e.closer(comms))
         };
-        let reset = prev.is_some_and(|e| e.reset);
+        let reset = prev.is_some_and(|e| e.has(RESET));
 
         if change.new == TcpState::Close {
             self.sockets.remove(&change.sk);
         } else {
             self.make_room(change.sk);
-            let entry = self.sockets.entry(change.sk).or_insert(Entry::new(ts));
-            entry.state = Some((change.new, ts));
-            entry.owner.clone_from(&owner);
-            entry.origin.clone_from(&origin);
-            entry.ino = ino;
-            entry.closer.clone_from(&closer);
-            entry.reset = reset;
-            entry.touched_ns = ts;
+            let mut entry = Entry::new(ts);
+            entry.state = Some(change.new);
+            entry.set_owner(owner.as_ref(), &mut self.comms);
+            entry.set_origin(origin.as_ref());
+            entry.ino = ino.unwrap_or(0);
+            entry.set_closer(closer.as_ref(), &mut self.comms);
+            entry.set(RESET, reset);
+            self.sockets.insert(change.sk, entry);
         }
         Transition {
             change,
@@ -259,43 +412,46 @@ impl Tracker {
     /// Notes a RST on socket `sk`: its coming CLOSE is an abort.
     pub fn on_reset(&mut self, reset: &crate::decode::Reset) {
         if let Some(e) = self.sockets.get_mut(&reset.sk) {
-            e.reset = true;
-            e.touched_ns = e.touched_ns.max(reset.ts_ns);
+            e.set(RESET, true);
         }
     }
 
     /// What is known about socket `sk`.
     pub fn known(&self, sk: u64) -> Option<Known> {
         self.sockets.get(&sk).map(|e| Known {
-            owner: e.owner.clone(),
-            origin: e.origin.clone(),
-            ino: e.ino,
+            owner: e.owner(&self.comms),
+            origin: e.origin(&self.comms),
+            ino: (e.ino != 0).then_some(e.ino),
         })
     }
 
     /// Records the owner of an accepted socket.
     pub fn on_accept(&mut self, accept: &Accept) {
         self.make_room(accept.sk);
-        let entry = self
+        let mut entry = self
             .sockets
-            .entry(accept.sk)
-            .or_insert(Entry::new(accept.ts_ns));
-        entry.owner = Some(Owner {
+            .get(&accept.sk)
+            .copied()
+            .unwrap_or_else(|| Entry::new(accept.ts_ns));
+        let owner = Owner {
             pid: accept.task.pid,
             fd: Some(accept.fd),
             comm: accept.task.comm.clone(),
-        });
-        entry.origin = Some(Origin {
+        };
+        entry.set_owner(Some(&owner), &mut self.comms);
+        entry.set_origin(Some(&Origin {
             syscall: Syscall::Accept,
             pid: accept.task.pid,
             tid: accept.task.tid,
-            comm: accept.task.comm.clone(),
+            comm: String::new(),
             fd: Some(accept.fd),
             ts_ns: accept.ts_ns,
             stack_id: accept.stack_id,
-        });
-        entry.ino = accept.ino.or(entry.ino);
-        entry.touched_ns = entry.touched_ns.max(accept.ts_ns);
+        }));
+        if let Some(ino) = accept.ino {
+            entry.ino = ino;
+        }
+        self.sockets.insert(accept.sk, entry);
     }
 
     /// Evicts the least recently touched eighth when full and `sk` is new.
@@ -306,7 +462,7 @@ impl Tracker {
         let mut ages: Vec<(u64, u64)> = self
             .sockets
             .iter()
-            .map(|(sk, e)| (e.touched_ns, *sk))
+            .map(|(sk, e)| (e.since_ns, *sk))
             .collect();
         let n = (self.capacity / 8).max(1);
         ages.select_nth_unstable(n - 1);
@@ -525,5 +681,27 @@ mod tests {
         // The most recent sockets survive.
         let tr = t.on_state(change(99, 200, SynSent, Established, 0));
         assert!(tr.prev_state_ms.is_some());
+    }
+
+    #[test]
+    fn an_entry_is_56_bytes() {
+        // 1 000 000 sockets in a table of 2^21 slots of (key, entry, control
+        // byte): 2^21 * 65 bytes = 130 MiB.
+        assert_eq!(std::mem::size_of::<Entry>(), 56);
+    }
+
+    #[test]
+    fn command_names_are_interned_and_bounded() {
+        let mut t = CommTable::default();
+        let a = t.intern("orders-svc");
+        assert_eq!(t.intern("orders-svc"), a);
+        assert_eq!(t.name(a), "orders-svc");
+        for i in 0..MAX_COMMS + 10 {
+            t.intern(&format!("renamed-{i}"));
+        }
+        assert_eq!(t.names.len(), MAX_COMMS, "capped");
+        let late = t.intern("one more");
+        assert_eq!(t.name(late), "?");
+        assert_eq!(t.name(a), "orders-svc", "earlier names stay");
     }
 }
