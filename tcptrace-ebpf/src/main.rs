@@ -156,12 +156,6 @@ fn state_bit(state: i32) -> u32 {
     }
 }
 
-/// Whether the agent asked for this transition.
-#[inline(always)]
-fn wanted(cfg: &KernelConfig, old: i32, new: i32) -> bool {
-    cfg.emit_new & state_bit(new) != 0 || cfg.emit_old & state_bit(old) != 0
-}
-
 #[inline(always)]
 fn count_transition(old: i32, new: i32) {
     let states = TRANSITION_STATES as i32;
@@ -198,26 +192,64 @@ fn read_kernel<T>(addr: u64) -> Option<T> {
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let cfg = TCPTRACE_CONFIG.load();
-    on_state_change(
-        &ctx,
-        &cfg,
-        &OffsetFields {
-            ctx: &ctx,
-            cfg: &cfg,
-        },
-    );
+    let f = OffsetFields {
+        ctx: &ctx,
+        cfg: &cfg,
+    };
+    if let Some(t) = wanted_transition(&f, || (cfg.emit_new, cfg.emit_old)) {
+        emit_state(&ctx, &cfg, &f, t);
+    }
     0
 }
 
 /// The same program for the tracepoint layout of Linux >= 5.6 (the agent
 /// attaches it when tracefs shows exactly [`FixedFields`]' offsets): fields
-/// are plain loads from the context instead of a helper call each, which
-/// matters on a path that runs about ten times per connection.
+/// are plain loads from the context instead of a helper call each, and a
+/// transition the agent did not ask for costs a few loads and a counter,
+/// before the configuration is even copied. This path runs about ten times
+/// per connection.
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state_fixed(ctx: TracePointContext) -> u32 {
-    let cfg = TCPTRACE_CONFIG.load();
-    on_state_change(&ctx, &cfg, &FixedFields { ctx: &ctx });
+    let f = FixedFields { ctx: &ctx };
+    if let Some(t) = wanted_transition(&f, emit_masks) {
+        emit_state(&ctx, &TCPTRACE_CONFIG.load(), &f, t);
+    }
     0
+}
+
+/// `KernelConfig::emit_new` and `emit_old` alone (volatile: the loader
+/// patches the global after compilation).
+#[inline(always)]
+fn emit_masks() -> (u32, u32) {
+    // `Global<T>` holds nothing but its `T`.
+    let cfg = core::ptr::addr_of!(TCPTRACE_CONFIG).cast::<KernelConfig>();
+    unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*cfg).emit_new)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*cfg).emit_old)),
+        )
+    }
+}
+
+/// A TCP transition of an IPv4/IPv6 socket: (old, new, family).
+type Wanted = (i32, i32, u16);
+
+/// Counts every TCP transition; returns it when the agent asked for it.
+#[inline(always)]
+fn wanted_transition<F: Fields>(f: &F, masks: impl FnOnce() -> (u32, u32)) -> Option<Wanted> {
+    if f.protocol()? != IPPROTO_TCP {
+        return None;
+    }
+    let family = f.family()?;
+    if family != AF_INET && family != AF_INET6 {
+        return None;
+    }
+    let oldstate = f.oldstate()?;
+    let newstate = f.newstate()?;
+    count_transition(oldstate, newstate);
+    let (emit_new, emit_old) = masks();
+    (emit_new & state_bit(newstate) != 0 || emit_old & state_bit(oldstate) != 0)
+        .then_some((oldstate, newstate, family))
 }
 
 /// How the state handler reads the tracepoint's fields.
@@ -355,21 +387,12 @@ impl Fields for FixedFields<'_> {
 }
 
 #[inline(always)]
-fn on_state_change<F: Fields>(ctx: &TracePointContext, cfg: &KernelConfig, f: &F) -> Option<()> {
-    let protocol = f.protocol()?;
-    if protocol != IPPROTO_TCP {
-        return None;
-    }
-    let family = f.family()?;
-    if family != AF_INET && family != AF_INET6 {
-        return None;
-    }
-    let oldstate = f.oldstate()?;
-    let newstate = f.newstate()?;
-    count_transition(oldstate, newstate);
-    if !wanted(cfg, oldstate, newstate) {
-        return None;
-    }
+fn emit_state<F: Fields>(
+    ctx: &TracePointContext,
+    cfg: &KernelConfig,
+    f: &F,
+    (oldstate, newstate, family): Wanted,
+) -> Option<()> {
     let skaddr = f.skaddr()?;
 
     let pid_tgid = ctx.pid() as u64 | (u64::from(ctx.tgid()) << 32);
