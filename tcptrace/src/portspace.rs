@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use crate::sockdiag::{self, TCP_TIME_WAIT};
+use crate::sockdiag::{self, TCP_FIN_WAIT2, TCP_TIME_WAIT};
 use crate::timewait::{Dest, PortRange, DEFAULT_RANGE};
 
 /// One namespace's TIME_WAIT sockets and port range.
@@ -29,7 +29,8 @@ pub fn sweep() -> Vec<NamespaceView> {
     let mut out = Vec::new();
     for (netns, path) in crate::inventory::namespaces() {
         let view = sockdiag::in_netns(&path, || {
-            let socks = sockdiag::dump(1 << TCP_TIME_WAIT)?;
+            // A bucket whose peer has not closed yet reports FIN_WAIT2.
+            let socks = sockdiag::dump(1 << TCP_TIME_WAIT | 1 << TCP_FIN_WAIT2)?;
             Ok((socks, read_range()?))
         });
         match view {
@@ -37,7 +38,7 @@ pub fn sweep() -> Vec<NamespaceView> {
                 netns,
                 time_wait: socks
                     .into_iter()
-                    .filter(|s| s.state == TCP_TIME_WAIT)
+                    .filter(sockdiag::DiagSocket::is_time_wait_bucket)
                     .map(|s| {
                         (
                             Dest {

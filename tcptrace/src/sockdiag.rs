@@ -32,12 +32,19 @@ const NLMSG_HDR_LEN: usize = 16;
 pub const TCP_CLOSE_WAIT: u8 = 8;
 /// Kernel state number of TIME_WAIT.
 pub const TCP_TIME_WAIT: u8 = 6;
+/// Kernel state number of FIN_WAIT2.
+pub const TCP_FIN_WAIT2: u8 = 5;
+/// `idiag_timer` of a time-wait bucket (`inet_twsk_diag_fill`).
+const TIMER_TIME_WAIT: u8 = 3;
 
 /// One socket as sock_diag reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiagSocket {
-    /// Kernel TCP state number.
+    /// Kernel TCP state number; for a time-wait bucket, its substate
+    /// (FIN_WAIT2 until the peer's FIN arrives, then TIME_WAIT).
     pub state: u8,
+    /// Which timer is pending (`idiag_timer`; 3 only for time-wait buckets).
+    pub timer: u8,
     /// Local address.
     pub laddr: IpAddr,
     /// Local port.
@@ -55,6 +62,17 @@ pub struct DiagSocket {
     /// Milliseconds until the socket's timer fires; for a TIME_WAIT socket,
     /// until it disappears.
     pub expires_ms: u32,
+}
+
+impl DiagSocket {
+    /// A closed connection holding its local port for TIME_WAIT: the kernel
+    /// turns the socket into a time-wait bucket as soon as the application
+    /// closes it in FIN_WAIT2, and reports the bucket's substate, so a
+    /// dump asking for TIME_WAIT alone misses the ones whose peer has not
+    /// closed yet.
+    pub fn is_time_wait_bucket(&self) -> bool {
+        self.state == TCP_TIME_WAIT || self.timer == TIMER_TIME_WAIT
+    }
 }
 
 /// The dump request for `family` (AF_INET or AF_INET6) and the states in
@@ -125,6 +143,7 @@ fn parse_diag_msg(payload: &[u8]) -> Option<DiagSocket> {
     let rport = u16::from_be_bytes([payload[6], payload[7]]);
     let mut sock = DiagSocket {
         state: payload[1],
+        timer: payload[2],
         laddr: addr(family, &payload[8..24])?,
         lport,
         raddr: addr(family, &payload[24..40])?,
@@ -265,6 +284,7 @@ mod tests {
         let mut p = vec![0u8; DIAG_MSG_LEN];
         p[0] = libc::AF_INET as u8;
         p[1] = state;
+        p[2] = if inode == 0 { TIMER_TIME_WAIT } else { 0 };
         p[4..6].copy_from_slice(&lport.to_be_bytes());
         p[6..8].copy_from_slice(&3306u16.to_be_bytes());
         p[8..12].copy_from_slice(&[127, 0, 0, 1]);
@@ -319,6 +339,60 @@ mod tests {
         assert_eq!(socks[0].rqueue, 1);
         assert_eq!(socks[0].last_data_recv_ms, Some(61_000));
         assert_eq!(socks[1].last_data_recv_ms, None);
+        assert!(!socks[0].is_time_wait_bucket());
+    }
+
+    #[test]
+    fn time_wait_buckets_in_either_substate() {
+        let mut buf = nlmsg(
+            SOCK_DIAG_BY_FAMILY,
+            &diag_msg(TCP_FIN_WAIT2, 40001, 0, None),
+        );
+        buf.extend(nlmsg(
+            SOCK_DIAG_BY_FAMILY,
+            &diag_msg(TCP_TIME_WAIT, 40002, 0, None),
+        ));
+        buf.extend(nlmsg(
+            SOCK_DIAG_BY_FAMILY,
+            &diag_msg(TCP_FIN_WAIT2, 40003, 7, None),
+        ));
+        let (socks, _) = parse_messages(&buf).expect("valid");
+        let buckets: Vec<u16> = socks
+            .iter()
+            .filter(|s| s.is_time_wait_bucket())
+            .map(|s| s.lport)
+            .collect();
+        assert_eq!(
+            buckets,
+            [40001, 40002],
+            "an open FIN_WAIT2 socket is not one"
+        );
+    }
+
+    #[test]
+    fn dumps_a_real_time_wait_bucket_before_the_peer_closes() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (_server, _) = listener.accept().expect("accept");
+        let port = client.local_addr().expect("addr").port();
+        drop(client); // closed first, the peer still open: a FIN_WAIT2 bucket
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let socks = dump(1 << TCP_TIME_WAIT | 1 << TCP_FIN_WAIT2).expect("sock_diag dump");
+            if let Some(s) = socks
+                .iter()
+                .find(|s| s.lport == port && s.is_time_wait_bucket())
+            {
+                assert_eq!(s.state, TCP_FIN_WAIT2, "{s:?}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not found in {socks:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]
