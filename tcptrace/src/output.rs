@@ -110,18 +110,18 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[derive(Serialize)]
 struct StateChangeLine<'a> {
     schema: u32,
-    ts: String,
+    ts: Rfc3339,
     event: &'static str,
     family: &'static str,
-    laddr: String,
+    laddr: std::net::IpAddr,
     lport: u16,
-    raddr: String,
+    raddr: std::net::IpAddr,
     rport: u16,
     netns: Option<u32>,
     old: &'static str,
     new: &'static str,
     prev_state_ms: Option<f64>,
-    sk: String,
+    sk: Hex,
     #[serde(flatten)]
     who: OwnerAndContext<'a>,
 }
@@ -312,11 +312,38 @@ struct OutputCounts<'a> {
     dropped: u64,
 }
 
+/// Room for a typical line, so that serializing does not reallocate.
+const LINE_CAPACITY: usize = 512;
+
 fn to_json<T: Serialize>(value: &T) -> String {
     // Serializing these plain structs cannot fail (no maps with non-string
     // keys, no I/O); fall back to an explicit error object just in case.
-    serde_json::to_string(value)
-        .unwrap_or_else(|e| format!("{{\"event\":\"error\",\"error\":{:?}}}", e.to_string()))
+    let mut buf = Vec::with_capacity(LINE_CAPACITY);
+    match serde_json::to_writer(&mut buf, value) {
+        Ok(()) => String::from_utf8(buf)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        Err(e) => format!("{{\"event\":\"error\",\"error\":{:?}}}", e.to_string()),
+    }
+}
+
+/// A wall time serialized as RFC 3339 straight into the line (no
+/// intermediate string: the hottest line is written ~10 times per
+/// connection).
+struct Rfc3339(SystemTime);
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(self.0))
+    }
+}
+
+/// A kernel address as lower-case hex, straight into the line.
+struct Hex(u64);
+
+impl Serialize for Hex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:x}", self.0))
+    }
 }
 
 /// Time of day for text lines: `19:00:00.123456` (UTC).
@@ -358,18 +385,18 @@ impl Format {
         match self {
             Self::Json => to_json(&StateChangeLine {
                 schema: SCHEMA_VERSION,
-                ts: rfc3339(wall),
+                ts: Rfc3339(wall),
                 event: "state_change",
                 family: c.family.name(),
-                laddr: c.laddr.to_string(),
+                laddr: c.laddr,
                 lport: c.lport,
-                raddr: c.raddr.to_string(),
+                raddr: c.raddr,
                 rport: c.rport,
                 netns: c.netns,
                 old: c.old.name(),
                 new: c.new.name(),
                 prev_state_ms: t.prev_state_ms.map(round_ms),
-                sk: format!("{:x}", c.sk),
+                sk: Hex(c.sk),
                 who: OwnerAndContext::of(t),
             }),
             Self::Text => {
