@@ -163,6 +163,40 @@ pub const CONFIG_NETNS: u32 = 1 << 0;
 pub const CONFIG_ACCEPT: u32 = 1 << 1;
 /// Bit in [`KernelConfig::flags`]: the socket-to-inode offsets are valid.
 pub const CONFIG_INODE: u32 = 1 << 2;
+/// Bit in [`KernelConfig::flags`]: keep each connection's origin in the
+/// `ORIGINS` map (written at connect()/accept(), removed when the socket
+/// closes) instead of sending it through the ring buffer. The agent reads
+/// an origin only for the few sockets that become leak candidates, so a
+/// healthy connection costs a map insert and delete, not two records.
+pub const CONFIG_ORIGIN_MAP: u32 = 1 << 3;
+
+/// [`OriginRecord::syscall`]: `connect()`.
+pub const ORIGIN_CONNECT: u32 = 1;
+/// [`OriginRecord::syscall`]: `accept()`/`accept4()`.
+pub const ORIGIN_ACCEPT: u32 = 2;
+
+/// Where a connection came from, kept in the kernel's `ORIGINS` map under
+/// the socket's kernel address while it lives (see [`CONFIG_ORIGIN_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginRecord {
+    /// [`ORIGIN_CONNECT`] or [`ORIGIN_ACCEPT`].
+    pub syscall: u32,
+    /// Process id (tgid) of the caller.
+    pub tgid: u32,
+    /// Thread id of the caller.
+    pub tid: u32,
+    /// The fd passed to connect() or returned by accept(); -1 when unknown.
+    pub fd: i32,
+    /// `bpf_ktime_get_ns()` of the call.
+    pub ts_ns: u64,
+    /// User stack id in the `STACKS` map; -1 when not taken.
+    pub stack_id: i32,
+    /// Padding; zero.
+    pub _pad0: u32,
+    /// `comm` of the caller, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
 
 /// Layout facts the kernel program needs and cannot know at compile time.
 ///
@@ -234,7 +268,8 @@ pub struct KernelConfig {
     pub rst_recv_skaddr: u32,
     /// `tcp_send_reset.skaddr` offset.
     pub rst_send_skaddr: u32,
-    /// [`CONFIG_NETNS`] | [`CONFIG_ACCEPT`] | [`CONFIG_INODE`].
+    /// [`CONFIG_NETNS`] | [`CONFIG_ACCEPT`] | [`CONFIG_INODE`] |
+    /// [`CONFIG_ORIGIN_MAP`].
     pub flags: u32,
     /// Records are submitted without waking the agent (it polls on a
     /// timer) until this many bytes wait in the ring buffer; 0 wakes it on
@@ -336,6 +371,8 @@ mod user {
     unsafe impl aya::Pod for super::KernelConfig {}
     // SAFETY: plain integers, no padding.
     unsafe impl aya::Pod for super::ResetRecord {}
+    // SAFETY: plain integers and a byte array; the padding field is zeroed.
+    unsafe impl aya::Pod for super::OriginRecord {}
 }
 
 #[cfg(test)]
@@ -351,5 +388,6 @@ mod tests {
         assert_eq!(align_of::<StateRecord>(), 8);
         assert_eq!(size_of::<KernelConfig>(), 34 * 4);
         assert_eq!(size_of::<ResetRecord>(), 24);
+        assert_eq!(size_of::<OriginRecord>(), 48);
     }
 }

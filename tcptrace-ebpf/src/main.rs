@@ -17,14 +17,15 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{tracing::StackIdContext, TracePointContext},
     EbpfContext, Global,
 };
 use tcptrace_common::{
-    tcp_state, AcceptRecord, ConnectSlot, KernelConfig, ResetRecord, StackBudget, StateRecord,
-    AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS, IPPROTO_TCP, RECORD_ACCEPT,
-    RECORD_RESET, RECORD_STATE, RESET_RECEIVED, RESET_SENT, TRANSITION_STATES,
+    tcp_state, AcceptRecord, ConnectSlot, KernelConfig, OriginRecord, ResetRecord, StackBudget,
+    StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS, CONFIG_ORIGIN_MAP,
+    IPPROTO_TCP, ORIGIN_ACCEPT, ORIGIN_CONNECT, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE,
+    RESET_RECEIVED, RESET_SENT, TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -66,6 +67,17 @@ static STACK_BUDGET: LruHashMap<u32, StackBudget> = LruHashMap::with_max_entries
 /// transitions.
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// Each live connection's origin, by socket address, when the agent asked
+/// for it ([`CONFIG_ORIGIN_MAP`]): inserted at connect()/accept(), removed
+/// when the socket reaches CLOSE. Allocated as used (`BPF_F_NO_PREALLOC`):
+/// the agent sizes it to its own `--max-sockets`, and a full map only
+/// leaves later connections without a known origin.
+#[map]
+static ORIGINS: HashMap<u64, OriginRecord> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+
+/// `BPF_F_NO_PREALLOC`.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// `BPF_F_USER_STACK`: walk the user-space stack of the current task.
 const BPF_F_USER_STACK: u64 = 256;
@@ -134,13 +146,23 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
-/// Flags for a submit: wake the agent only once enough data waits (see
-/// [`KernelConfig::wakeup_bytes`]); the agent polls on a timer otherwise.
+/// Flags for the submit of a `size`-byte record: wake the agent on the
+/// record that brings the unread data past a multiple of
+/// [`KernelConfig::wakeup_bytes`] (so a crossing two CPUs raced over is
+/// caught at the next multiple); the agent polls on a timer otherwise.
+/// Waking on every record past the mark, until the agent catches up, cost
+/// a self-interrupt each (an MSR write, a trap to the hypervisor in a VM):
+/// a tenth of the churn.
 #[inline(always)]
-fn wakeup_flags(cfg: &KernelConfig) -> u64 {
+fn wakeup_flags(cfg: &KernelConfig, size: usize) -> u64 {
     if cfg.wakeup_bytes == 0 {
-        0
-    } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(cfg.wakeup_bytes) {
+        return 0;
+    }
+    let mark = u64::from(cfg.wakeup_bytes);
+    // The reservation already counts: the data before it is `avail - size`
+    // (with the ring's 8-byte record header).
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if avail / mark > avail.saturating_sub(size as u64 + 8) / mark {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -196,8 +218,13 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         ctx: &ctx,
         cfg: &cfg,
     };
-    if let Some(t) = wanted_transition(&f, || (cfg.emit_new, cfg.emit_old)) {
-        emit_state(&ctx, &cfg, &f, t);
+    if let Some(t) = tcp_transition(&f) {
+        if cfg.flags & CONFIG_ORIGIN_MAP != 0 {
+            keep_origin(&ctx, || cfg, &f, t);
+        }
+        if wanted(t, cfg.emit_new, cfg.emit_old) {
+            emit_state(&ctx, &cfg, &f, t);
+        }
     }
     0
 }
@@ -211,22 +238,29 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state_fixed(ctx: TracePointContext) -> u32 {
     let f = FixedFields { ctx: &ctx };
-    if let Some(t) = wanted_transition(&f, emit_masks) {
-        emit_state(&ctx, &TCPTRACE_CONFIG.load(), &f, t);
+    if let Some(t) = tcp_transition(&f) {
+        let (emit_new, emit_old, flags) = hot_config();
+        if flags & CONFIG_ORIGIN_MAP != 0 {
+            keep_origin(&ctx, || TCPTRACE_CONFIG.load(), &f, t);
+        }
+        if wanted(t, emit_new, emit_old) {
+            emit_state(&ctx, &TCPTRACE_CONFIG.load(), &f, t);
+        }
     }
     0
 }
 
-/// `KernelConfig::emit_new` and `emit_old` alone (volatile: the loader
-/// patches the global after compilation).
+/// `KernelConfig::emit_new`, `emit_old` and `flags` alone (volatile: the
+/// loader patches the global after compilation).
 #[inline(always)]
-fn emit_masks() -> (u32, u32) {
+fn hot_config() -> (u32, u32, u32) {
     // `Global<T>` holds nothing but its `T`.
     let cfg = core::ptr::addr_of!(TCPTRACE_CONFIG).cast::<KernelConfig>();
     unsafe {
         (
             core::ptr::read_volatile(core::ptr::addr_of!((*cfg).emit_new)),
             core::ptr::read_volatile(core::ptr::addr_of!((*cfg).emit_old)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*cfg).flags)),
         )
     }
 }
@@ -234,9 +268,9 @@ fn emit_masks() -> (u32, u32) {
 /// A TCP transition of an IPv4/IPv6 socket: (old, new, family).
 type Wanted = (i32, i32, u16);
 
-/// Counts every TCP transition; returns it when the agent asked for it.
+/// Counts every TCP transition of an IPv4/IPv6 socket and returns it.
 #[inline(always)]
-fn wanted_transition<F: Fields>(f: &F, masks: impl FnOnce() -> (u32, u32)) -> Option<Wanted> {
+fn tcp_transition<F: Fields>(f: &F) -> Option<Wanted> {
     if f.protocol()? != IPPROTO_TCP {
         return None;
     }
@@ -247,9 +281,45 @@ fn wanted_transition<F: Fields>(f: &F, masks: impl FnOnce() -> (u32, u32)) -> Op
     let oldstate = f.oldstate()?;
     let newstate = f.newstate()?;
     count_transition(oldstate, newstate);
-    let (emit_new, emit_old) = masks();
-    (emit_new & state_bit(newstate) != 0 || emit_old & state_bit(oldstate) != 0)
-        .then_some((oldstate, newstate, family))
+    Some((oldstate, newstate, family))
+}
+
+/// True when the agent asked for this transition.
+#[inline(always)]
+fn wanted((oldstate, newstate, _): Wanted, emit_new: u32, emit_old: u32) -> bool {
+    emit_new & state_bit(newstate) != 0 || emit_old & state_bit(oldstate) != 0
+}
+
+/// [`CONFIG_ORIGIN_MAP`]: a connection's origin goes into [`ORIGINS`] when
+/// connect() makes it (CLOSE -> SYN_SENT runs inside the call) and leaves
+/// it when the socket closes, whatever the agent asked to be sent.
+#[inline(always)]
+fn keep_origin<F: Fields>(
+    ctx: &TracePointContext,
+    cfg: impl FnOnce() -> KernelConfig,
+    f: &F,
+    (oldstate, newstate, _): Wanted,
+) -> Option<()> {
+    let sk = f.skaddr()?;
+    if newstate == tcp_state::CLOSE {
+        // Most sockets were never inserted (listeners, sockets older than
+        // the agent): a failed lookup is all that costs.
+        let _ = ORIGINS.remove(&sk);
+    } else if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
+        let cfg = cfg();
+        let origin = OriginRecord {
+            syscall: ORIGIN_CONNECT,
+            tgid: ctx.tgid(),
+            tid: ctx.pid(),
+            fd: connect_fd(ctx.pid()),
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            stack_id: user_stack_id(ctx, &cfg),
+            _pad0: 0,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        };
+        let _ = ORIGINS.insert(&sk, &origin, 0);
+    }
+    Some(())
 }
 
 /// How the state handler reads the tracepoint's fields.
@@ -398,7 +468,8 @@ fn emit_state<F: Fields>(
     let pid_tgid = ctx.pid() as u64 | (u64::from(ctx.tgid()) << 32);
     let tid = pid_tgid as u32;
     let in_connect = oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT;
-    let (connect_fd, stack_id) = if in_connect {
+    // With the origin map, the origin (and its stack) is already there.
+    let (connect_fd, stack_id) = if in_connect && cfg.flags & CONFIG_ORIGIN_MAP == 0 {
         // Runs inside connect(): the current task is the owner, and its
         // stack is the code path that opened the connection.
         (connect_fd(tid), user_stack_id(ctx, cfg))
@@ -454,7 +525,7 @@ fn emit_state<F: Fields>(
         addr_of_mut!((*rec).daddr).write(daddr);
         addr_of_mut!((*rec).comm).write(bpf_get_current_comm().unwrap_or([0; 16]));
     }
-    entry.submit(wakeup_flags(&cfg));
+    entry.submit(wakeup_flags(cfg, core::mem::size_of::<StateRecord>()));
     Some(())
 }
 
@@ -499,7 +570,10 @@ fn on_reset(ctx: &TracePointContext, skaddr_offset: u32, direction: u32) -> Opti
         addr_of_mut!((*rec).ts_ns).write(bpf_ktime_get_ns());
         addr_of_mut!((*rec).skaddr).write(skaddr);
     }
-    entry.submit(wakeup_flags(&TCPTRACE_CONFIG.load()));
+    entry.submit(wakeup_flags(
+        &TCPTRACE_CONFIG.load(),
+        core::mem::size_of::<ResetRecord>(),
+    ));
     Some(())
 }
 
@@ -578,8 +652,22 @@ fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Op
     if family != AF_INET && family != AF_INET6 {
         return None;
     }
-    let ino = socket_ino(cfg, socket);
     let stack_id = user_stack_id(ctx, cfg);
+    if cfg.flags & CONFIG_ORIGIN_MAP != 0 {
+        let origin = OriginRecord {
+            syscall: ORIGIN_ACCEPT,
+            tgid: ctx.tgid(),
+            tid: ctx.pid(),
+            fd: fd as i32,
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            stack_id,
+            _pad0: 0,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        };
+        let _ = ORIGINS.insert(&sk, &origin, 0);
+        return Some(());
+    }
+    let ino = socket_ino(cfg, socket);
 
     let Some(mut entry) = EVENTS.reserve::<AcceptRecord>(0) else {
         count_lost();
@@ -598,7 +686,7 @@ fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Op
         addr_of_mut!((*rec)._pad0).write(0);
         addr_of_mut!((*rec).ino).write(ino);
     }
-    entry.submit(wakeup_flags(&TCPTRACE_CONFIG.load()));
+    entry.submit(wakeup_flags(cfg, core::mem::size_of::<AcceptRecord>()));
     Some(())
 }
 

@@ -85,19 +85,24 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let tracefs = tracefs::locate_or_mount()?;
     let layout = layout::resolve(&tracefs)?;
     let events: std::collections::HashSet<EventKind> = cli.events.iter().copied().collect();
+    let filter = cli.filter();
+    let origin_map = crate::pipeline::uses_origin_map(&events, &filter);
+    let interest = crate::pipeline::kernel_interest(&events, origin_map);
     let Probes {
         ebpf: _attached,
         ring,
         lost,
         stacks,
         transitions,
+        origins,
     } = probe::load_and_attach(
         &layout,
         &probe::ProbeOptions {
             ring_bytes: cli.ring_buffer_size,
-            interest: crate::pipeline::kernel_interest(&events),
+            interest,
             state_program: cli.state_program,
             stacks_per_second: cli.stacks_per_second,
+            origin_map: origin_map.then(|| u32::try_from(cli.max_sockets).unwrap_or(u32::MAX)),
         },
     )?;
 
@@ -105,7 +110,9 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let format =
         cli.format(io::stdout().is_terminal() && cli.outputs == [crate::sinks::SinkSpec::Stdout]);
     let leak_after_ns = u64::try_from(cli.leak_after.as_nanos()).unwrap_or(u64::MAX);
-    let mut pipeline = Pipeline::new(cli.filter(), format, WallClock::new(), leak_after_ns);
+    let mut pipeline = Pipeline::new(filter, format, WallClock::new(), leak_after_ns);
+    pipeline.forget_after_close_wait =
+        origin_map && interest.0 & (1 << tcptrace_common::tcp_state::CLOSE) == 0;
     pipeline.tracker = crate::tracker::Tracker::new(cli.max_sockets);
     pipeline.groups = LeakGroups::new(
         cli.leak_lines_per_group,
@@ -237,7 +244,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 state.write(&pipeline, &ranges, WallClock::now_ns());
             }
             _ = leak_tick.tick() => {
-                report_leaks(&mut pipeline, &mut enricher, &stacks, &mut out)?;
+                report_leaks(&mut pipeline, &mut enricher, &stacks, &origins, &mut out)?;
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
             _ = summary_tick.tick() => {
@@ -400,13 +407,15 @@ fn report_leaks(
     pipeline: &mut Pipeline,
     enricher: &mut Enricher,
     stacks: &StackTraceMap<MapData>,
+    origins: &probe::OriginMap,
     out: &mut Out,
 ) -> anyhow::Result<()> {
     let now_ns = WallClock::now_ns();
-    let due = pipeline.due_leaks(now_ns);
+    let mut due = pipeline.due_leaks(now_ns);
     if due.is_empty() {
         return Ok(());
     }
+    crate::leak::fill_origins(&mut due, |sk| origins.get(sk));
     let stack_of = |id: u32| -> Option<Vec<u64>> {
         stacks
             .get(&id, 0)

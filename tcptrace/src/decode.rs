@@ -191,7 +191,7 @@ fn check_len(buf: &[u8], kind: &'static str, expected: usize) -> Result<(), Deco
     }
 }
 
-fn comm(raw: &[u8]) -> String {
+pub(crate) fn comm(raw: &[u8]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }

@@ -256,6 +256,33 @@ fn fill_missing_inodes(candidates: &mut [LeakCandidate]) {
     }
 }
 
+/// Gives candidates the kernel kept an origin for (the `ORIGINS` map, see
+/// [`crate::pipeline::uses_origin_map`]) that origin, and its caller as
+/// owner until /proc says who holds the socket now. `origin_of` looks a
+/// socket address up; an origin newer than the socket's entry into
+/// CLOSE_WAIT belongs to a later socket at the same address and is ignored.
+pub fn fill_origins(
+    candidates: &mut [LeakCandidate],
+    origin_of: impl Fn(u64) -> Option<tcptrace_common::OriginRecord>,
+) {
+    for c in candidates
+        .iter_mut()
+        .filter(|c| c.entered.origin.is_none() && !c.estimated)
+    {
+        let entered_ns = c.entered.change.ts_ns;
+        let Some(origin) = origin_of(c.entered.change.sk)
+            .and_then(|rec| crate::tracker::Origin::from_kernel(&rec))
+            .filter(|o| o.ts_ns <= entered_ns)
+        else {
+            continue;
+        };
+        if c.entered.owner.is_none() {
+            c.entered.owner = Some(origin.owner());
+        }
+        c.entered.origin = Some(origin);
+    }
+}
+
 /// Symbolizes a kernel stack (innermost first). Every frame but the first
 /// holds a return address, the instruction after a call: looking up the
 /// byte before it gives the call's own function and line, which is what a
@@ -484,6 +511,51 @@ mod tests {
         assert!(s.contains("main.go:22"), "{s}");
         assert!(s.contains("<- main.main"), "{s}");
         assert!(s.contains("close()"), "{s}");
+    }
+
+    #[test]
+    fn origins_from_the_kernel_map_fill_only_what_they_can_vouch_for() {
+        let candidate = |sk: u64, ts_ns: u64, estimated: bool| {
+            let mut c = leak(Vec::new(), Vec::new(), false).candidate;
+            c.entered.change.sk = sk;
+            c.entered.change.ts_ns = ts_ns;
+            c.entered.owner = None;
+            c.estimated = estimated;
+            c
+        };
+        let record = |ts_ns: u64| tcptrace_common::OriginRecord {
+            syscall: tcptrace_common::ORIGIN_ACCEPT,
+            tgid: 77,
+            tid: 78,
+            fd: 9,
+            ts_ns,
+            stack_id: 3,
+            _pad0: 0,
+            comm: crate::decode::raw::comm("leaky_server"),
+        };
+        let mut cs = vec![
+            candidate(1, 1_000, false), // origin before CLOSE_WAIT: taken
+            candidate(2, 1_000, false), // origin after it: a later socket
+            candidate(3, 1_000, false), // none in the map
+            candidate(1, 1_000, true),  // inventory: never looked up
+        ];
+        fill_origins(&mut cs, |sk| match sk {
+            1 => Some(record(500)),
+            2 => Some(record(2_000)),
+            _ => None,
+        });
+        let o = cs[0].entered.origin.as_ref().expect("origin");
+        assert_eq!(
+            (o.syscall, o.pid, o.tid, o.fd, o.stack_id),
+            (Syscall::Accept, 77, 78, Some(9), Some(3))
+        );
+        assert_eq!(o.comm, "leaky_server");
+        assert_eq!(
+            cs[0].entered.owner.as_ref().map(|w| (w.pid, w.fd)),
+            Some((77, Some(9)))
+        );
+        assert!(cs[1..].iter().all(|c| c.entered.origin.is_none()));
+        assert!(cs[1..].iter().all(|c| c.entered.owner.is_none()));
     }
 
     #[test]

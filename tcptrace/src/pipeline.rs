@@ -24,22 +24,45 @@ pub const DEFAULT_GROUP_REPORT_NS: u64 = 10_000_000_000;
 /// old-state mask) of `1 << state` bits (see `KernelConfig::emit_new`).
 /// Printing every transition needs them all; the detectors need far fewer,
 /// and every record not sent is work the host's CPU does not do.
-pub fn kernel_interest(events: &std::collections::HashSet<EventKind>) -> (u32, u32) {
+///
+/// With `origin_map` (see [`uses_origin_map`]) the kernel keeps origins
+/// itself, so neither connect()'s CLOSE -> SYN_SENT nor accept() is sent;
+/// nor is the end of a socket, unless TIME_WAIT needs it.
+pub fn kernel_interest(
+    events: &std::collections::HashSet<EventKind>,
+    origin_map: bool,
+) -> (u32, u32) {
     use tcptrace_common::tcp_state as k;
     if events.contains(&EventKind::StateChange) {
         return (u32::MAX, u32::MAX);
     }
     let bit = |s: i32| 1u32 << s;
-    // The owner and origin of a connect() (CLOSE -> SYN_SENT), entering and
-    // leaving CLOSE_WAIT, and the end of every socket (the tracker forgets
-    // it; from FIN_WAIT*/CLOSING it is a TIME_WAIT).
-    let mut new = bit(k::SYN_SENT) | bit(k::CLOSE_WAIT) | bit(k::CLOSE);
+    // Entering and leaving CLOSE_WAIT.
+    let mut new = bit(k::CLOSE_WAIT);
     let old = bit(k::CLOSE_WAIT);
+    if !origin_map {
+        // The owner and origin of a connect() (CLOSE -> SYN_SENT), and the
+        // end of every socket (the tracker forgets it).
+        new |= bit(k::SYN_SENT) | bit(k::CLOSE);
+    }
     if events.contains(&EventKind::TimeWait) || events.contains(&EventKind::PortPressure) {
-        // Who closed first (the task that moved it to FIN_WAIT1).
-        new |= bit(k::FIN_WAIT1);
+        // Who closed first (the task that moved it to FIN_WAIT1), and the
+        // CLOSE that hands the connection to TIME_WAIT.
+        new |= bit(k::FIN_WAIT1) | bit(k::CLOSE);
     }
     (new, old)
+}
+
+/// True when the kernel should keep connection origins in its `ORIGINS`
+/// map (`CONFIG_ORIGIN_MAP`) rather than send them: when no line needs the
+/// owner of every socket as it changes state. Printing every transition
+/// does, `close_wait` lines name every lingering socket's owner, and
+/// `--pid` selects sockets by owner as they go. The agent then reads an
+/// origin, and finds the holders under /proc, only for leak candidates.
+pub fn uses_origin_map(events: &std::collections::HashSet<EventKind>, filter: &Filter) -> bool {
+    !events.contains(&EventKind::StateChange)
+        && !events.contains(&EventKind::CloseWait)
+        && filter.pids.is_empty()
 }
 
 /// A socket's identity without its kernel address: namespace and four-tuple.
@@ -84,6 +107,9 @@ pub struct Pipeline {
     pub malformed: u64,
     /// Leaks detected since start (reported or rate-limited alike).
     pub leaks_total: u64,
+    /// The kernel does not send the end of sockets (origin-map mode with
+    /// no TIME_WAIT events): forget each one when it leaves CLOSE_WAIT.
+    pub forget_after_close_wait: bool,
 }
 
 impl Pipeline {
@@ -113,6 +139,7 @@ impl Pipeline {
             pressure: crate::timewait::PortPressure::new(),
             malformed: 0,
             leaks_total: 0,
+            forget_after_close_wait: false,
         }
     }
 
@@ -138,6 +165,9 @@ impl Pipeline {
         match record {
             Record::State(change) => {
                 let t = self.tracker.on_state(change);
+                if self.forget_after_close_wait && t.change.old == TcpState::CloseWait {
+                    self.tracker.forget(t.change.sk);
+                }
                 let end = self.closewait.on_transition(&t);
                 if t.enters_time_wait() {
                     let c = &t.change;
@@ -261,12 +291,45 @@ mod tests {
         assert!(p.tracker.is_empty());
     }
 
+    /// Feeds a client's and a server's whole lives ([`raw::CLIENT_LIFE`],
+    /// [`raw::SERVER_LIFE`]) side by side, 10 ms a step, leaks due 8 ms
+    /// into each step; with `masks` (new, old) only what the kernel would
+    /// send. Returns (records fed, leaks found).
+    fn feed_client_and_server(
+        p: &mut Pipeline,
+        masks: Option<(u32, u32)>,
+        out: &mut Vec<String>,
+    ) -> (usize, usize) {
+        let (mut sent, mut leaks) = (0, 0);
+        let lives = raw::CLIENT_LIFE.into_iter().zip(raw::SERVER_LIFE);
+        for (i, ((c_old, c_new), (s_old, s_new))) in lives.enumerate() {
+            let ts = i as u64 * 10_000_000;
+            for (sk, old, new, ports) in [(1, c_old, c_new, (4, 5)), (2, s_old, s_new, (5, 4))] {
+                let wanted = masks.is_none_or(|(n, o)| n & (1 << new) != 0 || o & (1 << old) != 0);
+                if !wanted {
+                    continue;
+                }
+                sent += 1;
+                let rec = raw::ipv4_state(
+                    sk,
+                    ts,
+                    old,
+                    new,
+                    ([127, 0, 0, 1], ports.0),
+                    ([127, 0, 0, 1], ports.1),
+                );
+                p.handle(&raw::state_bytes(&rec), out).expect("valid");
+            }
+            leaks += p.due_leaks(ts + 8_000_000).len();
+        }
+        (sent, leaks)
+    }
+
     #[test]
     fn the_kernel_filter_keeps_every_detector_output() {
         // A client that closes first (TIME_WAIT) and a server that lingers
         // in CLOSE_WAIT then closes; fed whole, and as the kernel sends
         // them with the default events' masks.
-        let (client, server) = (raw::CLIENT_LIFE, raw::SERVER_LIFE);
         let default_events: std::collections::HashSet<EventKind> = [
             EventKind::CloseWait,
             EventKind::Leak,
@@ -275,33 +338,13 @@ mod tests {
             EventKind::Summary,
         ]
         .into();
-        let (new_mask, old_mask) = kernel_interest(&default_events);
+        let (new_mask, old_mask) = kernel_interest(&default_events, false);
         let run = |filtered: bool| {
             let mut p = pipeline(5_000_000);
             p.events = default_events.clone();
             let mut out = Vec::new();
-            let mut leaks = 0;
-            for (i, ((c_old, c_new), (s_old, s_new))) in client.into_iter().zip(server).enumerate()
-            {
-                let ts = i as u64 * 10_000_000;
-                for (sk, old, new, ports) in [(1, c_old, c_new, (4, 5)), (2, s_old, s_new, (5, 4))]
-                {
-                    let sent = new_mask & (1 << new) != 0 || old_mask & (1 << old) != 0;
-                    if filtered && !sent {
-                        continue;
-                    }
-                    let rec = raw::ipv4_state(
-                        sk,
-                        ts,
-                        old,
-                        new,
-                        ([127, 0, 0, 1], ports.0),
-                        ([127, 0, 0, 1], ports.1),
-                    );
-                    p.handle(&raw::state_bytes(&rec), &mut out).expect("valid");
-                }
-                leaks += p.due_leaks(ts + 8_000_000).len();
-            }
+            let masks = filtered.then_some((new_mask, old_mask));
+            let (_, leaks) = feed_client_and_server(&mut p, masks, &mut out);
             (out, leaks, p.tracker.len())
         };
         let (all, all_leaks, _) = run(false);
@@ -315,9 +358,43 @@ mod tests {
         assert_eq!(left, 0, "nothing left behind in the tracker");
         assert!(all.iter().any(|l| l.contains("\"time_wait\"")));
         assert!(all.iter().any(|l| l.contains("\"close_wait_end\"")));
-        let everything = kernel_interest(&[EventKind::StateChange].into());
+        let everything = kernel_interest(&[EventKind::StateChange].into(), true);
         assert_eq!(everything, (u32::MAX, u32::MAX));
         assert_eq!(new_mask & (1 << k::ESTABLISHED), 0, "not sent by default");
+    }
+
+    #[test]
+    fn with_the_origin_map_a_leak_costs_two_records_and_leaves_nothing() {
+        // Leak events only: the kernel keeps origins and sends nothing but
+        // CLOSE_WAIT entries and exits; the tracker must still find the
+        // leak and must not keep sockets whose end it never sees.
+        let events: std::collections::HashSet<EventKind> = [EventKind::Leak].into();
+        assert!(uses_origin_map(&events, &Filter::default()));
+        let pid_filter = Filter {
+            pids: [7].into(),
+            ..Filter::default()
+        };
+        assert!(!uses_origin_map(&events, &pid_filter), "--pid needs owners");
+        let close_wait: std::collections::HashSet<EventKind> =
+            [EventKind::Leak, EventKind::CloseWait].into();
+        assert!(!uses_origin_map(&close_wait, &Filter::default()));
+        let (new_mask, old_mask) = kernel_interest(&events, true);
+        assert_eq!(new_mask, 1 << k::CLOSE_WAIT);
+        assert_eq!(old_mask, 1 << k::CLOSE_WAIT);
+        let (tw_new, _) = kernel_interest(&[EventKind::PortPressure].into(), true);
+        assert_eq!(
+            tw_new,
+            1 << k::CLOSE_WAIT | 1 << k::FIN_WAIT1 | 1 << k::CLOSE,
+            "TIME_WAIT still needs the closer and the CLOSE"
+        );
+        let mut p = pipeline(5_000_000);
+        p.events = events;
+        p.forget_after_close_wait = true;
+        let (sent, leaks) =
+            feed_client_and_server(&mut p, Some((new_mask, old_mask)), &mut Vec::new());
+        assert_eq!(sent, 2, "entering and leaving CLOSE_WAIT");
+        assert_eq!(leaks, 1);
+        assert!(p.tracker.is_empty(), "nothing left behind");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! the BPF syscall.
 
 use anyhow::{anyhow, Context as _};
-use aya::maps::{MapData, PerCpuArray, RingBuf, StackTraceMap};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, StackTraceMap};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use std::os::fd::AsFd as _;
@@ -11,7 +11,7 @@ use crate::layout::{Layout, STATE_TP};
 use crate::privileges::NotPrivileged;
 use crate::progstats::ProgramStats;
 use crate::state::TcpState;
-use tcptrace_common::TRANSITION_STATES;
+use tcptrace_common::{OriginRecord, CONFIG_ORIGIN_MAP, TRANSITION_STATES};
 
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -32,6 +32,19 @@ pub struct Probes {
     pub stacks: StackTraceMap<MapData>,
     /// Every transition, counted in the kernel.
     pub transitions: TransitionCounter,
+    /// Origins of live connections, when the kernel keeps them.
+    pub origins: OriginMap,
+}
+
+/// The kernel's `ORIGINS` map: each live connection's origin by socket
+/// address (filled only with [`ProbeOptions::origin_map`]).
+pub struct OriginMap(BpfHashMap<MapData, u64, OriginRecord>);
+
+impl OriginMap {
+    /// The origin of socket `sk`, if the kernel has one.
+    pub fn get(&self, sk: u64) -> Option<OriginRecord> {
+        self.0.get(&sk, 0).ok()
+    }
 }
 
 /// The kernel's per-CPU count of every TCP transition by (old, new) state,
@@ -125,6 +138,9 @@ pub struct ProbeOptions {
     pub state_program: crate::cli::StateProgram,
     /// User stack walks per process per second (0: all).
     pub stacks_per_second: u32,
+    /// Keep origins in the kernel's `ORIGINS` map, at most this many (see
+    /// [`crate::pipeline::uses_origin_map`]); `None` sends them instead.
+    pub origin_map: Option<u32>,
 }
 
 /// Loads the program and attaches every hook it supports.
@@ -142,9 +158,13 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     config.wakeup_bytes = ring_bytes / WAKEUP_SHARE;
     (config.emit_new, config.emit_old) = options.interest;
     config.stacks_per_second = options.stacks_per_second;
+    if options.origin_map.is_some() {
+        config.flags |= CONFIG_ORIGIN_MAP;
+    }
     let mut ebpf = EbpfLoader::new()
         .override_global("TCPTRACE_CONFIG", &config, true)
         .map_max_entries("EVENTS", ring_bytes)
+        .map_max_entries("ORIGINS", options.origin_map.unwrap_or(1).max(1))
         .load(PROGRAM)
         .context("loading the eBPF program")?;
 
@@ -183,12 +203,17 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     let transitions = TransitionCounter(
         PerCpuArray::try_from(transitions).context("opening the TRANSITIONS counter")?,
     );
+    let origins = ebpf
+        .take_map("ORIGINS")
+        .ok_or_else(|| anyhow!("the eBPF object has no ORIGINS map"))?;
+    let origins = OriginMap(BpfHashMap::try_from(origins).context("opening the ORIGINS map")?);
     Ok(Probes {
         ebpf,
         ring,
         lost,
         stacks,
         transitions,
+        origins,
     })
 }
 

@@ -321,6 +321,36 @@ fn origin_from_context(change: &StateChange) -> Option<Origin> {
     })
 }
 
+impl Origin {
+    /// An origin the kernel kept in its `ORIGINS` map; `None` for a record
+    /// of unknown kind.
+    pub fn from_kernel(rec: &tcptrace_common::OriginRecord) -> Option<Self> {
+        let syscall = match rec.syscall {
+            tcptrace_common::ORIGIN_CONNECT => Syscall::Connect,
+            tcptrace_common::ORIGIN_ACCEPT => Syscall::Accept,
+            _ => return None,
+        };
+        Some(Self {
+            syscall,
+            pid: rec.tgid,
+            tid: rec.tid,
+            comm: crate::decode::comm(&rec.comm),
+            fd: (rec.fd >= 0).then_some(rec.fd),
+            ts_ns: rec.ts_ns,
+            stack_id: u32::try_from(rec.stack_id).ok(),
+        })
+    }
+
+    /// The owner this origin implies: the caller's process and fd.
+    pub fn owner(&self) -> Owner {
+        Owner {
+            pid: self.pid,
+            fd: self.fd,
+            comm: self.comm.clone(),
+        }
+    }
+}
+
 fn owner_from_context(change: &StateChange) -> Option<Owner> {
     let in_owner_syscall =
         change.old == TcpState::Close && matches!(change.new, TcpState::SynSent | TcpState::Listen);
@@ -407,6 +437,11 @@ impl Tracker {
             closer,
             reset,
         }
+    }
+
+    /// Forgets socket `sk` (its end will not be sent).
+    pub fn forget(&mut self, sk: u64) {
+        self.sockets.remove(&sk);
     }
 
     /// Notes a RST on socket `sk`: its coming CLOSE is an abort.

@@ -38,10 +38,22 @@ fn leaky_server(
     tcptrace_tests::leaky_server(peer_bin!(), server_ns, client_ns, host, n, mode)
 }
 
+/// The agent's arguments: every transition printed (the kernel sends each
+/// connection's origin), or leak events only (the kernel keeps origins in
+/// its map and the agent reads the leaking ones).
+const EVERY_TRANSITION: &[&str] = &["--leak-after", "500ms"];
+const LEAKS_ONLY: &[&str] = &["--leak-after", "500ms", "--events", "leak"];
+
 /// A leaky server (in `server_ns`) accepts one connection from a client
 /// (in `client_ns`) that then hangs up; the agent must name the server.
-fn server_leak(server_ns: Option<&Netns>, client_ns: Option<&Netns>, host: &str, netns: u64) {
-    let agent = Agent::start(&["--leak-after", "500ms"]);
+fn server_leak(
+    args: &[&str],
+    server_ns: Option<&Netns>,
+    client_ns: Option<&Netns>,
+    host: &str,
+    netns: u64,
+) {
+    let agent = Agent::start(args);
     let Leaked {
         mut server,
         port,
@@ -110,8 +122,17 @@ fn assert_ss_agrees(netns: Option<&Netns>, lport: u64, rport: u64, pid: u32, fd:
 
 #[test]
 fn client_leak_against_an_upstream_that_closes_idle_connections() {
+    client_leak(EVERY_TRANSITION);
+}
+
+#[test]
+fn client_leak_with_leak_events_only() {
+    client_leak(LEAKS_ONLY);
+}
+
+fn client_leak(args: &[&str]) {
     let redis = Redis::start(1);
-    let agent = Agent::start(&["--leak-after", "500ms"]);
+    let agent = Agent::start(args);
     let bin = fixture("leaky_client");
     let mut client = Peer::spawn(fixture_cmd(
         &bin,
@@ -163,19 +184,43 @@ fn client_leak_against_an_upstream_that_closes_idle_connections() {
 
 #[test]
 fn server_leak_on_loopback() {
-    server_leak(None, None, "127.0.0.1", own_netns());
+    server_leak(EVERY_TRANSITION, None, None, "127.0.0.1", own_netns());
 }
 
 #[test]
 fn server_leak_over_ipv6() {
-    server_leak(None, None, "::1", own_netns());
+    server_leak(EVERY_TRANSITION, None, None, "::1", own_netns());
 }
 
 #[test]
 fn server_leak_across_namespaces() {
     let nets = netns_pair();
     let host = nets.addr_a.clone();
-    server_leak(Some(&nets.a), Some(&nets.b), &host, nets.a.inode());
+    server_leak(
+        EVERY_TRANSITION,
+        Some(&nets.a),
+        Some(&nets.b),
+        &host,
+        nets.a.inode(),
+    );
+}
+
+#[test]
+fn server_leak_with_leak_events_only_across_namespaces() {
+    let nets = netns_pair();
+    let host = nets.addr_a.clone();
+    server_leak(
+        LEAKS_ONLY,
+        Some(&nets.a),
+        Some(&nets.b),
+        &host,
+        nets.a.inode(),
+    );
+}
+
+#[test]
+fn server_leak_with_leak_events_only_over_ipv6() {
+    server_leak(LEAKS_ONLY, None, None, "::1", own_netns());
 }
 
 #[test]
