@@ -79,6 +79,42 @@ static ORIGINS: HashMap<u64, OriginRecord> = HashMap::with_max_entries(1 << 20, 
 /// `BPF_F_NO_PREALLOC`.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
+/// Per CPU: origins inserted into [`ORIGINS`], removed from it, and not
+/// kept because it was full. The agent's gauge of live origins is the
+/// difference of the first two; the third is loss it reports.
+#[map]
+static ORIGIN_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+const ORIGINS_INSERTED: u32 = 0;
+const ORIGINS_REMOVED: u32 = 1;
+const ORIGINS_FULL: u32 = 2;
+
+/// `BPF_NOEXIST`, `BPF_EXIST`.
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
+/// `-E2BIG`: the map is full.
+const E2BIG: i32 = 7;
+
+#[inline(always)]
+fn count_origins(slot: u32) {
+    if let Some(counter) = ORIGIN_COUNTS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer can race this increment.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Keeps `origin` under `sk`: a new entry is counted; an entry left by a
+/// freed socket at the same address (its CLOSE unseen) is replaced.
+#[inline(always)]
+fn keep(sk: u64, origin: &OriginRecord) {
+    match ORIGINS.insert(&sk, origin, BPF_NOEXIST) {
+        Ok(()) => count_origins(ORIGINS_INSERTED),
+        Err(e) if e == -E2BIG => count_origins(ORIGINS_FULL),
+        Err(_) => {
+            let _ = ORIGINS.insert(&sk, origin, BPF_EXIST);
+        }
+    }
+}
+
 /// `BPF_F_USER_STACK`: walk the user-space stack of the current task.
 const BPF_F_USER_STACK: u64 = 256;
 
@@ -304,7 +340,9 @@ fn keep_origin<F: Fields>(
     if newstate == tcp_state::CLOSE {
         // Most sockets were never inserted (listeners, sockets older than
         // the agent): a failed lookup is all that costs.
-        let _ = ORIGINS.remove(&sk);
+        if ORIGINS.remove(&sk).is_ok() {
+            count_origins(ORIGINS_REMOVED);
+        }
     } else if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
         let cfg = cfg();
         let origin = OriginRecord {
@@ -317,7 +355,7 @@ fn keep_origin<F: Fields>(
             _pad0: 0,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
         };
-        let _ = ORIGINS.insert(&sk, &origin, 0);
+        keep(sk, &origin);
     }
     Some(())
 }
@@ -664,7 +702,7 @@ fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Op
             _pad0: 0,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
         };
-        let _ = ORIGINS.insert(&sk, &origin, 0);
+        keep(sk, &origin);
         return Some(());
     }
     let ino = socket_ino(cfg, socket);

@@ -223,8 +223,11 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut pipeline, &mut out)?;
+                // Clear first: a wakeup that comes while draining (the
+                // kernel sends one only when the unread data crosses an
+                // eighth of the ring) must bring the agent back.
                 guard.clear_ready();
+                drain(guard.get_inner_mut(), &mut pipeline, &mut out)?;
                 out.flush()?;
             }
             _ = ring_poll.tick() => {
@@ -248,10 +251,14 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
             _ = summary_tick.tick() => {
-                summary.report(&pipeline, lost_seen, &transitions, &mut out)?;
+                let kernel = KernelCounts { lost: lost_seen, transitions: &transitions, origins: &origins };
+                summary.report(&pipeline, &kernel, &mut out)?;
             }
             scrape = scrape_rx.recv(), if scrapes_open => match scrape {
-                Some(req) => answer_scrape(req, &pipeline, lost_seen, &transitions, &out),
+                Some(req) => {
+                    let kernel = KernelCounts { lost: lost_seen, transitions: &transitions, origins: &origins };
+                    answer_scrape(req, &pipeline, &kernel, &out);
+                }
                 None => scrapes_open = false,
             },
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
@@ -311,15 +318,10 @@ impl SummaryState {
     fn report(
         &mut self,
         pipeline: &Pipeline,
-        lost: LostCounts,
-        transitions: &probe::TransitionCounter,
+        kernel: &KernelCounts,
         out: &mut Out,
     ) -> anyhow::Result<()> {
-        let mut snapshot = pipeline.metrics_snapshot();
-        snapshot.transitions = transitions.counts();
-        snapshot.lost_ring_full = lost.ring_full;
-        snapshot.lost_missed = lost.missed;
-        snapshot.outputs = out.sinks.stats();
+        let snapshot = kernel.snapshot(pipeline, out);
         let s = crate::output::Summary::of(
             &snapshot,
             self.started.elapsed().as_secs(),
@@ -344,19 +346,35 @@ impl SummaryState {
     }
 }
 
+/// The kernel's counters that go with the pipeline's numbers.
+struct KernelCounts<'a> {
+    /// Lost records, as last read.
+    lost: LostCounts,
+    transitions: &'a probe::TransitionCounter,
+    origins: &'a probe::OriginMap,
+}
+
+impl KernelCounts<'_> {
+    /// The numbers of a summary or a scrape, the agent's own CPU aside.
+    fn snapshot(&self, pipeline: &Pipeline, out: &Out) -> crate::metrics::Snapshot {
+        let mut snapshot = pipeline.metrics_snapshot();
+        snapshot.transitions = self.transitions.counts();
+        snapshot.lost_ring_full = self.lost.ring_full;
+        snapshot.lost_missed = self.lost.missed;
+        snapshot.outputs = out.sinks.stats();
+        snapshot.kernel_origins = self.origins.counts();
+        snapshot
+    }
+}
+
 /// Renders the metrics for one scrape; a scraper that went away is no error.
 fn answer_scrape(
     req: crate::metrics_server::ScrapeRequest,
     pipeline: &Pipeline,
-    lost: LostCounts,
-    transitions: &probe::TransitionCounter,
+    kernel: &KernelCounts,
     out: &Out,
 ) {
-    let mut snapshot = pipeline.metrics_snapshot();
-    snapshot.transitions = transitions.counts();
-    snapshot.lost_ring_full = lost.ring_full;
-    snapshot.lost_missed = lost.missed;
-    snapshot.outputs = out.sinks.stats();
+    let mut snapshot = kernel.snapshot(pipeline, out);
     snapshot.process = crate::metrics::process_stats();
     match crate::metrics::render(snapshot, req.format) {
         Ok(text) => {

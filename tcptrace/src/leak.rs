@@ -259,8 +259,10 @@ fn fill_missing_inodes(candidates: &mut [LeakCandidate]) {
 /// Gives candidates the kernel kept an origin for (the `ORIGINS` map, see
 /// [`crate::pipeline::uses_origin_map`]) that origin, and its caller as
 /// owner until /proc says who holds the socket now. `origin_of` looks a
-/// socket address up; an origin newer than the socket's entry into
-/// CLOSE_WAIT belongs to a later socket at the same address and is ignored.
+/// socket address up. The kernel removes an origin when its socket closes,
+/// so the entry belongs to the socket still in CLOSE_WAIT there; as a check,
+/// a connect() must precede the CLOSE_WAIT (an accept() may follow it: the
+/// peer can hang up while the connection waits in the accept queue).
 pub fn fill_origins(
     candidates: &mut [LeakCandidate],
     origin_of: impl Fn(u64) -> Option<tcptrace_common::OriginRecord>,
@@ -272,7 +274,7 @@ pub fn fill_origins(
         let entered_ns = c.entered.change.ts_ns;
         let Some(origin) = origin_of(c.entered.change.sk)
             .and_then(|rec| crate::tracker::Origin::from_kernel(&rec))
-            .filter(|o| o.ts_ns <= entered_ns)
+            .filter(|o| o.syscall == Syscall::Accept || o.ts_ns <= entered_ns)
         else {
             continue;
         };
@@ -534,14 +536,19 @@ mod tests {
             comm: crate::decode::raw::comm("leaky_server"),
         };
         let mut cs = vec![
-            candidate(1, 1_000, false), // origin before CLOSE_WAIT: taken
-            candidate(2, 1_000, false), // origin after it: a later socket
+            candidate(1, 1_000, false), // accepted before CLOSE_WAIT: taken
+            candidate(2, 1_000, false), // connect() after it: not this socket's
             candidate(3, 1_000, false), // none in the map
             candidate(1, 1_000, true),  // inventory: never looked up
+            candidate(4, 1_000, false), // accepted after CLOSE_WAIT: taken
         ];
         fill_origins(&mut cs, |sk| match sk {
             1 => Some(record(500)),
-            2 => Some(record(2_000)),
+            2 => Some(tcptrace_common::OriginRecord {
+                syscall: tcptrace_common::ORIGIN_CONNECT,
+                ..record(2_000)
+            }),
+            4 => Some(record(2_000)),
             _ => None,
         });
         let o = cs[0].entered.origin.as_ref().expect("origin");
@@ -554,8 +561,9 @@ mod tests {
             cs[0].entered.owner.as_ref().map(|w| (w.pid, w.fd)),
             Some((77, Some(9)))
         );
-        assert!(cs[1..].iter().all(|c| c.entered.origin.is_none()));
-        assert!(cs[1..].iter().all(|c| c.entered.owner.is_none()));
+        assert!(cs[1..4].iter().all(|c| c.entered.origin.is_none()));
+        assert!(cs[1..4].iter().all(|c| c.entered.owner.is_none()));
+        assert_eq!(cs[4].entered.origin.as_ref().map(|o| o.ts_ns), Some(2_000));
     }
 
     #[test]

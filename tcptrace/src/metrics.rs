@@ -66,6 +66,9 @@ pub struct Snapshot {
     pub outputs: Vec<(String, u64, u64)>,
     /// Sockets the tracker remembers.
     pub tracked_sockets: u64,
+    /// Connections whose origin the kernel keeps for the agent (leak-only
+    /// mode), and origins it could not keep because its map was full.
+    pub kernel_origins: crate::probe::OriginCounts,
     /// The agent's own CPU and memory, when /proc could be read.
     pub process: Option<ProcessStats>,
 }
@@ -307,6 +310,20 @@ impl Collector for SnapshotCollector {
             None,
             [(Labels::new(), gauge(s.tracked_sockets))],
         )?;
+        family(
+            &mut e,
+            "tcptrace_kernel_origins",
+            "Live connections whose origin (process, fd, stack) the kernel keeps for leak reports, when no line needs every owner.",
+            None,
+            [(Labels::new(), gauge(s.kernel_origins.live))],
+        )?;
+        family(
+            &mut e,
+            "tcptrace_kernel_origins_dropped",
+            "Connections whose origin the kernel could not keep (its map, sized by --max-sockets, was full): their leaks name no origin.",
+            None,
+            [(Labels::new(), counter(s.kernel_origins.full))],
+        )?;
 
         if let Some(p) = &s.process {
             family(
@@ -466,6 +483,7 @@ mod tests {
             malformed_total: 0,
             outputs: vec![("tcp://127.0.0.1:9000".into(), 100, 3)],
             tracked_sockets: 9,
+            kernel_origins: crate::probe::OriginCounts { live: 6, full: 2 },
             process: Some(ProcessStats {
                 cpu_seconds: 1.5,
                 resident_bytes: 4096,
@@ -497,6 +515,8 @@ mod tests {
             "tcptrace_ring_buffer_lost_records_total{cause=\"ring_full\"} 4",
             "tcptrace_ring_buffer_lost_records_total{cause=\"missed\"} 1",
             "tcptrace_output_dropped_lines_total{output=\"tcp://127.0.0.1:9000\"} 3",
+            "tcptrace_kernel_origins 6",
+            "tcptrace_kernel_origins_dropped_total 2",
             "process_cpu_seconds_total 1.5",
             "process_resident_memory_bytes 4096",
         ] {

@@ -16,9 +16,13 @@ use tcptrace_common::{OriginRecord, CONFIG_ORIGIN_MAP, TRANSITION_STATES};
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
 
-/// Default ring buffer size: about 10,000 transitions of 104 bytes, a
-/// second of a very busy host, so that a reader hiccup loses nothing.
-pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+/// Default ring buffer size: about 70,000 records of 120 bytes, 150 ms of
+/// every transition of a host churning 50,000 connections a second. The
+/// agent drains it every 20 ms or sooner, but shares its CPU with its own
+/// outputs and periodic work: 1 MiB (18 ms at that rate) lost records to
+/// those hiccups in `cargo xtask bench`; 8 MiB lost none. Kernel memory,
+/// charged to the agent's cgroup, not its RSS.
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
 /// The loaded, attached program and the maps the agent reads.
 pub struct Probes {
@@ -37,13 +41,42 @@ pub struct Probes {
 }
 
 /// The kernel's `ORIGINS` map: each live connection's origin by socket
-/// address (filled only with [`ProbeOptions::origin_map`]).
-pub struct OriginMap(BpfHashMap<MapData, u64, OriginRecord>);
+/// address (filled only with [`ProbeOptions::origin_map`]), and its
+/// per-CPU counts.
+pub struct OriginMap {
+    map: BpfHashMap<MapData, u64, OriginRecord>,
+    counts: PerCpuArray<MapData, u64>,
+}
+
+/// What the kernel's origin map holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginCounts {
+    /// Origins kept now.
+    pub live: u64,
+    /// Origins not kept since load: the map was full.
+    pub full: u64,
+}
 
 impl OriginMap {
     /// The origin of socket `sk`, if the kernel has one.
     pub fn get(&self, sk: u64) -> Option<OriginRecord> {
-        self.0.get(&sk, 0).ok()
+        self.map.get(&sk, 0).ok()
+    }
+
+    /// Counts summed over CPUs (zero when they cannot be read).
+    pub fn counts(&self) -> OriginCounts {
+        let slot = |i: u32| -> u64 {
+            self.counts
+                .get(&i, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        let (inserted, removed) = (slot(0), slot(1));
+        OriginCounts {
+            // Per-CPU sums read one after the other can cross.
+            live: inserted.saturating_sub(removed),
+            full: slot(2),
+        }
     }
 }
 
@@ -206,7 +239,13 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     let origins = ebpf
         .take_map("ORIGINS")
         .ok_or_else(|| anyhow!("the eBPF object has no ORIGINS map"))?;
-    let origins = OriginMap(BpfHashMap::try_from(origins).context("opening the ORIGINS map")?);
+    let origin_counts = ebpf
+        .take_map("ORIGIN_COUNTS")
+        .ok_or_else(|| anyhow!("the eBPF object has no ORIGIN_COUNTS map"))?;
+    let origins = OriginMap {
+        map: BpfHashMap::try_from(origins).context("opening the ORIGINS map")?,
+        counts: PerCpuArray::try_from(origin_counts).context("opening the ORIGIN_COUNTS map")?,
+    };
     Ok(Probes {
         ebpf,
         ring,

@@ -376,13 +376,16 @@ mod tests {
             std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (_server, _) = listener.accept().expect("accept");
         let port = client.local_addr().expect("addr").port();
+        let peer = listener.local_addr().expect("addr").port();
         drop(client); // closed first, the peer still open: a FIN_WAIT2 bucket
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let socks = dump(1 << TCP_TIME_WAIT | 1 << TCP_FIN_WAIT2).expect("sock_diag dump");
             if let Some(s) = socks
                 .iter()
-                .find(|s| s.lport == port && s.is_time_wait_bucket())
+                // Only this connection: an older one may have left a
+                // TIME_WAIT on the same local port.
+                .find(|s| s.lport == port && s.rport == peer && s.is_time_wait_bucket())
             {
                 assert_eq!(s.state, TCP_FIN_WAIT2, "{s:?}");
                 break;

@@ -209,3 +209,60 @@ fn a_metrics_port_in_use_is_a_clear_error() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--metrics"), "{stderr}");
 }
+
+/// The value of the unlabelled sample `name`.
+fn gauge(text: &str, name: &str) -> u64 {
+    value(text, name).unwrap_or_else(|| panic!("no {name} in\n{text}")) as u64
+}
+
+#[test]
+fn leak_only_mode_keeps_origins_in_the_kernel_until_the_connections_close() {
+    // With leak events only, the kernel keeps each connection's origin in
+    // its map from connect()/accept() to CLOSE: 100 held connections are
+    // 200 origins (both ends), and closing them empties the map again.
+    // Other tests of this file open a few connections meanwhile: a margin.
+    let port = free_port();
+    let agent = Agent::start(&[
+        "--events",
+        "leak",
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let origins = || {
+        gauge(
+            &http(port, "GET", "/metrics", None).body,
+            "tcptrace_kernel_origins",
+        )
+    };
+    let mut hold = Command::new(env!("CARGO_BIN_EXE_tcptrace-churn"))
+        .args(["hold", "--count", "100"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start tcptrace-churn hold");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hold.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read the holder");
+    assert!(line.contains(r#""open":100"#), "{line}");
+    let held = origins();
+    assert!(
+        (200..230).contains(&held),
+        "{held} origins for 100 connections"
+    );
+    let text = scrape(port);
+    assert_eq!(gauge(&text, "tcptrace_kernel_origins_dropped_total"), 0);
+    promtool_check(&text);
+    drop(hold.stdin.take());
+    hold.wait().expect("the holder exits");
+    poll(
+        "the origins to leave the kernel map",
+        TIMEOUT,
+        || Some(origins()).filter(|&n| n < 30),
+        || agent.dump(),
+    );
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}

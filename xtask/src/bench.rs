@@ -506,6 +506,8 @@ fn scale_run(count: usize, bins: &Bins, ns: &Netns) -> Result<String> {
     let port = tracer.metrics_port.context("metrics port")?;
     let text = scrape(port)?;
     let tracked = sum_of(&text, "tcptrace_tracked_sockets");
+    // Leak-only mode keeps origins in the kernel, not in the tracker.
+    let origins = sum_of(&text, "tcptrace_kernel_origins");
     let rss = status_bytes(tracer.pid(), "VmRSS:").unwrap_or(0);
     let lost = sum_of(&text, "tcptrace_ring_buffer_lost_records_total");
     for mut hold in holders {
@@ -515,7 +517,8 @@ fn scale_run(count: usize, bins: &Bins, ns: &Netns) -> Result<String> {
     tracer.stop()?;
     Ok(format!(
         "{count} connections ({} sockets) opened in {:.1} s and held: the agent tracked {tracked} \
-         sockets with {:.1} MiB RSS, {lost} records lost.",
+         sockets and the kernel kept {origins} origins for it, with {:.1} MiB agent RSS, {lost} \
+         records lost.",
         count * 2,
         opened_in.as_secs_f64(),
         rss as f64 / 1048576.0
