@@ -345,12 +345,13 @@ fn keep_origin<F: Fields>(
         }
     } else if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
         let cfg = cfg();
+        let now = unsafe { bpf_ktime_get_ns() };
         let origin = OriginRecord {
             syscall: ORIGIN_CONNECT,
             tgid: ctx.tgid(),
             tid: ctx.pid(),
-            fd: connect_fd(ctx.pid()),
-            ts_ns: unsafe { bpf_ktime_get_ns() },
+            fd: connect_fd(ctx.pid(), now),
+            ts_ns: now,
             stack_id: user_stack_id(ctx, &cfg),
             _pad0: 0,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
@@ -505,12 +506,13 @@ fn emit_state<F: Fields>(
 
     let pid_tgid = ctx.pid() as u64 | (u64::from(ctx.tgid()) << 32);
     let tid = pid_tgid as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
     let in_connect = oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT;
     // With the origin map, the origin (and its stack) is already there.
     let (connect_fd, stack_id) = if in_connect && cfg.flags & CONFIG_ORIGIN_MAP == 0 {
         // Runs inside connect(): the current task is the owner, and its
         // stack is the code path that opened the connection.
-        (connect_fd(tid), user_stack_id(ctx, cfg))
+        (connect_fd(tid, now), user_stack_id(ctx, cfg))
     } else {
         (-1, -1)
     };
@@ -538,7 +540,7 @@ fn emit_state<F: Fields>(
         addr_of_mut!((*rec).ctx_tgid).write((pid_tgid >> 32) as u32);
         addr_of_mut!((*rec).ctx_tid).write(tid);
         addr_of_mut!((*rec).netns).write(netns);
-        addr_of_mut!((*rec).ts_ns).write(bpf_ktime_get_ns());
+        addr_of_mut!((*rec).ts_ns).write(now);
         addr_of_mut!((*rec).skaddr).write(skaddr);
         addr_of_mut!((*rec).oldstate).write(oldstate);
         addr_of_mut!((*rec).newstate).write(newstate);
@@ -561,7 +563,16 @@ fn emit_state<F: Fields>(
         };
         addr_of_mut!((*rec).saddr).write(saddr);
         addr_of_mut!((*rec).daddr).write(daddr);
-        addr_of_mut!((*rec).comm).write(bpf_get_current_comm().unwrap_or([0; 16]));
+        // Entering CLOSE_WAIT runs in softirq context (the peer's FIN), on
+        // whatever task the CPU was running: only a line that prints every
+        // transition shows that task.
+        let ctx_unused = cfg.flags & CONFIG_ORIGIN_MAP != 0 && newstate == tcp_state::CLOSE_WAIT;
+        let comm = if ctx_unused {
+            [0; 16]
+        } else {
+            bpf_get_current_comm().unwrap_or([0; 16])
+        };
+        addr_of_mut!((*rec).comm).write(comm);
     }
     entry.submit(wakeup_flags(cfg, core::mem::size_of::<StateRecord>()));
     Some(())
@@ -636,12 +647,12 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 /// The fd thread `tid` passed to the connect() it is in, if this CPU saw
 /// it enter moments ago; -1 otherwise.
 #[inline(always)]
-fn connect_fd(tid: u32) -> i32 {
+fn connect_fd(tid: u32, now: u64) -> i32 {
     let Some(slot) = CONNECT_FD.get_ptr(0) else {
         return -1;
     };
     let slot = unsafe { *slot };
-    let fresh = unsafe { bpf_ktime_get_ns() }.wrapping_sub(slot.ts_ns) < CONNECT_SLOT_NS;
+    let fresh = now.wrapping_sub(slot.ts_ns) < CONNECT_SLOT_NS;
     if slot.tid == tid && fresh {
         slot.fd
     } else {

@@ -35,7 +35,7 @@ use crate::{cargo, run, say};
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchOpts {
     /// Rounds per tracer (alternating).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     pub rounds: usize,
     /// Seconds of churn per round.
     #[arg(long, default_value_t = 3.0)]
@@ -375,7 +375,18 @@ struct Row {
     peak_rss_mib: Option<f64>,
 }
 
-fn summarize(mode: Mode, rounds: &[Round], reference: f64, per_conn: f64) -> Row {
+/// A tracer's rounds against the no-tracer rounds of the same rounds: the
+/// ratio is the median of the per-round ratios, each taken within seconds
+/// of its reference, so that the machine's drift over the run (a shared VM
+/// host can swing by a fifth) cancels out instead of landing in one mode.
+fn summarize(mode: Mode, rounds: &[Round], reference: &[Round], per_conn: f64) -> Row {
+    let mut ratios: Vec<f64> = rounds
+        .iter()
+        .zip(reference)
+        .filter(|(_, none)| none.per_second > 0.0)
+        .map(|(r, none)| r.per_second / none.per_second)
+        .collect();
+    let ratio = median(&mut ratios);
     let mut rates: Vec<f64> = rounds.iter().map(|r| r.per_second).collect();
     let med = median(&mut rates);
     let (lo, hi) = (
@@ -402,11 +413,7 @@ fn summarize(mode: Mode, rounds: &[Round], reference: f64, per_conn: f64) -> Row
         } else {
             0.0
         },
-        ratio: if reference > 0.0 {
-            med / reference
-        } else {
-            0.0
-        },
+        ratio,
         lost,
         cpu_per_m: cpu
             .filter(|_| transitions > 0.0)
@@ -565,10 +572,6 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
             results[i].push(r);
         }
     }
-    let reference = {
-        let mut v: Vec<f64> = results[0].iter().map(|r| r.per_second).collect();
-        median(&mut v)
-    };
     // Transitions per connection, as the agent counted them, for tracers
     // that do not count.
     let per_conn = {
@@ -586,7 +589,7 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
     let rows: Vec<Row> = modes
         .iter()
         .zip(&results)
-        .map(|(m, r)| summarize(*m, r, reference, per_conn))
+        .map(|(m, r)| summarize(*m, r, &results[0], per_conn))
         .collect();
     let table = table(&rows);
     println!("\n{table}");
@@ -615,7 +618,8 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
          namespace of its own; {} rounds of {} s per tracer, alternating, after a warm-up \
          round\n\n\
          {table}\n\
-         CPU is the tracer process's own (user + system) during the churn; the kernel \
+         The ratio is the median over rounds of the tracer's rate over the same round's \
+         rate with no tracer. CPU is the tracer process's own (user + system) during the churn; the kernel \
          program's cost shows in the ratio. Lost records are the agent's own count (ring \
          buffer full, or runs the kernel skipped).\n\n\
          ## Scale\n\n{scale}\n\n## Tracker memory\n\n{tracker}\n",
