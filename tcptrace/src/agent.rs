@@ -84,7 +84,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     raise_memlock_limit();
     let tracefs = tracefs::locate_or_mount()?;
     let layout = layout::resolve(&tracefs)?;
-    let events: std::collections::HashSet<EventKind> = cli.events.iter().copied().collect();
+    let events: crate::cli::EventSet = cli.events.iter().copied().collect();
     let filter = cli.filter();
     let origin_map = crate::pipeline::uses_origin_map(&events, &filter);
     let interest = crate::pipeline::kernel_interest(&events, origin_map);

@@ -185,6 +185,43 @@ pub enum EventKind {
     Summary,
 }
 
+/// A set of [`EventKind`]s: a bit each, since the pipeline asks it several
+/// times for every transition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventSet(u8);
+
+impl EventSet {
+    fn bit(kind: EventKind) -> u8 {
+        1 << kind as u8
+    }
+
+    /// True when `kind` is in the set.
+    pub fn contains(&self, kind: &EventKind) -> bool {
+        self.0 & Self::bit(*kind) != 0
+    }
+
+    /// Adds `kind`.
+    pub fn insert(&mut self, kind: EventKind) {
+        self.0 |= Self::bit(kind);
+    }
+}
+
+impl FromIterator<EventKind> for EventSet {
+    fn from_iter<I: IntoIterator<Item = EventKind>>(kinds: I) -> Self {
+        let mut set = Self::default();
+        for kind in kinds {
+            set.insert(kind);
+        }
+        set
+    }
+}
+
+impl<const N: usize> From<[EventKind; N]> for EventSet {
+    fn from(kinds: [EventKind; N]) -> Self {
+        kinds.into_iter().collect()
+    }
+}
+
 /// Reports.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -306,6 +343,26 @@ impl Cli {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn event_sets_hold_each_kind_once() {
+        let all = [
+            EventKind::StateChange,
+            EventKind::CloseWait,
+            EventKind::Leak,
+            EventKind::TimeWait,
+            EventKind::PortPressure,
+            EventKind::Summary,
+        ];
+        let set: EventSet = [EventKind::Leak, EventKind::Summary, EventKind::Leak].into();
+        for kind in all {
+            let want = matches!(kind, EventKind::Leak | EventKind::Summary);
+            assert_eq!(set.contains(&kind), want, "{kind:?}");
+        }
+        let every: EventSet = all.into_iter().collect();
+        assert!(all.iter().all(|k| every.contains(k)));
+        assert!(!EventSet::default().contains(&EventKind::Leak));
+    }
 
     #[test]
     fn cli_is_consistent() {

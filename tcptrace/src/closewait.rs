@@ -99,7 +99,7 @@ pub const DEFAULT_MAX_LINGERING: usize = 262_144;
 #[derive(Debug)]
 pub struct CloseWaitDetector {
     leak_after_ns: u64,
-    lingering: HashMap<u64, Lingering>,
+    lingering: crate::tracker::FastMap<u64, Lingering>,
     max_lingering: usize,
     histograms: HashMap<u32, LingerHistogram>,
     /// Every linger time since start, never evicted (a Prometheus histogram
@@ -126,7 +126,7 @@ impl CloseWaitDetector {
     pub fn with_capacity(leak_after_ns: u64, max: usize) -> Self {
         Self {
             leak_after_ns,
-            lingering: HashMap::new(),
+            lingering: crate::tracker::FastMap::default(),
             max_lingering: max.max(1),
             histograms: HashMap::new(),
             total: LingerHistogram::default(),

@@ -18,6 +18,7 @@ pub mod decode;
 pub mod filter;
 pub mod groups;
 pub mod inventory;
+pub mod jsonline;
 pub mod layout;
 pub mod leak;
 pub mod metrics;

@@ -28,10 +28,7 @@ pub const DEFAULT_GROUP_REPORT_NS: u64 = 10_000_000_000;
 /// With `origin_map` (see [`uses_origin_map`]) the kernel keeps origins
 /// itself, so neither connect()'s CLOSE -> SYN_SENT nor accept() is sent;
 /// nor is the end of a socket, unless TIME_WAIT needs it.
-pub fn kernel_interest(
-    events: &std::collections::HashSet<EventKind>,
-    origin_map: bool,
-) -> (u32, u32) {
+pub fn kernel_interest(events: &crate::cli::EventSet, origin_map: bool) -> (u32, u32) {
     use tcptrace_common::tcp_state as k;
     if events.contains(&EventKind::StateChange) {
         return (u32::MAX, u32::MAX);
@@ -59,7 +56,7 @@ pub fn kernel_interest(
 /// does, `close_wait` lines name every lingering socket's owner, and
 /// `--pid` selects sockets by owner as they go. The agent then reads an
 /// origin, and finds the holders under /proc, only for leak candidates.
-pub fn uses_origin_map(events: &std::collections::HashSet<EventKind>, filter: &Filter) -> bool {
+pub fn uses_origin_map(events: &crate::cli::EventSet, filter: &Filter) -> bool {
     !events.contains(&EventKind::StateChange)
         && !events.contains(&EventKind::CloseWait)
         && filter.pids.is_empty()
@@ -98,7 +95,7 @@ pub struct Pipeline {
     /// Leak rate limits and group summaries.
     pub groups: LeakGroups,
     /// Which events are printed.
-    pub events: std::collections::HashSet<EventKind>,
+    pub events: crate::cli::EventSet,
     /// TIME_WAIT per destination, for port pressure.
     pub pressure: crate::timewait::PortPressure,
     /// Leaks reported and not ended.
@@ -330,7 +327,7 @@ mod tests {
         // A client that closes first (TIME_WAIT) and a server that lingers
         // in CLOSE_WAIT then closes; fed whole, and as the kernel sends
         // them with the default events' masks.
-        let default_events: std::collections::HashSet<EventKind> = [
+        let default_events: crate::cli::EventSet = [
             EventKind::CloseWait,
             EventKind::Leak,
             EventKind::TimeWait,
@@ -341,7 +338,7 @@ mod tests {
         let (new_mask, old_mask) = kernel_interest(&default_events, false);
         let run = |filtered: bool| {
             let mut p = pipeline(5_000_000);
-            p.events = default_events.clone();
+            p.events = default_events;
             let mut out = Vec::new();
             let masks = filtered.then_some((new_mask, old_mask));
             let (_, leaks) = feed_client_and_server(&mut p, masks, &mut out);
@@ -368,15 +365,14 @@ mod tests {
         // Leak events only: the kernel keeps origins and sends nothing but
         // CLOSE_WAIT entries and exits; the tracker must still find the
         // leak and must not keep sockets whose end it never sees.
-        let events: std::collections::HashSet<EventKind> = [EventKind::Leak].into();
+        let events: crate::cli::EventSet = [EventKind::Leak].into();
         assert!(uses_origin_map(&events, &Filter::default()));
         let pid_filter = Filter {
             pids: [7].into(),
             ..Filter::default()
         };
         assert!(!uses_origin_map(&events, &pid_filter), "--pid needs owners");
-        let close_wait: std::collections::HashSet<EventKind> =
-            [EventKind::Leak, EventKind::CloseWait].into();
+        let close_wait: crate::cli::EventSet = [EventKind::Leak, EventKind::CloseWait].into();
         assert!(!uses_origin_map(&close_wait, &Filter::default()));
         let (new_mask, old_mask) = kernel_interest(&events, true);
         assert_eq!(new_mask, 1 << k::CLOSE_WAIT);

@@ -10,6 +10,10 @@
 
 use std::collections::HashMap;
 
+/// A map on the per-transition path: foldhash instead of SipHash (keys are
+/// kernel addresses and command names, not attacker-chosen at will).
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 use crate::decode::{Accept, StateChange};
 use crate::state::TcpState;
 
@@ -248,14 +252,14 @@ const MAX_COMMS: usize = 1 << 16;
 /// Command names by id: a socket keeps 4 bytes instead of a `String`.
 #[derive(Debug)]
 struct CommTable {
-    ids: HashMap<Box<str>, CommId>,
+    ids: FastMap<Box<str>, CommId>,
     names: Vec<Box<str>>,
 }
 
 impl Default for CommTable {
     fn default() -> Self {
         Self {
-            ids: HashMap::new(),
+            ids: FastMap::default(),
             // Id 0: the name of every comm past MAX_COMMS.
             names: vec!["?".into()],
         }
@@ -289,7 +293,7 @@ pub const DEFAULT_CAPACITY: usize = 1 << 20;
 /// Tracks every live TCP socket seen by the kernel program.
 #[derive(Debug)]
 pub struct Tracker {
-    sockets: HashMap<u64, Entry>,
+    sockets: FastMap<u64, Entry>,
     comms: CommTable,
     capacity: usize,
     evicted: u64,
@@ -366,7 +370,7 @@ impl Tracker {
     /// the least recently active eighth is forgotten.
     pub fn new(capacity: usize) -> Self {
         Self {
-            sockets: HashMap::new(),
+            sockets: FastMap::default(),
             comms: CommTable::default(),
             capacity: capacity.max(1),
             evicted: 0,
@@ -403,28 +407,42 @@ impl Tracker {
             .and_then(|(state, since)| {
                 (state == change.old && ts >= since).then(|| (ts - since) as f64 / 1e6)
             });
-        let owner = owner_from_context(&change).or_else(|| prev.and_then(|e| e.owner(comms)));
-        let origin = origin_from_context(&change).or_else(|| prev.and_then(|e| e.origin(comms)));
+        let ctx_owner = owner_from_context(&change);
+        let ctx_origin = origin_from_context(&change);
+        let ctx_closer = (change.new == TcpState::FinWait1).then(|| change.ctx.clone());
+        let owner = ctx_owner
+            .clone()
+            .or_else(|| prev.and_then(|e| e.owner(comms)));
+        let origin = ctx_origin
+            .clone()
+            .or_else(|| prev.and_then(|e| e.origin(comms)));
         let ino = change
             .ino
             .or_else(|| prev.and_then(|e| (e.ino != 0).then_some(e.ino)));
-        let closer = if change.new == TcpState::FinWait1 {
-            Some(change.ctx.clone())
-        } else {
-            prev.and_then(|e| e.closer(comms))
-        };
+        let closer = ctx_closer
+            .clone()
+            .or_else(|| prev.and_then(|e| e.closer(comms)));
         let reset = prev.is_some_and(|e| e.has(RESET));
 
         if change.new == TcpState::Close {
             self.sockets.remove(&change.sk);
         } else {
             self.make_room(change.sk);
-            let mut entry = Entry::new(ts);
+            // What the previous entry knew carries over as is (its names
+            // already interned); only what this transition brings is set.
+            let mut entry = prev.unwrap_or_else(|| Entry::new(ts));
+            entry.since_ns = ts;
             entry.state = Some(change.new);
-            entry.set_owner(owner.as_ref(), &mut self.comms);
-            entry.set_origin(origin.as_ref());
+            if ctx_owner.is_some() {
+                entry.set_owner(ctx_owner.as_ref(), &mut self.comms);
+            }
+            if ctx_origin.is_some() {
+                entry.set_origin(ctx_origin.as_ref());
+            }
             entry.ino = ino.unwrap_or(0);
-            entry.set_closer(closer.as_ref(), &mut self.comms);
+            if ctx_closer.is_some() {
+                entry.set_closer(ctx_closer.as_ref(), &mut self.comms);
+            }
             entry.set(RESET, reset);
             self.sockets.insert(change.sk, entry);
         }
