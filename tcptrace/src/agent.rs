@@ -302,6 +302,8 @@ struct SummaryState {
     started: std::time::Instant,
     transitions: u64,
     dropped: std::collections::HashMap<String, u64>,
+    /// Origins the kernel could not keep, as of the previous summary.
+    origins_full: u64,
 }
 
 impl SummaryState {
@@ -310,6 +312,7 @@ impl SummaryState {
             started: std::time::Instant::now(),
             transitions: 0,
             dropped: std::collections::HashMap::new(),
+            origins_full: 0,
         }
     }
 
@@ -338,6 +341,17 @@ impl SummaryState {
                     dropped - before
                 );
             }
+        }
+        let full = snapshot.kernel_origins.full;
+        if full > self.origins_full {
+            log::warn!(
+                "{} connections opened since the last summary have no origin ({full} since \
+                 start): the kernel's origin map is full ({} origins kept); their leaks will \
+                 name no opening stack; raise --max-sockets",
+                full - self.origins_full,
+                snapshot.kernel_origins.live
+            );
+            self.origins_full = full;
         }
         if pipeline.events.contains(&EventKind::Summary) {
             out.line(pipeline.format.summary(&s, std::time::SystemTime::now()))?;

@@ -215,6 +215,55 @@ fn gauge(text: &str, name: &str) -> u64 {
     value(text, name).unwrap_or_else(|| panic!("no {name} in\n{text}")) as u64
 }
 
+/// `n` loopback connections held open (both ends in one process) until
+/// its stdin is closed.
+fn hold_connections(n: usize) -> std::process::Child {
+    let mut hold = Command::new(env!("CARGO_BIN_EXE_tcptrace-churn"))
+        .args(["hold", "--count", &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start tcptrace-churn hold");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hold.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read the holder");
+    assert!(line.contains(&format!(r#""open":{n}"#)), "{line}");
+    hold
+}
+
+#[test]
+fn a_full_origin_map_is_counted_and_logged_not_silent() {
+    let port = free_port();
+    let agent = Agent::start(&[
+        "--events",
+        "leak",
+        "--max-sockets",
+        "10",
+        "--summary-interval",
+        "1s",
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let mut hold = hold_connections(100);
+    let text = scrape(port);
+    // At most 10 (other tests' short connections may hold a slot for a
+    // moment, and free it).
+    let kept = gauge(&text, "tcptrace_kernel_origins");
+    assert!((5..=10).contains(&kept), "{kept} kept in a map of 10");
+    assert!(
+        gauge(&text, "tcptrace_kernel_origins_dropped_total") >= 190,
+        "200 origins, 10 kept\n{text}"
+    );
+    agent.wait_stderr("origin map is full");
+    drop(hold.stdin.take());
+    hold.wait().expect("the holder exits");
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
 #[test]
 fn leak_only_mode_keeps_origins_in_the_kernel_until_the_connections_close() {
     // With leak events only, the kernel keeps each connection's origin in
@@ -234,19 +283,7 @@ fn leak_only_mode_keeps_origins_in_the_kernel_until_the_connections_close() {
             "tcptrace_kernel_origins",
         )
     };
-    let mut hold = Command::new(env!("CARGO_BIN_EXE_tcptrace-churn"))
-        .args(["hold", "--count", "100"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start tcptrace-churn hold");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(hold.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("read the holder");
-    assert!(line.contains(r#""open":100"#), "{line}");
+    let mut hold = hold_connections(100);
     let held = origins();
     assert!(
         (200..230).contains(&held),
