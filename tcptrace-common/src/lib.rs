@@ -272,8 +272,8 @@ pub struct KernelConfig {
     /// [`CONFIG_ORIGIN_MAP`].
     pub flags: u32,
     /// Records are submitted without waking the agent (it polls on a
-    /// timer) until this many bytes wait in the ring buffer; 0 wakes it on
-    /// every record. A wakeup runs an interrupt inside the BPF program, and
+    /// timer), except the one that brings the unread data past a multiple
+    /// of this many bytes; 0 wakes it on every record. A wakeup runs an interrupt inside the BPF program, and
     /// softirqs that run on its exit cannot run BPF programs (the kernel's
     /// per-CPU recursion guard drops them): fewer wakeups, fewer misses.
     pub wakeup_bytes: u32,

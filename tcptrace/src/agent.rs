@@ -24,9 +24,9 @@ use crate::{layout, privileges, tracefs};
 /// How often the lost counter is read (and the wall clock re-synced).
 const LOST_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the ring buffer is read when the kernel does not wake the
-/// agent: records are submitted without a wakeup until an eighth of the
-/// ring is full (see `KernelConfig::wakeup_bytes`), so that a busy host
-/// costs one read per batch, not one wakeup per transition.
+/// agent: it wakes it only when the unread data passes each eighth of the
+/// ring (see `KernelConfig::wakeup_bytes`), so that a busy host costs one
+/// read per batch, not one wakeup per transition.
 const RING_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Lines handed to the outputs at once, at most.
 const MAX_BATCH_LINES: usize = 4096;
@@ -219,6 +219,11 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         on_off(layout.accept_hooks)
     );
 
+    let kernel_counts = |lost| KernelCounts {
+        lost,
+        transitions: &transitions,
+        origins: &origins,
+    };
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -251,14 +256,10 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
             _ = summary_tick.tick() => {
-                let kernel = KernelCounts { lost: lost_seen, transitions: &transitions, origins: &origins };
-                summary.report(&pipeline, &kernel, &mut out)?;
+                summary.report(&pipeline, &kernel_counts(lost_seen), &mut out)?;
             }
             scrape = scrape_rx.recv(), if scrapes_open => match scrape {
-                Some(req) => {
-                    let kernel = KernelCounts { lost: lost_seen, transitions: &transitions, origins: &origins };
-                    answer_scrape(req, &pipeline, &kernel, &out);
-                }
+                Some(req) => answer_scrape(req, &pipeline, &kernel_counts(lost_seen), &out),
                 None => scrapes_open = false,
             },
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }

@@ -181,8 +181,9 @@ pub fn load_and_attach(layout: &Layout, options: &ProbeOptions) -> anyhow::Resul
     load_inner(layout, options).map_err(explain)
 }
 
-/// Wake the agent early once this share of the ring buffer is full; below
-/// it, the agent's poll timer collects the records in batches.
+/// Wake the agent each time the unread data passes another this-many-th
+/// of the ring buffer; between, the agent's poll timer collects the
+/// records in batches.
 const WAKEUP_SHARE: u32 = 8;
 
 fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes> {
