@@ -170,6 +170,16 @@ pub const CONFIG_INODE: u32 = 1 << 2;
 /// healthy connection costs a map insert and delete, not two records.
 pub const CONFIG_ORIGIN_MAP: u32 = 1 << 3;
 
+/// Slots of the kernel's per-CPU `ORIGIN_COUNTS`: origins inserted into
+/// `ORIGINS`, removed from it, and not kept because it was full.
+pub const ORIGINS_INSERTED: u32 = 0;
+/// See [`ORIGINS_INSERTED`].
+pub const ORIGINS_REMOVED: u32 = 1;
+/// See [`ORIGINS_INSERTED`].
+pub const ORIGINS_FULL: u32 = 2;
+/// Number of `ORIGIN_COUNTS` slots.
+pub const ORIGIN_COUNT_SLOTS: u32 = 3;
+
 /// [`OriginRecord::syscall`]: `connect()`.
 pub const ORIGIN_CONNECT: u32 = 1;
 /// [`OriginRecord::syscall`]: `accept()`/`accept4()`.

@@ -24,8 +24,9 @@ use aya_ebpf::{
 use tcptrace_common::{
     tcp_state, AcceptRecord, ConnectSlot, KernelConfig, OriginRecord, ResetRecord, StackBudget,
     StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS, CONFIG_ORIGIN_MAP,
-    IPPROTO_TCP, ORIGIN_ACCEPT, ORIGIN_CONNECT, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE,
-    RESET_RECEIVED, RESET_SENT, TRANSITION_STATES,
+    IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED, ORIGIN_ACCEPT, ORIGIN_CONNECT,
+    ORIGIN_COUNT_SLOTS, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RESET_RECEIVED, RESET_SENT,
+    TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -83,10 +84,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 /// kept because it was full. The agent's gauge of live origins is the
 /// difference of the first two; the third is loss it reports.
 #[map]
-static ORIGIN_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
-const ORIGINS_INSERTED: u32 = 0;
-const ORIGINS_REMOVED: u32 = 1;
-const ORIGINS_FULL: u32 = 2;
+static ORIGIN_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ORIGIN_COUNT_SLOTS, 0);
 
 /// `BPF_NOEXIST`, `BPF_EXIST`.
 const BPF_NOEXIST: u64 = 1;
@@ -102,15 +100,26 @@ fn count_origins(slot: u32) {
     }
 }
 
-/// Keeps `origin` under `sk`: a new entry is counted; an entry left by a
-/// freed socket at the same address (its CLOSE unseen) is replaced.
+/// Keeps the current task's `syscall` (with `fd`, at `ts_ns`, its stack
+/// `stack_id`) as the origin of `sk`: a new entry is counted; an entry left
+/// by a freed socket at the same address (its CLOSE unseen) is replaced.
 #[inline(always)]
-fn keep(sk: u64, origin: &OriginRecord) {
-    match ORIGINS.insert(&sk, origin, BPF_NOEXIST) {
+fn keep(ctx: &TracePointContext, sk: u64, syscall: u32, fd: i32, ts_ns: u64, stack_id: i32) {
+    let origin = OriginRecord {
+        syscall,
+        tgid: ctx.tgid(),
+        tid: ctx.pid(),
+        fd,
+        ts_ns,
+        stack_id,
+        _pad0: 0,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    match ORIGINS.insert(&sk, &origin, BPF_NOEXIST) {
         Ok(()) => count_origins(ORIGINS_INSERTED),
         Err(e) if e == -E2BIG => count_origins(ORIGINS_FULL),
         Err(_) => {
-            let _ = ORIGINS.insert(&sk, origin, BPF_EXIST);
+            let _ = ORIGINS.insert(&sk, &origin, BPF_EXIST);
         }
     }
 }
@@ -346,17 +355,8 @@ fn keep_origin<F: Fields>(
     } else if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
         let cfg = cfg();
         let now = unsafe { bpf_ktime_get_ns() };
-        let origin = OriginRecord {
-            syscall: ORIGIN_CONNECT,
-            tgid: ctx.tgid(),
-            tid: ctx.pid(),
-            fd: connect_fd(ctx.pid(), now),
-            ts_ns: now,
-            stack_id: user_stack_id(ctx, &cfg),
-            _pad0: 0,
-            comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        };
-        keep(sk, &origin);
+        let fd = connect_fd(ctx.pid(), now);
+        keep(ctx, sk, ORIGIN_CONNECT, fd, now, user_stack_id(ctx, &cfg));
     }
     Some(())
 }
@@ -703,17 +703,8 @@ fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Op
     }
     let stack_id = user_stack_id(ctx, cfg);
     if cfg.flags & CONFIG_ORIGIN_MAP != 0 {
-        let origin = OriginRecord {
-            syscall: ORIGIN_ACCEPT,
-            tgid: ctx.tgid(),
-            tid: ctx.pid(),
-            fd: fd as i32,
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-            stack_id,
-            _pad0: 0,
-            comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        };
-        keep(sk, &origin);
+        let now = unsafe { bpf_ktime_get_ns() };
+        keep(ctx, sk, ORIGIN_ACCEPT, fd as i32, now, stack_id);
         return Some(());
     }
     let ino = socket_ino(cfg, socket);

@@ -324,18 +324,15 @@ struct OutputCounts<'a> {
     dropped: u64,
 }
 
-/// Room for a typical line, so that serializing does not reallocate.
+/// Room for a typical `state_change` line, so that writing it does not
+/// reallocate.
 const LINE_CAPACITY: usize = 512;
 
 fn to_json<T: Serialize>(value: &T) -> String {
     // Serializing these plain structs cannot fail (no maps with non-string
     // keys, no I/O); fall back to an explicit error object just in case.
-    let mut buf = Vec::with_capacity(LINE_CAPACITY);
-    match serde_json::to_writer(&mut buf, value) {
-        Ok(()) => String::from_utf8(buf)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-        Err(e) => format!("{{\"event\":\"error\",\"error\":{:?}}}", e.to_string()),
-    }
+    serde_json::to_string(value)
+        .unwrap_or_else(|e| format!("{{\"event\":\"error\",\"error\":{:?}}}", e.to_string()))
 }
 
 /// Time of day for text lines: `19:00:00.123456` (UTC).

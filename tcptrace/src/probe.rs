@@ -11,7 +11,10 @@ use crate::layout::{Layout, STATE_TP};
 use crate::privileges::NotPrivileged;
 use crate::progstats::ProgramStats;
 use crate::state::TcpState;
-use tcptrace_common::{OriginRecord, CONFIG_ORIGIN_MAP, TRANSITION_STATES};
+use tcptrace_common::{
+    OriginRecord, CONFIG_ORIGIN_MAP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED,
+    TRANSITION_STATES,
+};
 
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -71,11 +74,11 @@ impl OriginMap {
                 .map(|per_cpu| per_cpu.iter().sum())
                 .unwrap_or(0)
         };
-        let (inserted, removed) = (slot(0), slot(1));
+        let (inserted, removed) = (slot(ORIGINS_INSERTED), slot(ORIGINS_REMOVED));
         OriginCounts {
             // Per-CPU sums read one after the other can cross.
             live: inserted.saturating_sub(removed),
-            full: slot(2),
+            full: slot(ORIGINS_FULL),
         }
     }
 }

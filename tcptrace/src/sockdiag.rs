@@ -314,6 +314,24 @@ mod tests {
         b
     }
 
+    /// The first socket of a real dump of `states` that `wanted` picks,
+    /// dumping again for up to 5 s (the kernel moves it moments after the
+    /// test's close).
+    fn wait_for_socket(states: u32, wanted: impl Fn(&DiagSocket) -> bool) -> DiagSocket {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let socks = dump(states).expect("sock_diag dump (needs no privilege)");
+            if let Some(s) = socks.iter().find(|s| wanted(s)) {
+                return s.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not found in {socks:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     #[test]
     fn request_layout() {
         let r = build_request(libc::AF_INET6 as u8, 1 << 8, 7);
@@ -378,24 +396,12 @@ mod tests {
         let port = client.local_addr().expect("addr").port();
         let peer = listener.local_addr().expect("addr").port();
         drop(client); // closed first, the peer still open: a FIN_WAIT2 bucket
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            let socks = dump(1 << TCP_TIME_WAIT | 1 << TCP_FIN_WAIT2).expect("sock_diag dump");
-            if let Some(s) = socks
-                .iter()
-                // Only this connection: an older one may have left a
-                // TIME_WAIT on the same local port.
-                .find(|s| s.lport == port && s.rport == peer && s.is_time_wait_bucket())
-            {
-                assert_eq!(s.state, TCP_FIN_WAIT2, "{s:?}");
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not found in {socks:?}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+                      // Only this connection: an older one may have left a TIME_WAIT on
+                      // the same local port.
+        let s = wait_for_socket(1 << TCP_TIME_WAIT | 1 << TCP_FIN_WAIT2, |s| {
+            s.lport == port && s.rport == peer && s.is_time_wait_bucket()
+        });
+        assert_eq!(s.state, TCP_FIN_WAIT2, "{s:?}");
     }
 
     #[test]
@@ -419,21 +425,10 @@ mod tests {
         let (server, _) = listener.accept().expect("accept");
         drop(client); // the server's socket goes to CLOSE_WAIT
         let port = server.local_addr().expect("addr").port();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            let socks = dump(1 << TCP_CLOSE_WAIT).expect("sock_diag dump (needs no privilege)");
-            if let Some(s) = socks.iter().find(|s| s.lport == port) {
-                assert_eq!(s.state, TCP_CLOSE_WAIT);
-                assert!(s.inode > 0);
-                assert!(s.last_data_recv_ms.is_some());
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not found in {socks:?}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let s = wait_for_socket(1 << TCP_CLOSE_WAIT, |s| s.lport == port);
+        assert_eq!(s.state, TCP_CLOSE_WAIT);
+        assert!(s.inode > 0);
+        assert!(s.last_data_recv_ms.is_some());
         let via_ns = dump_in(Path::new("/proc/self/ns/net"), 1 << TCP_CLOSE_WAIT).expect("dump_in");
         assert!(via_ns.iter().any(|s| s.lport == port));
     }
