@@ -164,14 +164,16 @@ pub const CONFIG_ACCEPT: u32 = 1 << 1;
 /// Bit in [`KernelConfig::flags`]: the socket-to-inode offsets are valid.
 pub const CONFIG_INODE: u32 = 1 << 2;
 /// Bit in [`KernelConfig::flags`]: keep each connection's origin in the
-/// `ORIGINS` map (written at connect()/accept(), removed when the socket
-/// closes) instead of sending it through the ring buffer. The agent reads
-/// an origin only for the few sockets that become leak candidates, so a
-/// healthy connection costs a map insert and delete, not two records.
+/// `ORIGINS` table (written at connect()/accept(), freed when the socket
+/// closes; see [`OriginSlot`]) instead of sending it through the ring
+/// buffer. The agent reads an origin only for the few sockets that become
+/// leak candidates, so a healthy connection costs a slot claimed and freed,
+/// not two records.
 pub const CONFIG_ORIGIN_MAP: u32 = 1 << 3;
 
 /// Slots of the kernel's per-CPU `ORIGIN_COUNTS`: origins inserted into
-/// `ORIGINS`, removed from it, and not kept because it was full.
+/// `ORIGINS`, removed from it, and not kept because every slot they could
+/// take was in use.
 pub const ORIGINS_INSERTED: u32 = 0;
 /// See [`ORIGINS_INSERTED`].
 pub const ORIGINS_REMOVED: u32 = 1;
@@ -185,27 +187,52 @@ pub const ORIGIN_CONNECT: u32 = 1;
 /// [`OriginRecord::syscall`]: `accept()`/`accept4()`.
 pub const ORIGIN_ACCEPT: u32 = 2;
 
-/// Where a connection came from, kept in the kernel's `ORIGINS` map under
-/// the socket's kernel address while it lives (see [`CONFIG_ORIGIN_MAP`]).
+/// Where a connection came from, kept in a slot of the kernel's `ORIGINS`
+/// table while the socket lives (see [`CONFIG_ORIGIN_MAP`]).
+///
+/// The table is an array probed by socket address ([`origin_slot`], then
+/// up to [`ORIGIN_PROBES`] consecutive slots): claiming a slot is one
+/// compare-and-swap of [`OriginSlot::sk`] and freeing it one store, where a
+/// hash map took a bucket lock, an allocation and an RCU-deferred free on
+/// each connection.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OriginRecord {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginSlot {
+    /// Kernel address of the socket; 0 for a free slot.
+    pub sk: u64,
+    /// `bpf_ktime_get_ns()` of the call.
+    pub ts_ns: u64,
     /// [`ORIGIN_CONNECT`] or [`ORIGIN_ACCEPT`].
     pub syscall: u32,
     /// Process id (tgid) of the caller.
     pub tgid: u32,
-    /// Thread id of the caller.
+    /// Thread id of the caller (its name is read from /proc when needed).
     pub tid: u32,
     /// The fd passed to connect() or returned by accept(); -1 when unknown.
     pub fd: i32,
-    /// `bpf_ktime_get_ns()` of the call.
-    pub ts_ns: u64,
     /// User stack id in the `STACKS` map; -1 when not taken.
     pub stack_id: i32,
     /// Padding; zero.
     pub _pad0: u32,
-    /// `comm` of the caller, NUL padded.
-    pub comm: [u8; COMM_LEN],
+}
+
+/// Slots looked at, from [`origin_slot`] on, to place or find a socket.
+pub const ORIGIN_PROBES: u32 = 8;
+
+/// The first slot of socket `sk` in an `ORIGINS` table of `1 << bits`
+/// slots (`bits` in 1..=31): the top bits of MurmurHash3's 64-bit
+/// finalizer of the address. (A single multiply by the golden ratio put
+/// slab neighbours, a fixed stride apart, on a third of the slots.)
+#[inline(always)]
+pub fn origin_slot(sk: u64, bits: u32) -> u32 {
+    let bits = if bits == 0 || bits > 31 { 1 } else { bits };
+    let mut h = sk >> 4;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h >> (64 - bits)) as u32
 }
 
 /// Layout facts the kernel program needs and cannot know at compile time.
@@ -299,6 +326,8 @@ pub struct KernelConfig {
     /// most (0: every one). A walk costs about a microsecond; a process that
     /// opens connections faster than this gets stacks for a sample of them.
     pub stacks_per_second: u32,
+    /// log2 of the number of slots of the `ORIGINS` table.
+    pub origin_slot_bits: u32,
 }
 
 /// The fd a thread passed to `connect()`, kept per CPU until the
@@ -367,6 +396,7 @@ impl KernelConfig {
         emit_new: 0,
         emit_old: 0,
         stacks_per_second: 0,
+        origin_slot_bits: 0,
     };
 }
 
@@ -381,8 +411,8 @@ mod user {
     unsafe impl aya::Pod for super::KernelConfig {}
     // SAFETY: plain integers, no padding.
     unsafe impl aya::Pod for super::ResetRecord {}
-    // SAFETY: plain integers and a byte array; the padding field is zeroed.
-    unsafe impl aya::Pod for super::OriginRecord {}
+    // SAFETY: plain integers; the padding field is zeroed.
+    unsafe impl aya::Pod for super::OriginSlot {}
 }
 
 #[cfg(test)]
@@ -396,8 +426,28 @@ mod tests {
         assert_eq!(size_of::<StateRecord>(), 112);
         assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
-        assert_eq!(size_of::<KernelConfig>(), 34 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 35 * 4);
         assert_eq!(size_of::<ResetRecord>(), 24);
-        assert_eq!(size_of::<OriginRecord>(), 48);
+        assert_eq!(size_of::<OriginSlot>(), 40);
+    }
+
+    #[test]
+    fn origin_slots_spread_slab_neighbours_over_the_table() {
+        // Sockets come from a slab: addresses a fixed stride apart. They
+        // must land as if at random: 1024 keys in 1024 slots occupy about
+        // 1 - 1/e of them, none by more than a few.
+        let bits = 10;
+        for stride in [64, 2048, 2304, 2432, 4096] {
+            let mut used = [0u32; 1 << 10];
+            for i in 0..1024u64 {
+                let slot = origin_slot(0xffff_8881_0000_0000 + i * stride, bits);
+                assert!(slot < 1 << bits);
+                used[slot as usize] += 1;
+            }
+            let occupied = used.iter().filter(|&&n| n > 0).count();
+            assert!(used.iter().all(|&n| n <= 8), "stride {stride}");
+            assert!(occupied > 600, "stride {stride}: {occupied} slots");
+        }
+        assert!(origin_slot(12345, 0) < 2 && origin_slot(12345, 40) < 2);
     }
 }

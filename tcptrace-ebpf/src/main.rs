@@ -9,6 +9,9 @@
 //! agent at load time from tracefs and BTF; nothing here assumes a layout.
 #![no_std]
 #![no_main]
+// BPF inline assembly: the target has no compare-and-swap in Rust's
+// atomics (and lowers atomics as single-threaded), see `cmpxchg`.
+#![feature(asm_experimental_arch)]
 
 use core::ptr::addr_of_mut;
 
@@ -17,16 +20,16 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{tracing::StackIdContext, TracePointContext},
     EbpfContext, Global,
 };
 use tcptrace_common::{
-    tcp_state, AcceptRecord, ConnectSlot, KernelConfig, OriginRecord, ResetRecord, StackBudget,
-    StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS, CONFIG_ORIGIN_MAP,
-    IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED, ORIGIN_ACCEPT, ORIGIN_CONNECT,
-    ORIGIN_COUNT_SLOTS, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RESET_RECEIVED, RESET_SENT,
-    TRANSITION_STATES,
+    origin_slot, tcp_state, AcceptRecord, ConnectSlot, KernelConfig, OriginSlot, ResetRecord,
+    StackBudget, StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS,
+    CONFIG_ORIGIN_MAP, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED, ORIGIN_ACCEPT,
+    ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, ORIGIN_PROBES, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE,
+    RESET_RECEIVED, RESET_SENT, TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -70,27 +73,18 @@ static STACK_BUDGET: LruHashMap<u32, StackBudget> = LruHashMap::with_max_entries
 static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
 /// Each live connection's origin, by socket address, when the agent asked
-/// for it ([`CONFIG_ORIGIN_MAP`]): inserted at connect()/accept(), removed
-/// when the socket reaches CLOSE. Allocated as used (`BPF_F_NO_PREALLOC`):
-/// the agent sizes it to its own `--max-sockets`, and a full map only
-/// leaves later connections without a known origin.
+/// for it ([`CONFIG_ORIGIN_MAP`]): a slot is claimed at connect()/accept()
+/// and freed when the socket reaches CLOSE (see [`OriginSlot`]). The agent
+/// sizes it from its `--max-sockets`; when every slot a socket may take is
+/// in use, that connection only goes without a known origin.
 #[map]
-static ORIGINS: HashMap<u64, OriginRecord> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
-
-/// `BPF_F_NO_PREALLOC`.
-const BPF_F_NO_PREALLOC: u32 = 1;
+static ORIGINS: Array<OriginSlot> = Array::with_max_entries(1 << 20, 0);
 
 /// Per CPU: origins inserted into [`ORIGINS`], removed from it, and not
 /// kept because it was full. The agent's gauge of live origins is the
 /// difference of the first two; the third is loss it reports.
 #[map]
 static ORIGIN_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ORIGIN_COUNT_SLOTS, 0);
-
-/// `BPF_NOEXIST`, `BPF_EXIST`.
-const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
-/// `-E2BIG`: the map is full.
-const E2BIG: i32 = 7;
 
 #[inline(always)]
 fn count_origins(slot: u32) {
@@ -100,28 +94,93 @@ fn count_origins(slot: u32) {
     }
 }
 
+/// The `i`th slot socket `sk` may take (see [`origin_slot`]).
+#[inline(always)]
+fn origin_probe(sk: u64, bits: u32, i: u32) -> Option<*mut OriginSlot> {
+    let mask = (1u32 << (bits & 31)).wrapping_sub(1);
+    ORIGINS.get_ptr_mut(origin_slot(sk, bits).wrapping_add(i) & mask)
+}
+
 /// Keeps the current task's `syscall` (with `fd`, at `ts_ns`, its stack
-/// `stack_id`) as the origin of `sk`: a new entry is counted; an entry left
-/// by a freed socket at the same address (its CLOSE unseen) is replaced.
+/// `stack_id`) as the origin of `sk`, in the first slot that holds `sk`
+/// already (left by a freed socket at the same address whose CLOSE went
+/// unseen) or that a compare-and-swap claims free. Only a claimed slot is
+/// counted as inserted.
 #[inline(always)]
 fn keep(ctx: &TracePointContext, sk: u64, syscall: u32, fd: i32, ts_ns: u64, stack_id: i32) {
-    let origin = OriginRecord {
-        syscall,
-        tgid: ctx.tgid(),
-        tid: ctx.pid(),
-        fd,
-        ts_ns,
-        stack_id,
-        _pad0: 0,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
-    match ORIGINS.insert(&sk, &origin, BPF_NOEXIST) {
-        Ok(()) => count_origins(ORIGINS_INSERTED),
-        Err(e) if e == -E2BIG => count_origins(ORIGINS_FULL),
-        Err(_) => {
-            let _ = ORIGINS.insert(&sk, &origin, BPF_EXIST);
+    let bits = origin_bits();
+    for i in 0..ORIGIN_PROBES {
+        let Some(slot) = origin_probe(sk, bits, i) else {
+            return;
+        };
+        // SAFETY: `slot` points into the array map's value, 8-aligned.
+        let owner = unsafe { addr_of_mut!((*slot).sk) };
+        let held = unsafe { core::ptr::read_volatile(owner) };
+        let claimed = held == 0 && unsafe { cmpxchg(owner, 0, sk) } == 0;
+        if claimed || held == sk {
+            unsafe {
+                addr_of_mut!((*slot).ts_ns).write(ts_ns);
+                addr_of_mut!((*slot).syscall).write(syscall);
+                addr_of_mut!((*slot).tgid).write(ctx.tgid());
+                addr_of_mut!((*slot).tid).write(ctx.pid());
+                addr_of_mut!((*slot).fd).write(fd);
+                addr_of_mut!((*slot).stack_id).write(stack_id);
+                addr_of_mut!((*slot)._pad0).write(0);
+            }
+            if claimed {
+                count_origins(ORIGINS_INSERTED);
+            }
+            return;
         }
     }
+    count_origins(ORIGINS_FULL);
+}
+
+/// Frees every slot of [`ORIGINS`] that holds `sk` (one, unless an
+/// unseen CLOSE left a stale copy).
+#[inline(always)]
+fn forget(sk: u64) {
+    let bits = origin_bits();
+    for i in 0..ORIGIN_PROBES {
+        let Some(slot) = origin_probe(sk, bits, i) else {
+            return;
+        };
+        // SAFETY: as in `keep`.
+        let owner = unsafe { addr_of_mut!((*slot).sk) };
+        if unsafe { core::ptr::read_volatile(owner) } == sk
+            && unsafe { cmpxchg(owner, sk, 0) } == sk
+        {
+            count_origins(ORIGINS_REMOVED);
+        }
+    }
+}
+
+/// Atomically replaces `*ptr` with `new` if it holds `old`; returns what it
+/// held. BPF_ATOMIC | BPF_CMPXCHG (Linux >= 5.12), written by hand: Rust's
+/// BPF target offers no compare-and-swap, and lowers its atomics as if
+/// there were one CPU.
+///
+/// # Safety
+/// `ptr` must point into a map value, 8-aligned.
+#[inline(always)]
+unsafe fn cmpxchg(ptr: *mut u64, old: u64, new: u64) -> u64 {
+    let mut r0 = old;
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({ptr} + 0, r0, {new})",
+            ptr = in(reg) ptr,
+            new = in(reg) new,
+            inout("r0") r0,
+        );
+    }
+    r0
+}
+
+/// `KernelConfig::origin_slot_bits` alone (volatile, as in `hot_config`).
+#[inline(always)]
+fn origin_bits() -> u32 {
+    let cfg = core::ptr::addr_of!(TCPTRACE_CONFIG).cast::<KernelConfig>();
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*cfg).origin_slot_bits)) }
 }
 
 /// `BPF_F_USER_STACK`: walk the user-space stack of the current task.
@@ -348,10 +407,8 @@ fn keep_origin<F: Fields>(
     let sk = f.skaddr()?;
     if newstate == tcp_state::CLOSE {
         // Most sockets were never inserted (listeners, sockets older than
-        // the agent): a failed lookup is all that costs.
-        if ORIGINS.remove(&sk).is_ok() {
-            count_origins(ORIGINS_REMOVED);
-        }
+        // the agent): a few compares is all that costs.
+        forget(sk);
     } else if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
         let cfg = cfg();
         let now = unsafe { bpf_ktime_get_ns() };

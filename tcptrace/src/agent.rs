@@ -448,7 +448,7 @@ fn report_leaks(
     if due.is_empty() {
         return Ok(());
     }
-    crate::leak::fill_origins(&mut due, |sk| origins.get(sk));
+    crate::leak::fill_origins(&mut due, |sk| origins.get(sk), crate::procfs::thread_comm);
     let stack_of = |id: u32| -> Option<Vec<u64>> {
         stacks
             .get(&id, 0)

@@ -128,7 +128,10 @@ pub struct Cli {
     pub metrics: Option<std::net::SocketAddr>,
 
     /// Sockets the agent remembers at once (owner, origin, time in state; about 136 bytes
-    /// each); past that, the least recently active eighth is forgotten (counted).
+    /// each); past that, the least recently active eighth is forgotten (counted). With
+    /// `--events leak` alone, the kernel keeps connection origins in a table of this many
+    /// slots, rounded up to a power of two, 40 bytes each (40 MiB of kernel memory at the
+    /// default); a full table is counted and logged.
     #[arg(long, value_name = "N", default_value_t = crate::tracker::DEFAULT_CAPACITY,
           value_parser = parse_max_sockets)]
     pub max_sockets: usize,

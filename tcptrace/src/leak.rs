@@ -256,16 +256,18 @@ fn fill_missing_inodes(candidates: &mut [LeakCandidate]) {
     }
 }
 
-/// Gives candidates the kernel kept an origin for (the `ORIGINS` map, see
+/// Gives candidates the kernel kept an origin for (the `ORIGINS` table, see
 /// [`crate::pipeline::uses_origin_map`]) that origin, and its caller as
 /// owner until /proc says who holds the socket now. `origin_of` looks a
-/// socket address up. The kernel removes an origin when its socket closes,
+/// socket address up; `comm_of` names a (tgid, tid) caller (the kernel
+/// keeps no names). The kernel removes an origin when its socket closes,
 /// so the entry belongs to the socket still in CLOSE_WAIT there; as a check,
 /// a connect() must precede the CLOSE_WAIT (an accept() may follow it: the
 /// peer can hang up while the connection waits in the accept queue).
 pub fn fill_origins(
     candidates: &mut [LeakCandidate],
-    origin_of: impl Fn(u64) -> Option<tcptrace_common::OriginRecord>,
+    origin_of: impl Fn(u64) -> Option<tcptrace_common::OriginSlot>,
+    comm_of: impl Fn(u32, u32) -> String,
 ) {
     for c in candidates
         .iter_mut()
@@ -273,7 +275,7 @@ pub fn fill_origins(
     {
         let entered_ns = c.entered.change.ts_ns;
         let Some(origin) = origin_of(c.entered.change.sk)
-            .and_then(|rec| crate::tracker::Origin::from_kernel(&rec))
+            .and_then(|rec| crate::tracker::Origin::from_kernel(&rec, comm_of(rec.tgid, rec.tid)))
             .filter(|o| o.syscall == Syscall::Accept || o.ts_ns <= entered_ns)
         else {
             continue;
@@ -525,7 +527,8 @@ mod tests {
             c.estimated = estimated;
             c
         };
-        let record = |ts_ns: u64| tcptrace_common::OriginRecord {
+        let record = |ts_ns: u64| tcptrace_common::OriginSlot {
+            sk: 1,
             syscall: tcptrace_common::ORIGIN_ACCEPT,
             tgid: 77,
             tid: 78,
@@ -533,7 +536,6 @@ mod tests {
             ts_ns,
             stack_id: 3,
             _pad0: 0,
-            comm: crate::decode::raw::comm("leaky_server"),
         };
         let mut cs = vec![
             candidate(1, 1_000, false), // accepted before CLOSE_WAIT: taken
@@ -542,15 +544,20 @@ mod tests {
             candidate(1, 1_000, true),  // inventory: never looked up
             candidate(4, 1_000, false), // accepted after CLOSE_WAIT: taken
         ];
-        fill_origins(&mut cs, |sk| match sk {
+        let origin_of = |sk| match sk {
             1 => Some(record(500)),
-            2 => Some(tcptrace_common::OriginRecord {
+            2 => Some(tcptrace_common::OriginSlot {
                 syscall: tcptrace_common::ORIGIN_CONNECT,
                 ..record(2_000)
             }),
             4 => Some(record(2_000)),
             _ => None,
-        });
+        };
+        let comm_of = |tgid, tid| match (tgid, tid) {
+            (77, 78) => "leaky_server".to_string(),
+            _ => String::new(),
+        };
+        fill_origins(&mut cs, origin_of, comm_of);
         let o = cs[0].entered.origin.as_ref().expect("origin");
         assert_eq!(
             (o.syscall, o.pid, o.tid, o.fd, o.stack_id),

@@ -2,7 +2,7 @@
 //! the BPF syscall.
 
 use anyhow::{anyhow, Context as _};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, StackTraceMap};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf, StackTraceMap};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use std::os::fd::AsFd as _;
@@ -12,8 +12,8 @@ use crate::privileges::NotPrivileged;
 use crate::progstats::ProgramStats;
 use crate::state::TcpState;
 use tcptrace_common::{
-    OriginRecord, CONFIG_ORIGIN_MAP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED,
-    TRANSITION_STATES,
+    origin_slot, OriginSlot, CONFIG_ORIGIN_MAP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED,
+    ORIGIN_PROBES, TRANSITION_STATES,
 };
 
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
@@ -43,12 +43,23 @@ pub struct Probes {
     pub origins: OriginMap,
 }
 
-/// The kernel's `ORIGINS` map: each live connection's origin by socket
-/// address (filled only with [`ProbeOptions::origin_map`]), and its
-/// per-CPU counts.
+/// The kernel's `ORIGINS` table: each live connection's origin in a slot
+/// found from its socket address (filled only with
+/// [`ProbeOptions::origin_map`]; see [`OriginSlot`]), and its per-CPU
+/// counts.
 pub struct OriginMap {
-    map: BpfHashMap<MapData, u64, OriginRecord>,
+    slots: Array<MapData, OriginSlot>,
+    bits: u32,
     counts: PerCpuArray<MapData, u64>,
+}
+
+/// Slots of the `ORIGINS` table for at most `max` origins: the next power
+/// of two (a lookup masks the slot number), at least 16. Returns log2.
+pub fn origin_slot_bits(max: u32) -> u32 {
+    max.max(16)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
+        .trailing_zeros()
 }
 
 /// What the kernel's origin map holds.
@@ -61,9 +72,15 @@ pub struct OriginCounts {
 }
 
 impl OriginMap {
-    /// The origin of socket `sk`, if the kernel has one.
-    pub fn get(&self, sk: u64) -> Option<OriginRecord> {
-        self.map.get(&sk, 0).ok()
+    /// The origin of socket `sk`, if the kernel has one (the newest, should
+    /// a stale copy share its address).
+    pub fn get(&self, sk: u64) -> Option<OriginSlot> {
+        let mask = (1u32 << self.bits) - 1;
+        let first = origin_slot(sk, self.bits);
+        (0..ORIGIN_PROBES)
+            .filter_map(|i| self.slots.get(&(first.wrapping_add(i) & mask), 0).ok())
+            .filter(|slot| slot.sk == sk)
+            .max_by_key(|slot| slot.ts_ns)
     }
 
     /// Counts summed over CPUs (zero when they cannot be read).
@@ -174,8 +191,9 @@ pub struct ProbeOptions {
     pub state_program: crate::cli::StateProgram,
     /// User stack walks per process per second (0: all).
     pub stacks_per_second: u32,
-    /// Keep origins in the kernel's `ORIGINS` map, at most this many (see
-    /// [`crate::pipeline::uses_origin_map`]); `None` sends them instead.
+    /// Keep origins in the kernel's `ORIGINS` table, sized for this many
+    /// (see [`crate::pipeline::uses_origin_map`], [`origin_slot_bits`]);
+    /// `None` sends them instead.
     pub origin_map: Option<u32>,
 }
 
@@ -195,13 +213,17 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     config.wakeup_bytes = ring_bytes / WAKEUP_SHARE;
     (config.emit_new, config.emit_old) = options.interest;
     config.stacks_per_second = options.stacks_per_second;
-    if options.origin_map.is_some() {
+    // Without the origin map the table is never touched: one slot.
+    let mut origin_slots = 1;
+    if let Some(max) = options.origin_map {
         config.flags |= CONFIG_ORIGIN_MAP;
+        config.origin_slot_bits = origin_slot_bits(max);
+        origin_slots = 1 << config.origin_slot_bits;
     }
     let mut ebpf = EbpfLoader::new()
         .override_global("TCPTRACE_CONFIG", &config, true)
         .map_max_entries("EVENTS", ring_bytes)
-        .map_max_entries("ORIGINS", options.origin_map.unwrap_or(1).max(1))
+        .map_max_entries("ORIGINS", origin_slots)
         .load(PROGRAM)
         .context("loading the eBPF program")?;
 
@@ -247,7 +269,8 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         .take_map("ORIGIN_COUNTS")
         .ok_or_else(|| anyhow!("the eBPF object has no ORIGIN_COUNTS map"))?;
     let origins = OriginMap {
-        map: BpfHashMap::try_from(origins).context("opening the ORIGINS map")?,
+        slots: Array::try_from(origins).context("opening the ORIGINS table")?,
+        bits: config.origin_slot_bits,
         counts: PerCpuArray::try_from(origin_counts).context("opening the ORIGIN_COUNTS map")?,
     };
     Ok(Probes {
@@ -317,5 +340,19 @@ impl LostCounter {
             ring_full: per_cpu.iter().sum(),
             missed: self.programs.recursion_misses(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_slot_bits;
+
+    #[test]
+    fn the_origin_table_has_a_power_of_two_slots_for_the_asked_maximum() {
+        assert_eq!(origin_slot_bits(0), 4);
+        assert_eq!(origin_slot_bits(10), 4);
+        assert_eq!(origin_slot_bits(1_000_000), 20);
+        assert_eq!(origin_slot_bits(1 << 20), 20);
+        assert_eq!(origin_slot_bits(u32::MAX), 31);
     }
 }

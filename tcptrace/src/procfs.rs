@@ -56,6 +56,12 @@ fn read_trimmed(path: &Path) -> Option<String> {
     fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
+/// The name of thread `tid` of process `tgid` (what the kernel's `comm`
+/// was at the call), empty once it has exited.
+pub fn thread_comm(tgid: u32, tid: u32) -> String {
+    read_trimmed(&Path::new("/proc").join(format!("{tgid}/task/{tid}/comm"))).unwrap_or_default()
+}
+
 /// Finds every holder of every inode in `inodes`, in one scan of /proc.
 /// Processes that exit during the scan are skipped.
 pub fn holders(inodes: &HashSet<u64>) -> HashMap<u64, Vec<Holder>> {

@@ -326,9 +326,9 @@ fn origin_from_context(change: &StateChange) -> Option<Origin> {
 }
 
 impl Origin {
-    /// An origin the kernel kept in its `ORIGINS` map; `None` for a record
-    /// of unknown kind.
-    pub fn from_kernel(rec: &tcptrace_common::OriginRecord) -> Option<Self> {
+    /// An origin the kernel kept in its `ORIGINS` table, made by a thread
+    /// named `comm`; `None` for a record of unknown kind.
+    pub fn from_kernel(rec: &tcptrace_common::OriginSlot, comm: String) -> Option<Self> {
         let syscall = match rec.syscall {
             tcptrace_common::ORIGIN_CONNECT => Syscall::Connect,
             tcptrace_common::ORIGIN_ACCEPT => Syscall::Accept,
@@ -338,7 +338,7 @@ impl Origin {
             syscall,
             pid: rec.tgid,
             tid: rec.tid,
-            comm: crate::decode::comm(&rec.comm),
+            comm,
             fd: (rec.fd >= 0).then_some(rec.fd),
             ts_ns: rec.ts_ns,
             stack_id: u32::try_from(rec.stack_id).ok(),

@@ -241,7 +241,7 @@ fn a_full_origin_map_is_counted_and_logged_not_silent() {
         "--events",
         "leak",
         "--max-sockets",
-        "10",
+        "16",
         "--summary-interval",
         "1s",
         "--metrics",
@@ -249,13 +249,13 @@ fn a_full_origin_map_is_counted_and_logged_not_silent() {
     ]);
     let mut hold = hold_connections(100);
     let text = scrape(port);
-    // At most 10 (other tests' short connections may hold a slot for a
+    // At most 16 (other tests' short connections may hold a slot for a
     // moment, and free it).
     let kept = gauge(&text, "tcptrace_kernel_origins");
-    assert!((5..=10).contains(&kept), "{kept} kept in a map of 10");
+    assert!((5..=16).contains(&kept), "{kept} kept in a table of 16");
     assert!(
-        gauge(&text, "tcptrace_kernel_origins_dropped_total") >= 190,
-        "200 origins, 10 kept\n{text}"
+        gauge(&text, "tcptrace_kernel_origins_dropped_total") >= 184,
+        "200 origins, at most 16 kept\n{text}"
     );
     agent.wait_stderr("origin map is full");
     drop(hold.stdin.take());
