@@ -412,7 +412,7 @@ fn keep_origin<F: Fields>(
     } else if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
         let cfg = cfg();
         let now = unsafe { bpf_ktime_get_ns() };
-        let fd = connect_fd(ctx.pid(), now);
+        let fd = f.connect_fd(ctx.pid(), now);
         keep(ctx, sk, ORIGIN_CONNECT, fd, now, user_stack_id(ctx, &cfg));
     }
     Some(())
@@ -429,6 +429,12 @@ trait Fields {
     fn dport(&self) -> u16;
     fn addrs_v4(&self) -> ([u8; 4], [u8; 4]);
     fn addrs_v6(&self) -> ([u8; 16], [u8; 16]);
+    /// The fd of the connect() running in this context (CLOSE -> SYN_SENT)
+    /// by thread `tid`, at `now`; -1 when unknown.
+    #[inline(always)]
+    fn connect_fd(&self, tid: u32, now: u64) -> i32 {
+        connect_fd(tid, now)
+    }
 }
 
 /// Offsets from tracefs, read with `bpf_probe_read`: any layout.
@@ -539,6 +545,15 @@ impl Fields for FixedFields<'_> {
             self.at::<u32>(36).to_ne_bytes(),
         )
     }
+    /// On x86_64, from the registers the syscall entered with: no
+    /// `sys_enter_connect` hook (whose attachment alone makes every
+    /// syscall on the host pay for its entry tracepoint). The agent then
+    /// attaches none.
+    #[cfg(bpf_target_arch = "x86_64")]
+    #[inline(always)]
+    fn connect_fd(&self, _tid: u32, _now: u64) -> i32 {
+        syscall_fd_from_regs()
+    }
     #[inline(always)]
     fn addrs_v6(&self) -> ([u8; 16], [u8; 16]) {
         let v6 = |off: usize| -> [u8; 16] {
@@ -550,6 +565,36 @@ impl Fields for FixedFields<'_> {
         };
         (v6(40), v6(56))
     }
+}
+
+/// x86_64 `struct pt_regs` (the ptrace ABI, fixed): the first syscall
+/// argument (`di`) and the syscall number (`orig_ax`).
+#[cfg(bpf_target_arch = "x86_64")]
+const PT_REGS_DI: u64 = 112;
+#[cfg(bpf_target_arch = "x86_64")]
+const PT_REGS_ORIG_AX: u64 = 120;
+/// x86_64 syscalls whose first argument is the fd of a socket that may
+/// connect: connect(2), and sendto(2)/sendmsg(2) with MSG_FASTOPEN.
+#[cfg(bpf_target_arch = "x86_64")]
+const FD_FIRST_SYSCALLS: [u64; 3] = [42, 44, 46];
+
+/// The fd argument of the syscall the current task is in (see
+/// [`FD_FIRST_SYSCALLS`]), -1 for any other (io_uring, a 32-bit task).
+/// `bpf_task_pt_regs` needs Linux >= 5.15: on an older kernel this program
+/// fails to load and the agent falls back to the other one and the
+/// `sys_enter_connect` hook.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+fn syscall_fd_from_regs() -> i32 {
+    use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_task_pt_regs};
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let Some(nr) = read_kernel::<u64>(regs + PT_REGS_ORIG_AX) else {
+        return -1;
+    };
+    if !FD_FIRST_SYSCALLS.contains(&nr) {
+        return -1;
+    }
+    read_kernel::<u64>(regs + PT_REGS_DI).map_or(-1, |fd| fd as i32)
 }
 
 #[inline(always)]
@@ -569,7 +614,7 @@ fn emit_state<F: Fields>(
     let (connect_fd, stack_id) = if in_connect && cfg.flags & CONFIG_ORIGIN_MAP == 0 {
         // Runs inside connect(): the current task is the owner, and its
         // stack is the code path that opened the connection.
-        (connect_fd(tid, now), user_stack_id(ctx, cfg))
+        (f.connect_fd(tid, now), user_stack_id(ctx, cfg))
     } else {
         (-1, -1)
     };

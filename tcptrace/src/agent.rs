@@ -95,6 +95,8 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         stacks,
         transitions,
         origins,
+        connect_fd,
+        tracepoints,
     } = probe::load_and_attach(
         &layout,
         &probe::ProbeOptions {
@@ -190,14 +192,6 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|r| r.trim().to_string())
         .unwrap_or_else(|_| "unknown".to_string());
-    let programs: Vec<String> = std::iter::once("sock:inet_sock_set_state".to_string())
-        .chain(
-            layout
-                .optional_tracepoints()
-                .into_iter()
-                .map(|(c, n)| format!("{c}:{n}")),
-        )
-        .collect();
     let outputs: Vec<String> = cli.outputs.iter().map(ToString::to_string).collect();
     let metrics = cli
         .metrics
@@ -209,13 +203,13 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     log::info!(
         "tcptrace {} on Linux {kernel}; tracepoints {}; outputs {}; metrics {metrics}; config {config}",
         env!("CARGO_PKG_VERSION"),
-        programs.join(", "),
+        tracepoints.join(", "),
         outputs.join(", ")
     );
     log::info!(
-        "ready: tracing TCP state changes (ring buffer {} bytes, connect hooks {}, accept hooks {})",
+        "ready: tracing TCP state changes (ring buffer {} bytes, connect fd from {}, accept hooks {})",
         cli.ring_buffer_size,
-        on_off(layout.connect_hooks),
+        connect_fd,
         on_off(layout.accept_hooks)
     );
 

@@ -17,6 +17,11 @@ use crate::tracefs::{self, TracefsError};
 /// The main tracepoint.
 pub const STATE_TP: (&str, &str) = ("sock", "inet_sock_set_state");
 
+/// The state program for the usual (Linux >= 5.6) tracepoint layout.
+pub const FIXED_STATE_PROGRAM: &str = "inet_sock_set_state_fixed";
+/// The state program that reads fields at tracefs offsets, any layout.
+pub const OFFSETS_STATE_PROGRAM: &str = "inet_sock_set_state";
+
 /// What the kernel offers, resolved.
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -67,9 +72,9 @@ impl Layout {
             StateProgram::Fixed => true,
         };
         if fixed {
-            "inet_sock_set_state_fixed"
+            FIXED_STATE_PROGRAM
         } else {
-            "inet_sock_set_state"
+            OFFSETS_STATE_PROGRAM
         }
     }
 
@@ -282,11 +287,11 @@ mod tests {
         use crate::cli::StateProgram;
         assert_eq!(
             layout.state_program(StateProgram::Auto),
-            "inet_sock_set_state"
+            OFFSETS_STATE_PROGRAM
         );
         assert_eq!(
             layout.state_program(StateProgram::Fixed),
-            "inet_sock_set_state_fixed"
+            FIXED_STATE_PROGRAM
         );
     }
 

@@ -7,7 +7,7 @@ use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use std::os::fd::AsFd as _;
 
-use crate::layout::{Layout, STATE_TP};
+use crate::layout::{Layout, FIXED_STATE_PROGRAM, OFFSETS_STATE_PROGRAM, STATE_TP};
 use crate::privileges::NotPrivileged;
 use crate::progstats::ProgramStats;
 use crate::state::TcpState;
@@ -41,6 +41,10 @@ pub struct Probes {
     pub transitions: TransitionCounter,
     /// Origins of live connections, when the kernel keeps them.
     pub origins: OriginMap,
+    /// Where the kernel finds a connect()'s fd.
+    pub connect_fd: ConnectFd,
+    /// The tracepoints attached, as `category:name`.
+    pub tracepoints: Vec<String>,
 }
 
 /// The kernel's `ORIGINS` table: each live connection's origin in a slot
@@ -229,15 +233,32 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
 
     let mut programs = ProgramStats::default();
     let (cat, name) = STATE_TP;
-    let state_program = layout.state_program(options.state_program);
-    attach(&mut ebpf, state_program, cat, name, &mut programs)
-        .with_context(|| format!("attaching {state_program} to tracepoint {cat}:{name}"))?;
+    let mut state_program = layout.state_program(options.state_program);
+    let mut attached = attach(&mut ebpf, state_program, cat, name, &mut programs);
+    if let Err(e) = &attached {
+        if state_program == FIXED_STATE_PROGRAM
+            && options.state_program == crate::cli::StateProgram::Auto
+        {
+            // An older kernel (bpf_task_pt_regs came in 5.15): the other
+            // program, with the sys_enter_connect hook, does the same job.
+            log::warn!("{state_program} did not load ({e:#}); using {OFFSETS_STATE_PROGRAM}");
+            state_program = OFFSETS_STATE_PROGRAM;
+            attached = attach(&mut ebpf, state_program, cat, name, &mut programs);
+        }
+    }
+    attached.with_context(|| format!("attaching {state_program} to tracepoint {cat}:{name}"))?;
     log::debug!("{cat}:{name}: program {state_program}");
+    let mut tracepoints = vec![format!("{cat}:{name}")];
+    let connect_fd = connect_fd_source(state_program, layout.connect_hooks);
     for (category, prog) in layout.optional_tracepoints() {
-        if let Err(e) = attach(&mut ebpf, prog, category, prog, &mut programs) {
-            log::warn!(
+        if prog == CONNECT_HOOK && connect_fd != ConnectFd::Hook {
+            continue;
+        }
+        match attach(&mut ebpf, prog, category, prog, &mut programs) {
+            Ok(()) => tracepoints.push(format!("{category}:{prog}")),
+            Err(e) => log::warn!(
                 "could not attach {category}:{prog} ({e:#}); owners or RST aborts may be unknown"
-            );
+            ),
         }
     }
 
@@ -280,7 +301,45 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         stacks,
         transitions,
         origins,
+        connect_fd,
+        tracepoints,
     })
+}
+
+/// The hook that tells the offsets program which fd a connect() is for.
+const CONNECT_HOOK: &str = "sys_enter_connect";
+
+/// Where the kernel finds the fd a connect() is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFd {
+    /// The syscall's registers, read by the fixed state program on x86_64:
+    /// no syscall-entry hook.
+    Registers,
+    /// A `sys_enter_connect` hook.
+    Hook,
+    /// Nowhere: connect origins carry no fd (holders still come from /proc).
+    Unknown,
+}
+
+impl std::fmt::Display for ConnectFd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnectFd::Registers => "syscall registers",
+            ConnectFd::Hook => "sys_enter_connect hook",
+            ConnectFd::Unknown => "unknown",
+        })
+    }
+}
+
+/// Which [`ConnectFd`] goes with the attached state program.
+fn connect_fd_source(state_program: &str, connect_hooks: bool) -> ConnectFd {
+    if state_program == FIXED_STATE_PROGRAM && cfg!(target_arch = "x86_64") {
+        ConnectFd::Registers
+    } else if connect_hooks {
+        ConnectFd::Hook
+    } else {
+        ConnectFd::Unknown
+    }
 }
 
 /// Loads the object and attaches only its no-op program to the state
@@ -345,7 +404,25 @@ impl LostCounter {
 
 #[cfg(test)]
 mod tests {
-    use super::origin_slot_bits;
+    use super::*;
+
+    #[test]
+    fn the_fixed_program_needs_no_connect_hook_on_x86_64() {
+        let fixed = connect_fd_source(FIXED_STATE_PROGRAM, true);
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(fixed, ConnectFd::Registers);
+        } else {
+            assert_eq!(fixed, ConnectFd::Hook);
+        }
+        assert_eq!(
+            connect_fd_source(OFFSETS_STATE_PROGRAM, true),
+            ConnectFd::Hook
+        );
+        assert_eq!(
+            connect_fd_source(OFFSETS_STATE_PROGRAM, false),
+            ConnectFd::Unknown
+        );
+    }
 
     #[test]
     fn the_origin_table_has_a_power_of_two_slots_for_the_asked_maximum() {

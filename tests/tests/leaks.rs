@@ -130,6 +130,16 @@ fn client_leak_with_leak_events_only() {
     client_leak(LEAKS_ONLY);
 }
 
+/// The other state program takes connect()'s fd from a sys_enter_connect
+/// hook, not from the syscall's registers (older kernels, other
+/// architectures): the origin fd must be the same.
+#[test]
+fn client_leak_with_the_connect_hook() {
+    let mut args = LEAKS_ONLY.to_vec();
+    args.extend(["--state-program", "offsets"]);
+    client_leak(&args);
+}
+
 fn client_leak(args: &[&str]) {
     let redis = Redis::start(1);
     let agent = Agent::start(args);
