@@ -190,7 +190,7 @@ pub const ORIGIN_ACCEPT: u32 = 2;
 /// Where a connection came from, kept in a slot of the kernel's `ORIGINS`
 /// table while the socket lives (see [`CONFIG_ORIGIN_MAP`]).
 ///
-/// The table is an array probed by socket address ([`origin_slot`], then
+/// The table is an array probed by socket address ([`socket_slot`], then
 /// up to [`ORIGIN_PROBES`] consecutive slots): claiming a slot is one
 /// compare-and-swap of [`OriginSlot::sk`] and freeing it one store, where a
 /// hash map took a bucket lock, an allocation and an RCU-deferred free on
@@ -216,15 +216,69 @@ pub struct OriginSlot {
     pub _pad0: u32,
 }
 
-/// Slots looked at, from [`origin_slot`] on, to place or find a socket.
+/// Slots looked at, from [`socket_slot`] on, to place or find a socket in
+/// the `ORIGINS` and `CLOSE_WAITS` tables.
 pub const ORIGIN_PROBES: u32 = 8;
 
-/// The first slot of socket `sk` in an `ORIGINS` table of `1 << bits`
+/// Bit in [`KernelConfig::flags`]: keep sockets that enter CLOSE_WAIT in
+/// the `CLOSE_WAITS` table (a [`StateRecord`] of the entry per slot, slot
+/// found by [`socket_slot`]; an array the agent maps into its memory)
+/// instead of sending the entry. On leaving CLOSE_WAIT after less than
+/// [`KernelConfig::cw_quiet_ms`], the kernel only counts the linger time
+/// (`CW_COUNTS`) and sends nothing; after longer, it sends the entry it
+/// kept, then the exit. The agent reads the table on its leak tick and
+/// takes in every socket there for at least that long, so a healthy
+/// connection's passage through CLOSE_WAIT costs no record at all. A
+/// socket that finds no free slot is sent as before.
+pub const CONFIG_CW_TABLE: u32 = 1 << 4;
+
+/// Slots of the kernel's per-CPU `CW_COUNTS`: sockets kept in the
+/// `CLOSE_WAITS` table, ...
+pub const CW_KEPT: u32 = 0;
+/// ... those that left it after a quiet linger (counted only), ...
+pub const CW_QUIET: u32 = 1;
+/// ... those that left it after a longer one (sent), ...
+pub const CW_SENT: u32 = 2;
+/// ... and entries sent because every slot they could take was in use.
+pub const CW_FULL: u32 = 3;
+/// First of the [`LINGER_BUCKETS`] counts of quiet linger times.
+pub const CW_LINGER: u32 = 4;
+/// Sum of quiet linger times, nanoseconds.
+pub const CW_LINGER_SUM_NS: u32 = CW_LINGER + LINGER_BUCKETS;
+/// Number of `CW_COUNTS` slots.
+pub const CW_COUNT_SLOTS: u32 = CW_LINGER_SUM_NS + 1;
+
+/// Linger-time buckets, in powers of ten of milliseconds: `<1ms, <10ms,
+/// <100ms, <1s, <10s, <100s, >=100s`.
+pub const LINGER_BUCKETS: u32 = 7;
+
+/// The [`LINGER_BUCKETS`] bucket of a linger of `ns` nanoseconds.
+#[inline(always)]
+pub fn linger_bucket(ns: u64) -> u32 {
+    let ms = ns / 1_000_000;
+    if ms < 1 {
+        0
+    } else if ms < 10 {
+        1
+    } else if ms < 100 {
+        2
+    } else if ms < 1_000 {
+        3
+    } else if ms < 10_000 {
+        4
+    } else if ms < 100_000 {
+        5
+    } else {
+        6
+    }
+}
+
+/// The first slot of socket `sk` in a table of `1 << bits`
 /// slots (`bits` in 1..=31): the top bits of MurmurHash3's 64-bit
 /// finalizer of the address. (A single multiply by the golden ratio put
 /// slab neighbours, a fixed stride apart, on a third of the slots.)
 #[inline(always)]
-pub fn origin_slot(sk: u64, bits: u32) -> u32 {
+pub fn socket_slot(sk: u64, bits: u32) -> u32 {
     let bits = if bits == 0 || bits > 31 { 1 } else { bits };
     let mut h = sk >> 4;
     h ^= h >> 33;
@@ -328,6 +382,11 @@ pub struct KernelConfig {
     pub stacks_per_second: u32,
     /// log2 of the number of slots of the `ORIGINS` table.
     pub origin_slot_bits: u32,
+    /// log2 of the number of slots of the `CLOSE_WAITS` table.
+    pub cw_slot_bits: u32,
+    /// A stay in CLOSE_WAIT shorter than this (milliseconds) is only
+    /// counted (see [`CONFIG_CW_TABLE`]).
+    pub cw_quiet_ms: u32,
 }
 
 /// The fd a thread passed to `connect()`, kept per CPU until the
@@ -397,6 +456,8 @@ impl KernelConfig {
         emit_old: 0,
         stacks_per_second: 0,
         origin_slot_bits: 0,
+        cw_slot_bits: 0,
+        cw_quiet_ms: 0,
     };
 }
 
@@ -426,9 +487,23 @@ mod tests {
         assert_eq!(size_of::<StateRecord>(), 112);
         assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
-        assert_eq!(size_of::<KernelConfig>(), 35 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 37 * 4);
         assert_eq!(size_of::<ResetRecord>(), 24);
         assert_eq!(size_of::<OriginSlot>(), 40);
+    }
+
+    #[test]
+    fn linger_buckets_are_powers_of_ten_of_milliseconds() {
+        let ms = 1_000_000;
+        assert_eq!(linger_bucket(0), 0);
+        assert_eq!(linger_bucket(ms - 1), 0);
+        assert_eq!(linger_bucket(ms), 1);
+        assert_eq!(linger_bucket(99 * ms), 2);
+        assert_eq!(linger_bucket(999 * ms), 3);
+        assert_eq!(linger_bucket(1_000 * ms), 4);
+        assert_eq!(linger_bucket(99_999 * ms), 5);
+        assert_eq!(linger_bucket(100_000 * ms), 6);
+        assert_eq!(linger_bucket(u64::MAX), LINGER_BUCKETS - 1);
     }
 
     #[test]
@@ -440,7 +515,7 @@ mod tests {
         for stride in [64, 2048, 2304, 2432, 4096] {
             let mut used = [0u32; 1 << 10];
             for i in 0..1024u64 {
-                let slot = origin_slot(0xffff_8881_0000_0000 + i * stride, bits);
+                let slot = socket_slot(0xffff_8881_0000_0000 + i * stride, bits);
                 assert!(slot < 1 << bits);
                 used[slot as usize] += 1;
             }
@@ -448,6 +523,6 @@ mod tests {
             assert!(used.iter().all(|&n| n <= 8), "stride {stride}");
             assert!(occupied > 600, "stride {stride}: {occupied} slots");
         }
-        assert!(origin_slot(12345, 0) < 2 && origin_slot(12345, 40) < 2);
+        assert!(socket_slot(12345, 0) < 2 && socket_slot(12345, 40) < 2);
     }
 }

@@ -25,11 +25,12 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use tcptrace_common::{
-    origin_slot, tcp_state, AcceptRecord, ConnectSlot, KernelConfig, OriginSlot, ResetRecord,
-    StackBudget, StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS,
-    CONFIG_ORIGIN_MAP, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED, ORIGIN_ACCEPT,
-    ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, ORIGIN_PROBES, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE,
-    RESET_RECEIVED, RESET_SENT, TRANSITION_STATES,
+    linger_bucket, socket_slot, tcp_state, AcceptRecord, ConnectSlot, KernelConfig, OriginSlot,
+    ResetRecord, StackBudget, StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_CW_TABLE,
+    CONFIG_INODE, CONFIG_NETNS, CONFIG_ORIGIN_MAP, CW_COUNT_SLOTS, CW_FULL, CW_KEPT, CW_LINGER,
+    CW_LINGER_SUM_NS, CW_QUIET, CW_SENT, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED,
+    ORIGINS_REMOVED, ORIGIN_ACCEPT, ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, ORIGIN_PROBES,
+    RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RESET_RECEIVED, RESET_SENT, TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -94,11 +95,11 @@ fn count_origins(slot: u32) {
     }
 }
 
-/// The `i`th slot socket `sk` may take (see [`origin_slot`]).
+/// The `i`th slot socket `sk` may take (see [`socket_slot`]).
 #[inline(always)]
 fn origin_probe(sk: u64, bits: u32, i: u32) -> Option<*mut OriginSlot> {
     let mask = (1u32 << (bits & 31)).wrapping_sub(1);
-    ORIGINS.get_ptr_mut(origin_slot(sk, bits).wrapping_add(i) & mask)
+    ORIGINS.get_ptr_mut(socket_slot(sk, bits).wrapping_add(i) & mask)
 }
 
 /// Keeps the current task's `syscall` (with `fd`, at `ts_ns`, its stack
@@ -174,6 +175,153 @@ unsafe fn cmpxchg(ptr: *mut u64, old: u64, new: u64) -> u64 {
         );
     }
     r0
+}
+
+/// Sockets in CLOSE_WAIT, each slot the [`StateRecord`] of its entry,
+/// when the agent asked ([`CONFIG_CW_TABLE`]). `skaddr` is the slot's
+/// owner (claimed and freed by compare-and-swap, as in [`ORIGINS`]);
+/// `kind` is written last and cleared first, so that the agent, which maps
+/// the array into its memory, reads only whole entries.
+#[map]
+static CLOSE_WAITS: Array<StateRecord> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// `BPF_F_MMAPABLE`.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Per CPU: see [`CW_KEPT`] and the slots after it.
+#[map]
+static CW_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CW_COUNT_SLOTS, 0);
+
+#[inline(always)]
+fn count_cw(slot: u32, n: u64) {
+    if let Some(counter) = CW_COUNTS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer can race this increment.
+        unsafe { *counter += n };
+    }
+}
+
+/// The `i`th slot socket `sk` may take in [`CLOSE_WAITS`].
+#[inline(always)]
+fn cw_probe(sk: u64, bits: u32, i: u32) -> Option<*mut StateRecord> {
+    let mask = (1u32 << (bits & 31)).wrapping_sub(1);
+    CLOSE_WAITS.get_ptr_mut(socket_slot(sk, bits).wrapping_add(i) & mask)
+}
+
+/// [`CONFIG_CW_TABLE`]: keeps a transition into or out of CLOSE_WAIT in
+/// the table; true when that is all it needs (nothing to send).
+#[inline(always)]
+fn close_wait_in_table<F: Fields>(
+    ctx: &TracePointContext,
+    cfg: &KernelConfig,
+    f: &F,
+    t: Wanted,
+) -> bool {
+    let (oldstate, newstate, _) = t;
+    let Some(sk) = f.skaddr() else {
+        return false;
+    };
+    if newstate == tcp_state::CLOSE_WAIT {
+        cw_enter(ctx, cfg, f, t, sk)
+    } else if oldstate == tcp_state::CLOSE_WAIT {
+        cw_leave(cfg, sk)
+    } else {
+        false
+    }
+}
+
+/// Writes the entry of `sk` into CLOSE_WAIT in a slot of its own; false
+/// when every slot it may take is in use (counted; the entry is sent).
+#[inline(always)]
+fn cw_enter<F: Fields>(
+    ctx: &TracePointContext,
+    cfg: &KernelConfig,
+    f: &F,
+    t: Wanted,
+    sk: u64,
+) -> bool {
+    for i in 0..ORIGIN_PROBES {
+        let Some(slot) = cw_probe(sk, cfg.cw_slot_bits, i) else {
+            return false;
+        };
+        // SAFETY: `slot` points into the array map's value, 8-aligned.
+        let owner = unsafe { addr_of_mut!((*slot).skaddr) };
+        let held = unsafe { core::ptr::read_volatile(owner) };
+        let claimed = held == 0 && unsafe { cmpxchg(owner, 0, sk) } == 0;
+        if claimed || held == sk {
+            let kind = unsafe { addr_of_mut!((*slot).kind) };
+            unsafe { core::ptr::write_volatile(kind, 0) };
+            let now = unsafe { bpf_ktime_get_ns() };
+            fill_state(slot, 0, ctx, cfg, f, t, sk, now, -1, -1);
+            // Last: the agent takes a slot whose kind is set as whole.
+            unsafe { publish(slot) };
+            count_cw(CW_KEPT, 1);
+            return true;
+        }
+    }
+    count_cw(CW_FULL, 1);
+    false
+}
+
+/// Frees the slot of `sk` as it leaves CLOSE_WAIT. A quiet stay is only
+/// counted (true: nothing to send); a longer one sends the entry the slot
+/// kept, and the exit follows as usual (false). A socket not in the table
+/// (entered before the agent, or when it was full) is sent as usual.
+#[inline(always)]
+fn cw_leave(cfg: &KernelConfig, sk: u64) -> bool {
+    for i in 0..ORIGIN_PROBES {
+        let Some(slot) = cw_probe(sk, cfg.cw_slot_bits, i) else {
+            return false;
+        };
+        let owner = unsafe { addr_of_mut!((*slot).skaddr) };
+        let kind = unsafe { addr_of_mut!((*slot).kind) };
+        if unsafe { core::ptr::read_volatile(owner) } != sk
+            || unsafe { core::ptr::read_volatile(kind) } != RECORD_STATE
+        {
+            continue;
+        }
+        let now = unsafe { bpf_ktime_get_ns() };
+        let linger = now.wrapping_sub(unsafe { (*slot).ts_ns });
+        let quiet = linger < u64::from(cfg.cw_quiet_ms) * 1_000_000;
+        if quiet {
+            count_cw(CW_QUIET, 1);
+            count_cw(CW_LINGER + linger_bucket(linger), 1);
+            count_cw(CW_LINGER_SUM_NS, linger);
+        } else {
+            send_kept(cfg, slot);
+            count_cw(CW_SENT, 1);
+        }
+        unsafe {
+            core::ptr::write_volatile(kind, 0);
+            cmpxchg(owner, sk, 0);
+        }
+        return quiet;
+    }
+    false
+}
+
+/// Sends the entry kept in `slot`.
+#[inline(always)]
+fn send_kept(cfg: &KernelConfig, slot: *mut StateRecord) {
+    let Some(mut entry) = EVENTS.reserve::<StateRecord>(0) else {
+        count_lost();
+        return;
+    };
+    unsafe { entry.as_mut_ptr().write(*slot) };
+    entry.submit(wakeup_flags(cfg, core::mem::size_of::<StateRecord>()));
+}
+
+/// Sets the `kind` of a [`CLOSE_WAITS`] slot whose other fields are
+/// written, with a compare-and-swap of the 64-bit word it begins (kind,
+/// then ctx_tgid, little-endian): an atomic is a full barrier, so the
+/// agent never sees the kind before the fields.
+///
+/// # Safety
+/// `slot` must point into the map's value.
+#[inline(always)]
+unsafe fn publish(slot: *mut StateRecord) {
+    let word = unsafe { addr_of_mut!((*slot).kind) }.cast::<u64>();
+    let held = unsafe { core::ptr::read_volatile(word) };
+    unsafe { cmpxchg(word, held, (held & !0xffff_ffff) | u64::from(RECORD_STATE)) };
 }
 
 /// `KernelConfig::origin_slot_bits` alone (volatile, as in `hot_config`).
@@ -326,7 +474,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         if cfg.flags & CONFIG_ORIGIN_MAP != 0 {
             keep_origin(&ctx, || cfg, &f, t);
         }
-        if wanted(t, cfg.emit_new, cfg.emit_old) {
+        if wanted(t, cfg.emit_new, cfg.emit_old)
+            && (cfg.flags & CONFIG_CW_TABLE == 0 || !close_wait_in_table(&ctx, &cfg, &f, t))
+        {
             emit_state(&ctx, &cfg, &f, t);
         }
     }
@@ -348,7 +498,10 @@ pub fn inet_sock_set_state_fixed(ctx: TracePointContext) -> u32 {
             keep_origin(&ctx, || TCPTRACE_CONFIG.load(), &f, t);
         }
         if wanted(t, emit_new, emit_old) {
-            emit_state(&ctx, &TCPTRACE_CONFIG.load(), &f, t);
+            let cfg = TCPTRACE_CONFIG.load();
+            if flags & CONFIG_CW_TABLE == 0 || !close_wait_in_table(&ctx, &cfg, &f, t) {
+                emit_state(&ctx, &cfg, &f, t);
+            }
         }
     }
     0
@@ -606,8 +759,7 @@ fn emit_state<F: Fields>(
 ) -> Option<()> {
     let skaddr = f.skaddr()?;
 
-    let pid_tgid = ctx.pid() as u64 | (u64::from(ctx.tgid()) << 32);
-    let tid = pid_tgid as u32;
+    let tid = ctx.pid();
     let now = unsafe { bpf_ktime_get_ns() };
     let in_connect = oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT;
     // With the origin map, the origin (and its stack) is already there.
@@ -618,6 +770,46 @@ fn emit_state<F: Fields>(
     } else {
         (-1, -1)
     };
+
+    let Some(mut entry) = EVENTS.reserve::<StateRecord>(0) else {
+        count_lost();
+        return None;
+    };
+    // Write straight into the reservation: the BPF stack is 512 bytes.
+    fill_state(
+        entry.as_mut_ptr(),
+        RECORD_STATE,
+        ctx,
+        cfg,
+        f,
+        (oldstate, newstate, family),
+        skaddr,
+        now,
+        connect_fd,
+        stack_id,
+    );
+    entry.submit(wakeup_flags(cfg, core::mem::size_of::<StateRecord>()));
+    Some(())
+}
+
+/// Writes transition `t` of socket `skaddr` at `now` into `rec` (a ring
+/// reservation, or a [`CLOSE_WAITS`] slot, whose `kind` comes last, see
+/// `cw_enter`); the socket's inode and network namespace are read here.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn fill_state<F: Fields>(
+    rec: *mut StateRecord,
+    kind: u32,
+    ctx: &TracePointContext,
+    cfg: &KernelConfig,
+    f: &F,
+    (oldstate, newstate, family): Wanted,
+    skaddr: u64,
+    now: u64,
+    connect_fd: i32,
+    stack_id: i32,
+) {
+    let in_connect = oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT;
     let ino = if in_connect || newstate == tcp_state::CLOSE_WAIT {
         sk_ino(cfg, skaddr)
     } else {
@@ -630,17 +822,10 @@ fn emit_state<F: Fields>(
     } else {
         0
     };
-
-    let Some(mut entry) = EVENTS.reserve::<StateRecord>(0) else {
-        count_lost();
-        return None;
-    };
-    // Write straight into the reservation: the BPF stack is 512 bytes.
-    let rec = entry.as_mut_ptr();
     unsafe {
-        addr_of_mut!((*rec).kind).write(RECORD_STATE);
-        addr_of_mut!((*rec).ctx_tgid).write((pid_tgid >> 32) as u32);
-        addr_of_mut!((*rec).ctx_tid).write(tid);
+        addr_of_mut!((*rec).kind).write(kind);
+        addr_of_mut!((*rec).ctx_tgid).write(ctx.tgid());
+        addr_of_mut!((*rec).ctx_tid).write(ctx.pid());
         addr_of_mut!((*rec).netns).write(netns);
         addr_of_mut!((*rec).ts_ns).write(now);
         addr_of_mut!((*rec).skaddr).write(skaddr);
@@ -676,8 +861,6 @@ fn emit_state<F: Fields>(
         };
         addr_of_mut!((*rec).comm).write(comm);
     }
-    entry.submit(wakeup_flags(cfg, core::mem::size_of::<StateRecord>()));
-    Some(())
 }
 
 /// The benchmark's floor: the same tracepoint with a program that does
@@ -685,6 +868,15 @@ fn emit_state<F: Fields>(
 /// program there from the cost of ours. Never attached by the agent.
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn bench_floor(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+/// The benchmark's second floor: attached to the accept() exit
+/// tracepoints next to [`bench_floor`], it shows what the agent's syscall
+/// hooks cost by their presence alone (every syscall on the host then takes
+/// the tracing path).
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn bench_floor_syscall(_ctx: TracePointContext) -> u32 {
     0
 }
 

@@ -88,7 +88,11 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let filter = cli.filter();
     let origin_map = crate::pipeline::uses_origin_map(&events, &filter);
     let interest = crate::pipeline::kernel_interest(&events, origin_map);
+    // How often leaks are looked for; a stay in CLOSE_WAIT shorter than
+    // this cannot become one before the next look.
+    let leak_check = (cli.leak_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let Probes {
+        close_waits,
         ebpf: _attached,
         ring,
         lost,
@@ -105,6 +109,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
             state_program: cli.state_program,
             stacks_per_second: cli.stacks_per_second,
             origin_map: origin_map.then(|| u32::try_from(cli.max_sockets).unwrap_or(u32::MAX)),
+            close_wait_quiet: origin_map.then_some(leak_check),
         },
     )?;
 
@@ -132,9 +137,9 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let mut ranges: std::collections::HashMap<u32, crate::timewait::PortRange> =
         std::collections::HashMap::new();
     let mut pressure_checks = 0u32;
-    let mut leak_tick = tokio::time::interval(
-        (cli.leak_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
-    );
+    let mut leak_tick = tokio::time::interval(leak_check);
+    let mut announced = crate::cwtable::Announced::default();
+    let quiet_ns = origin_map.then(|| u64::try_from(leak_check.as_nanos()).unwrap_or(u64::MAX));
     let sinks =
         Sinks::start(&cli.outputs, cli.queue_size).context("starting the outputs (--output)")?;
     // Scrapes arrive as requests on this channel; the loop below answers them,
@@ -217,6 +222,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         lost,
         transitions: &transitions,
         origins: &origins,
+        close_waits: &close_waits,
     };
     loop {
         tokio::select! {
@@ -242,10 +248,17 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                     reconcile_port_space(&mut pipeline, &mut ranges);
                 }
                 pressure_checks = pressure_checks.wrapping_add(1);
+                // The records the kernel sent until now (also while the
+                // dump above ran) come before the check: a socket the dump
+                // counted gets the closer its record names.
+                drain(ring.get_mut(), &mut pipeline, &mut out)?;
                 report_pressure(&mut pipeline, &ranges, &mut out)?;
                 state.write(&pipeline, &ranges, WallClock::now_ns());
             }
             _ = leak_tick.tick() => {
+                if let Some(quiet_ns) = quiet_ns {
+                    announce_close_waits(&close_waits, &mut announced, quiet_ns, &mut pipeline, &mut out)?;
+                }
                 report_leaks(&mut pipeline, &mut enricher, &stacks, &origins, &mut out)?;
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
@@ -361,6 +374,7 @@ struct KernelCounts<'a> {
     lost: LostCounts,
     transitions: &'a probe::TransitionCounter,
     origins: &'a probe::OriginMap,
+    close_waits: &'a crate::cwtable::CloseWaitTable,
 }
 
 impl KernelCounts<'_> {
@@ -372,8 +386,50 @@ impl KernelCounts<'_> {
         snapshot.lost_missed = self.lost.missed;
         snapshot.outputs = out.sinks.stats();
         snapshot.kernel_origins = self.origins.counts();
+        // Stays in CLOSE_WAIT the kernel only counted (see
+        // `announce_close_waits`) belong in the linger histogram too.
+        snapshot
+            .linger
+            .merge(&self.close_waits.counts().quiet_linger);
         snapshot
     }
+}
+
+/// Gives the pipeline the sockets the kernel keeps in its CLOSE_WAITS
+/// table that have stayed there `quiet_ns` or longer, each once: from then
+/// on they are tracked (leak threshold, metrics) as if their entry had come
+/// through the ring; the kernel sends their exit.
+fn announce_close_waits(
+    table: &crate::cwtable::CloseWaitTable,
+    announced: &mut crate::cwtable::Announced,
+    quiet_ns: u64,
+    pipeline: &mut Pipeline,
+    out: &mut Out,
+) -> anyhow::Result<()> {
+    if table.counts().held() == 0 {
+        // An empty table: nothing to read (the usual case), nothing to remember.
+        announced.fresh(Vec::new());
+        return Ok(());
+    }
+    let fresh = announced.fresh(table.lingering(quiet_ns, WallClock::now_ns()));
+    let mut lines = Vec::new();
+    for rec in fresh {
+        // SAFETY: `StateRecord` is `#[repr(C)]` integers and byte arrays
+        // with explicit padding fields: every byte is initialized.
+        let raw = unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::addr_of!(rec).cast::<u8>(),
+                std::mem::size_of::<tcptrace_common::StateRecord>(),
+            )
+        };
+        if let Err(e) = pipeline.handle(raw, &mut lines) {
+            log::warn!("dropping a malformed CLOSE_WAITS entry: {e}");
+        }
+        for line in lines.drain(..) {
+            out.line(line)?;
+        }
+    }
+    Ok(())
 }
 
 /// Renders the metrics for one scrape; a scraper that went away is no error.

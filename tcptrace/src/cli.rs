@@ -252,7 +252,11 @@ pub enum Command {
     /// For `cargo xtask bench`: attach a program that does nothing to the same tracepoint
     /// until SIGINT/SIGTERM (the cost of any program there, the benchmark's floor).
     #[command(hide = true)]
-    BenchFloor,
+    BenchFloor {
+        /// Also attach a no-op program to the accept() exit tracepoints the agent hooks.
+        #[arg(long)]
+        syscall_hooks: bool,
+    },
     /// TIME_WAIT sockets by destination, with their share of the ephemeral port range and
     /// the processes that closed first (known with an agent running).
     Timewait {

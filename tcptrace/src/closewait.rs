@@ -80,6 +80,15 @@ impl LingerHistogram {
         self.sum_ms += ms;
         self.count += 1;
     }
+
+    /// Adds the samples of `other`.
+    pub fn merge(&mut self, other: &Self) {
+        for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
+            *mine += theirs;
+        }
+        self.sum_ms += other.sum_ms;
+        self.count += other.count;
+    }
 }
 
 #[derive(Debug)]
@@ -232,6 +241,16 @@ impl CloseWaitDetector {
     /// transition ends one.
     pub fn on_transition(&mut self, t: &Transition) -> Option<CloseWaitEnd> {
         let c = &t.change;
+        // An entry given twice (the kernel's CLOSE_WAITS table read by the
+        // agent, then sent by the kernel at the exit) changes nothing.
+        let repeated = c.new == TcpState::CloseWait
+            && self
+                .lingering
+                .get(&c.sk)
+                .is_some_and(|l| l.since_ns == c.ts_ns);
+        if repeated {
+            return None;
+        }
         // Leaving CLOSE_WAIT, or a new life under the same address (the
         // CLOSE was lost): either way the remembered socket is gone.
         let ended = if c.new == TcpState::CloseWait {
@@ -412,6 +431,39 @@ mod tests {
         let end = end.expect("leak end");
         assert!(end.was_leak);
         assert_eq!(end.close_wait_ms, 7_000.0);
+    }
+
+    #[test]
+    fn an_entry_given_twice_keeps_the_leak_and_its_end() {
+        // The agent read the entry from the kernel's CLOSE_WAITS table and
+        // reported the leak; at the exit the kernel sends the same entry
+        // again, then the exit.
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(1_000 * MS));
+        feed(&mut tr, &mut d, change(1, 0, Established, CloseWait));
+        assert_eq!(d.due(1_500 * MS).len(), 1);
+        let (_, again) = feed(&mut tr, &mut d, change(1, 0, Established, CloseWait));
+        assert!(again.is_none());
+        assert!(d.due(5_000 * MS).is_empty(), "still one leak");
+        let (_, end) = feed(&mut tr, &mut d, change(1, 7_000, CloseWait, LastAck));
+        let end = end.expect("leak end");
+        assert!(end.was_leak, "the repeat did not reset the leak");
+        assert_eq!(end.close_wait_ms, 7_000.0);
+        // A later entry of the same address is a new stay.
+        feed(&mut tr, &mut d, change(1, 8_000, Established, CloseWait));
+        assert_eq!(d.lingering(), 1);
+    }
+
+    #[test]
+    fn linger_histograms_merge() {
+        let mut a = LingerHistogram::default();
+        a.record(5.0);
+        let mut b = LingerHistogram::default();
+        b.record(0.5);
+        b.record(2_000.0);
+        a.merge(&b);
+        assert_eq!(a.count, 3);
+        assert_eq!(a.buckets[..5], [1, 1, 0, 0, 1]);
+        assert_eq!(a.sum_ms, 2_005.5);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod clock;
 pub mod closewait;
 pub mod config;
+pub mod cwtable;
 pub mod decode;
 pub mod filter;
 pub mod groups;

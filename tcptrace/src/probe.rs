@@ -12,8 +12,8 @@ use crate::privileges::NotPrivileged;
 use crate::progstats::ProgramStats;
 use crate::state::TcpState;
 use tcptrace_common::{
-    origin_slot, OriginSlot, CONFIG_ORIGIN_MAP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED,
-    ORIGIN_PROBES, TRANSITION_STATES,
+    socket_slot, OriginSlot, CONFIG_CW_TABLE, CONFIG_ORIGIN_MAP, ORIGINS_FULL, ORIGINS_INSERTED,
+    ORIGINS_REMOVED, ORIGIN_PROBES, TRANSITION_STATES,
 };
 
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
@@ -41,6 +41,8 @@ pub struct Probes {
     pub transitions: TransitionCounter,
     /// Origins of live connections, when the kernel keeps them.
     pub origins: OriginMap,
+    /// Sockets in CLOSE_WAIT the kernel keeps, when it does.
+    pub close_waits: crate::cwtable::CloseWaitTable,
     /// Where the kernel finds a connect()'s fd.
     pub connect_fd: ConnectFd,
     /// The tracepoints attached, as `category:name`.
@@ -56,6 +58,11 @@ pub struct OriginMap {
     bits: u32,
     counts: PerCpuArray<MapData, u64>,
 }
+
+/// log2 of the slots of the `CLOSE_WAITS` table: 32768 sockets in
+/// CLOSE_WAIT at once (3.5 MiB of kernel memory); past that, entries are
+/// sent as records, as without the table.
+pub const CW_TABLE_BITS: u32 = 15;
 
 /// Slots of the `ORIGINS` table for at most `max` origins: the next power
 /// of two (a lookup masks the slot number), at least 16. Returns log2.
@@ -80,7 +87,7 @@ impl OriginMap {
     /// a stale copy share its address).
     pub fn get(&self, sk: u64) -> Option<OriginSlot> {
         let mask = (1u32 << self.bits) - 1;
-        let first = origin_slot(sk, self.bits);
+        let first = socket_slot(sk, self.bits);
         (0..ORIGIN_PROBES)
             .filter_map(|i| self.slots.get(&(first.wrapping_add(i) & mask), 0).ok())
             .filter(|slot| slot.sk == sk)
@@ -89,12 +96,7 @@ impl OriginMap {
 
     /// Counts summed over CPUs (zero when they cannot be read).
     pub fn counts(&self) -> OriginCounts {
-        let slot = |i: u32| -> u64 {
-            self.counts
-                .get(&i, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0)
-        };
+        let slot = |i: u32| per_cpu_sum(&self.counts, i);
         let (inserted, removed) = (slot(ORIGINS_INSERTED), slot(ORIGINS_REMOVED));
         OriginCounts {
             // Per-CPU sums read one after the other can cross.
@@ -102,6 +104,15 @@ impl OriginMap {
             full: slot(ORIGINS_FULL),
         }
     }
+}
+
+/// Counter `i` of a kernel per-CPU counter array, summed over CPUs (0 when
+/// it cannot be read: a counter is never worth failing for).
+pub fn per_cpu_sum(counts: &PerCpuArray<MapData, u64>, i: u32) -> u64 {
+    counts
+        .get(&i, 0)
+        .map(|per_cpu| per_cpu.iter().sum())
+        .unwrap_or(0)
 }
 
 /// The kernel's per-CPU count of every TCP transition by (old, new) state,
@@ -195,6 +206,10 @@ pub struct ProbeOptions {
     pub state_program: crate::cli::StateProgram,
     /// User stack walks per process per second (0: all).
     pub stacks_per_second: u32,
+    /// Keep sockets that enter CLOSE_WAIT in the kernel's `CLOSE_WAITS`
+    /// table (see [`tcptrace_common::CONFIG_CW_TABLE`]) instead of sending
+    /// them; send only those that stay at least this long.
+    pub close_wait_quiet: Option<std::time::Duration>,
     /// Keep origins in the kernel's `ORIGINS` table, sized for this many
     /// (see [`crate::pipeline::uses_origin_map`], [`origin_slot_bits`]);
     /// `None` sends them instead.
@@ -217,7 +232,14 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     config.wakeup_bytes = ring_bytes / WAKEUP_SHARE;
     (config.emit_new, config.emit_old) = options.interest;
     config.stacks_per_second = options.stacks_per_second;
-    // Without the origin map the table is never touched: one slot.
+    // Unused tables get one slot.
+    let mut cw_slots = 1;
+    if let Some(quiet) = options.close_wait_quiet {
+        config.flags |= CONFIG_CW_TABLE;
+        config.cw_slot_bits = CW_TABLE_BITS;
+        config.cw_quiet_ms = u32::try_from(quiet.as_millis()).unwrap_or(u32::MAX);
+        cw_slots = 1 << CW_TABLE_BITS;
+    }
     let mut origin_slots = 1;
     if let Some(max) = options.origin_map {
         config.flags |= CONFIG_ORIGIN_MAP;
@@ -228,6 +250,7 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         .override_global("TCPTRACE_CONFIG", &config, true)
         .map_max_entries("EVENTS", ring_bytes)
         .map_max_entries("ORIGINS", origin_slots)
+        .map_max_entries("CLOSE_WAITS", cw_slots)
         .load(PROGRAM)
         .context("loading the eBPF program")?;
 
@@ -289,6 +312,13 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     let origin_counts = ebpf
         .take_map("ORIGIN_COUNTS")
         .ok_or_else(|| anyhow!("the eBPF object has no ORIGIN_COUNTS map"))?;
+    let close_waits = crate::cwtable::CloseWaitTable::open(
+        ebpf.take_map("CLOSE_WAITS")
+            .ok_or_else(|| anyhow!("the eBPF object has no CLOSE_WAITS map"))?,
+        cw_slots as usize,
+        ebpf.take_map("CW_COUNTS")
+            .ok_or_else(|| anyhow!("the eBPF object has no CW_COUNTS map"))?,
+    )?;
     let origins = OriginMap {
         slots: Array::try_from(origins).context("opening the ORIGINS table")?,
         bits: config.origin_slot_bits,
@@ -301,6 +331,7 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         stacks,
         transitions,
         origins,
+        close_waits,
         connect_fd,
         tracepoints,
     })
@@ -343,22 +374,32 @@ fn connect_fd_source(state_program: &str, connect_hooks: bool) -> ConnectFd {
 }
 
 /// Loads the object and attaches only its no-op program to the state
-/// tracepoint: the floor of `cargo xtask bench`. Detached on drop.
-pub fn attach_bench_floor() -> anyhow::Result<Ebpf> {
+/// tracepoint, and with `syscall_hooks` another to the accept() exit
+/// tracepoints the agent hooks: the floors of `cargo xtask bench`.
+/// Detached on drop.
+pub fn attach_bench_floor(syscall_hooks: bool) -> anyhow::Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .load(PROGRAM)
         .context("loading the eBPF program")
         .map_err(explain)?;
     let (cat, name) = STATE_TP;
-    attach(
-        &mut ebpf,
-        "bench_floor",
-        cat,
-        name,
-        &mut ProgramStats::default(),
-    )
-    .with_context(|| format!("attaching the no-op program to {cat}:{name}"))
-    .map_err(explain)?;
+    let mut stats = ProgramStats::default();
+    attach(&mut ebpf, "bench_floor", cat, name, &mut stats)
+        .with_context(|| format!("attaching the no-op program to {cat}:{name}"))
+        .map_err(explain)?;
+    if syscall_hooks {
+        let program: &mut TracePoint = ebpf
+            .program_mut("bench_floor_syscall")
+            .ok_or_else(|| anyhow!("the eBPF object has no program bench_floor_syscall"))?
+            .try_into()?;
+        program.load().context("loading bench_floor_syscall")?;
+        for tp in ["sys_exit_accept4", "sys_exit_accept"] {
+            program
+                .attach("syscalls", tp)
+                .with_context(|| format!("attaching the no-op program to syscalls:{tp}"))
+                .map_err(explain)?;
+        }
+    }
     Ok(ebpf)
 }
 

@@ -131,7 +131,8 @@ pub struct Stopped {
 impl Agent {
     /// Starts the agent with `args` and waits until it logs `ready`. Unless
     /// `args` name a `--state-file`, the agent writes none (tests run
-    /// agents in parallel and must not share /run/tcptrace).
+    /// agents in parallel and must not share /run/tcptrace). Its log level
+    /// is `info`, or `$TCPTRACE_TEST_LOG` (e.g. `debug`, for a failure's dump).
     pub fn start(args: &[&str]) -> Agent {
         let no_state: &[&str] = if args.contains(&"--state-file") {
             &[]
@@ -143,7 +144,10 @@ impl Agent {
             .arg("json")
             .args(args)
             .args(no_state)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TCPTRACE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

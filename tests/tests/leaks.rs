@@ -561,3 +561,41 @@ fn leaks_report_from_the_agent_and_without_it() {
         "the agent removes its state file"
     );
 }
+
+/// With leak events only, the kernel keeps sockets in CLOSE_WAIT in a table
+/// the agent reads, instead of sending them: the leak still comes, and when
+/// the server finally closes (it exits here), the kernel sends the stay's
+/// entry and exit, which end the leak once, with its full duration.
+#[test]
+fn a_leak_the_kernel_kept_in_its_table_ends_with_leak_end() {
+    let agent = Agent::start(LEAKS_ONLY);
+    let Leaked {
+        mut server, port, ..
+    } = leaky_server(None, None, "127.0.0.1", 1, None);
+    server.expect("leaked fd");
+    agent.wait_for("a leak on the server port", |ev| {
+        !leaks_on_port(ev, port).is_empty()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(server);
+    let ends_on_port = |events: &[Value]| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| e["event"] == "leak_end" && e["lport"] == port)
+            .cloned()
+            .collect()
+    };
+    let events = agent.wait_for("the leak's end", |ev| !ends_on_port(ev).is_empty());
+    let ends = ends_on_port(&events);
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert_eq!(leaks_on_port(&events, port).len(), 1, "one leak");
+    let ms = ends[0]["close_wait_ms"].as_f64().expect("close_wait_ms");
+    assert!(
+        ms >= 800.0,
+        "the whole stay (500 ms, then 300 ms more): {}",
+        ends[0]
+    );
+    assert!(ends[0]["leak"].as_bool().unwrap_or(false), "{}", ends[0]);
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}

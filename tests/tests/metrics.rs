@@ -215,6 +215,15 @@ fn gauge(text: &str, name: &str) -> u64 {
     value(text, name).unwrap_or_else(|| panic!("no {name} in\n{text}")) as u64
 }
 
+/// An agent started with `args` and a metrics endpoint on a free port.
+fn agent_with_metrics(args: &[&str]) -> (Agent, u16) {
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut all = args.to_vec();
+    all.extend(["--metrics", &metrics]);
+    (Agent::start(&all), port)
+}
+
 /// `n` loopback connections held open (both ends in one process) until
 /// its stdin is closed.
 fn hold_connections(n: usize) -> std::process::Child {
@@ -236,16 +245,13 @@ fn hold_connections(n: usize) -> std::process::Child {
 
 #[test]
 fn a_full_origin_map_is_counted_and_logged_not_silent() {
-    let port = free_port();
-    let agent = Agent::start(&[
+    let (agent, port) = agent_with_metrics(&[
         "--events",
         "leak",
         "--max-sockets",
         "16",
         "--summary-interval",
         "1s",
-        "--metrics",
-        &format!("127.0.0.1:{port}"),
     ]);
     let mut hold = hold_connections(100);
     let text = scrape(port);
@@ -270,13 +276,7 @@ fn leak_only_mode_keeps_origins_in_the_kernel_until_the_connections_close() {
     // its map from connect()/accept() to CLOSE: 100 held connections are
     // 200 origins (both ends), and closing them empties the map again.
     // Other tests of this file open a few connections meanwhile: a margin.
-    let port = free_port();
-    let agent = Agent::start(&[
-        "--events",
-        "leak",
-        "--metrics",
-        &format!("127.0.0.1:{port}"),
-    ]);
+    let (agent, port) = agent_with_metrics(&["--events", "leak"]);
     let origins = || {
         gauge(
             &http(port, "GET", "/metrics", None).body,
@@ -302,4 +302,44 @@ fn leak_only_mode_keeps_origins_in_the_kernel_until_the_connections_close() {
     );
     let stopped = agent.stop();
     assert!(stopped.status.success());
+}
+
+/// With leak events only, a quick passage through CLOSE_WAIT (the server
+/// closes as soon as the client has) never leaves the kernel: its linger
+/// time is counted there and still shows in the histogram, and the agent
+/// prints nothing.
+#[test]
+fn leak_only_mode_counts_quick_close_waits_in_the_kernel() {
+    let (agent, port) = agent_with_metrics(&["--events", "leak"]);
+    let count = |text: &str| value(text, "tcptrace_close_wait_linger_seconds_count").unwrap_or(0.0);
+    let before = count(&scrape(port));
+    let out = Command::new(env!("CARGO_BIN_EXE_tcptrace-churn"))
+        .args(["churn", "--seconds", "1"])
+        .output()
+        .expect("run tcptrace-churn churn");
+    assert!(out.status.success());
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the churn's JSON report");
+    let connections = report["connections"].as_f64().expect("connections");
+    assert!(connections > 100.0, "{report}");
+    let text = scrape(port);
+    // Every server socket of the churn passed through CLOSE_WAIT once
+    // (other tests' connections may add more).
+    let counted = count(&text) - before;
+    assert!(
+        counted >= connections,
+        "{counted} stays counted for {connections} connections\n{text}"
+    );
+    promtool_check(&text);
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+    let leaks: Vec<_> = stopped
+        .events
+        .iter()
+        .filter(|e| e["event"] == "leak")
+        .collect();
+    assert!(
+        leaks.is_empty(),
+        "no leak from a churn that closes: {leaks:?}"
+    );
 }

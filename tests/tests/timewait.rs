@@ -238,7 +238,12 @@ fn port_pressure_fires_before_connect_fails_and_again_only_after_a_fall() {
         let p = &pressure(&ev, level)[0];
         assert_eq!(p["range_size"], 100, "{p}");
         assert_eq!(p["netns"], ns.inode(), "{p}");
-        assert_eq!(p["top_closers"][0]["comm"], "tcptrace-peer", "{p}");
+        assert_eq!(
+            p["top_closers"][0]["comm"],
+            "tcptrace-peer",
+            "{p}\n{}",
+            agent.dump()
+        );
     }
     // Only now does the port range run out.
     let failed = send(10);

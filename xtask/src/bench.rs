@@ -35,7 +35,7 @@ use crate::{cargo, run, say};
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchOpts {
     /// Rounds per tracer (alternating).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 9)]
     pub rounds: usize,
     /// Seconds of churn per round.
     #[arg(long, default_value_t = 3.0)]
@@ -56,6 +56,7 @@ pub struct BenchOpts {
 enum Mode {
     None,
     Floor,
+    FloorHooks,
     Agent,
     AgentJson,
     Tcpstates,
@@ -66,6 +67,7 @@ impl Mode {
         match self {
             Self::None => "none",
             Self::Floor => "floor (no-op program)",
+            Self::FloorHooks => "floor + no-op accept() hooks",
             Self::Agent => "agent (default: leaks only)",
             Self::AgentJson => "agent (every transition as JSON to a file)",
             Self::Tcpstates => "libbpf-tools tcpstates > /dev/null",
@@ -144,6 +146,11 @@ impl Tracer {
             Mode::Floor => {
                 let mut c = Command::new(agent);
                 c.arg("bench-floor");
+                c
+            }
+            Mode::FloorHooks => {
+                let mut c = Command::new(agent);
+                c.args(["bench-floor", "--syscall-hooks"]);
                 c
             }
             Mode::Agent => {
@@ -547,7 +554,13 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
     let churn = cargo::build_bin(tools, "tcptrace-tests", "tcptrace-churn", true)?;
     let bins = Bins { agent, churn };
     let ns = Netns::create()?;
-    let mut modes = vec![Mode::None, Mode::Floor, Mode::Agent, Mode::AgentJson];
+    let mut modes = vec![
+        Mode::None,
+        Mode::Floor,
+        Mode::FloorHooks,
+        Mode::Agent,
+        Mode::AgentJson,
+    ];
     if tcpstates().is_some() {
         modes.push(Mode::Tcpstates);
     } else {
@@ -619,7 +632,10 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
          round\n\n\
          {table}\n\
          The ratio is the median over rounds of the tracer's rate over the same round's \
-         rate with no tracer. CPU is the tracer process's own (user + system) during the churn; the kernel \
+         rate with no tracer. The floor + accept() hooks row adds no-op programs on \
+         the syscall tracepoints the agent needs for accept() origins: what hooking \
+         syscalls costs by itself (every syscall on the host then takes the tracing \
+         path). CPU is the tracer process's own (user + system) during the churn; the kernel \
          program's cost shows in the ratio. Lost records are the agent's own count (ring \
          buffer full, or runs the kernel skipped).\n\n\
          ## Scale\n\n{scale}\n\n## Tracker memory\n\n{tracker}\n",
