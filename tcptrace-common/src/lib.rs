@@ -191,7 +191,7 @@ pub const ORIGIN_ACCEPT: u32 = 2;
 /// table while the socket lives (see [`CONFIG_ORIGIN_MAP`]).
 ///
 /// The table is an array probed by socket address ([`socket_slot`], then
-/// up to [`ORIGIN_PROBES`] consecutive slots): claiming a slot is one
+/// up to [`SLOT_PROBES`] consecutive slots): claiming a slot is one
 /// compare-and-swap of [`OriginSlot::sk`] and freeing it one store, where a
 /// hash map took a bucket lock, an allocation and an RCU-deferred free on
 /// each connection.
@@ -218,7 +218,7 @@ pub struct OriginSlot {
 
 /// Slots looked at, from [`socket_slot`] on, to place or find a socket in
 /// the `ORIGINS` and `CLOSE_WAITS` tables.
-pub const ORIGIN_PROBES: u32 = 8;
+pub const SLOT_PROBES: u32 = 8;
 
 /// Bit in [`KernelConfig::flags`]: keep sockets that enter CLOSE_WAIT in
 /// the `CLOSE_WAITS` table (a [`StateRecord`] of the entry per slot, slot

@@ -29,8 +29,8 @@ use tcptrace_common::{
     ResetRecord, StackBudget, StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_CW_TABLE,
     CONFIG_INODE, CONFIG_NETNS, CONFIG_ORIGIN_MAP, CW_COUNT_SLOTS, CW_FULL, CW_KEPT, CW_LINGER,
     CW_LINGER_SUM_NS, CW_QUIET, CW_SENT, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED,
-    ORIGINS_REMOVED, ORIGIN_ACCEPT, ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, ORIGIN_PROBES,
-    RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RESET_RECEIVED, RESET_SENT, TRANSITION_STATES,
+    ORIGINS_REMOVED, ORIGIN_ACCEPT, ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, RECORD_ACCEPT,
+    RECORD_RESET, RECORD_STATE, RESET_RECEIVED, RESET_SENT, SLOT_PROBES, TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -95,11 +95,12 @@ fn count_origins(slot: u32) {
     }
 }
 
-/// The `i`th slot socket `sk` may take (see [`socket_slot`]).
+/// The `i`th slot socket `sk` may take in `table` of `1 << bits` slots
+/// ([`ORIGINS`], [`CLOSE_WAITS`]; see [`socket_slot`]).
 #[inline(always)]
-fn origin_probe(sk: u64, bits: u32, i: u32) -> Option<*mut OriginSlot> {
+fn slot_probe<T>(table: &Array<T>, sk: u64, bits: u32, i: u32) -> Option<*mut T> {
     let mask = (1u32 << (bits & 31)).wrapping_sub(1);
-    ORIGINS.get_ptr_mut(socket_slot(sk, bits).wrapping_add(i) & mask)
+    table.get_ptr_mut(socket_slot(sk, bits).wrapping_add(i) & mask)
 }
 
 /// Keeps the current task's `syscall` (with `fd`, at `ts_ns`, its stack
@@ -110,8 +111,8 @@ fn origin_probe(sk: u64, bits: u32, i: u32) -> Option<*mut OriginSlot> {
 #[inline(always)]
 fn keep(ctx: &TracePointContext, sk: u64, syscall: u32, fd: i32, ts_ns: u64, stack_id: i32) {
     let bits = origin_bits();
-    for i in 0..ORIGIN_PROBES {
-        let Some(slot) = origin_probe(sk, bits, i) else {
+    for i in 0..SLOT_PROBES {
+        let Some(slot) = slot_probe(&ORIGINS, sk, bits, i) else {
             return;
         };
         // SAFETY: `slot` points into the array map's value, 8-aligned.
@@ -142,8 +143,8 @@ fn keep(ctx: &TracePointContext, sk: u64, syscall: u32, fd: i32, ts_ns: u64, sta
 #[inline(always)]
 fn forget(sk: u64) {
     let bits = origin_bits();
-    for i in 0..ORIGIN_PROBES {
-        let Some(slot) = origin_probe(sk, bits, i) else {
+    for i in 0..SLOT_PROBES {
+        let Some(slot) = slot_probe(&ORIGINS, sk, bits, i) else {
             return;
         };
         // SAFETY: as in `keep`.
@@ -200,13 +201,6 @@ fn count_cw(slot: u32, n: u64) {
     }
 }
 
-/// The `i`th slot socket `sk` may take in [`CLOSE_WAITS`].
-#[inline(always)]
-fn cw_probe(sk: u64, bits: u32, i: u32) -> Option<*mut StateRecord> {
-    let mask = (1u32 << (bits & 31)).wrapping_sub(1);
-    CLOSE_WAITS.get_ptr_mut(socket_slot(sk, bits).wrapping_add(i) & mask)
-}
-
 /// [`CONFIG_CW_TABLE`]: keeps a transition into or out of CLOSE_WAIT in
 /// the table; true when that is all it needs (nothing to send).
 #[inline(always)]
@@ -239,8 +233,8 @@ fn cw_enter<F: Fields>(
     t: Wanted,
     sk: u64,
 ) -> bool {
-    for i in 0..ORIGIN_PROBES {
-        let Some(slot) = cw_probe(sk, cfg.cw_slot_bits, i) else {
+    for i in 0..SLOT_PROBES {
+        let Some(slot) = slot_probe(&CLOSE_WAITS, sk, cfg.cw_slot_bits, i) else {
             return false;
         };
         // SAFETY: `slot` points into the array map's value, 8-aligned.
@@ -254,7 +248,11 @@ fn cw_enter<F: Fields>(
             fill_state(slot, 0, ctx, cfg, f, t, sk, now, -1, -1);
             // Last: the agent takes a slot whose kind is set as whole.
             unsafe { publish(slot) };
-            count_cw(CW_KEPT, 1);
+            if claimed {
+                // (A slot still holding this address lost its exit: it
+                // was counted when taken.)
+                count_cw(CW_KEPT, 1);
+            }
             return true;
         }
     }
@@ -268,8 +266,8 @@ fn cw_enter<F: Fields>(
 /// (entered before the agent, or when it was full) is sent as usual.
 #[inline(always)]
 fn cw_leave(cfg: &KernelConfig, sk: u64) -> bool {
-    for i in 0..ORIGIN_PROBES {
-        let Some(slot) = cw_probe(sk, cfg.cw_slot_bits, i) else {
+    for i in 0..SLOT_PROBES {
+        let Some(slot) = slot_probe(&CLOSE_WAITS, sk, cfg.cw_slot_bits, i) else {
             return false;
         };
         let owner = unsafe { addr_of_mut!((*slot).skaddr) };

@@ -13,7 +13,7 @@ use crate::progstats::ProgramStats;
 use crate::state::TcpState;
 use tcptrace_common::{
     socket_slot, OriginSlot, CONFIG_CW_TABLE, CONFIG_ORIGIN_MAP, ORIGINS_FULL, ORIGINS_INSERTED,
-    ORIGINS_REMOVED, ORIGIN_PROBES, TRANSITION_STATES,
+    ORIGINS_REMOVED, SLOT_PROBES, TRANSITION_STATES,
 };
 
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
@@ -88,7 +88,7 @@ impl OriginMap {
     pub fn get(&self, sk: u64) -> Option<OriginSlot> {
         let mask = (1u32 << self.bits) - 1;
         let first = socket_slot(sk, self.bits);
-        (0..ORIGIN_PROBES)
+        (0..SLOT_PROBES)
             .filter_map(|i| self.slots.get(&(first.wrapping_add(i) & mask), 0).ok())
             .filter(|slot| slot.sk == sk)
             .max_by_key(|slot| slot.ts_ns)
