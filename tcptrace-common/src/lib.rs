@@ -289,6 +289,14 @@ pub fn socket_slot(sk: u64, bits: u32) -> u32 {
     (h >> (64 - bits)) as u32
 }
 
+/// The `i`th slot (of [`SLOT_PROBES`]) socket `sk` may take in a table of
+/// `1 << bits` slots: the slots after [`socket_slot`], wrapping around.
+#[inline(always)]
+pub fn probe_slot(sk: u64, bits: u32, i: u32) -> u32 {
+    let mask = (1u32 << (bits & 31)).wrapping_sub(1);
+    socket_slot(sk, bits).wrapping_add(i) & mask
+}
+
 /// Layout facts the kernel program needs and cannot know at compile time.
 ///
 /// The agent reads tracepoint field offsets from tracefs `format` files and
@@ -524,5 +532,19 @@ mod tests {
             assert!(occupied > 600, "stride {stride}: {occupied} slots");
         }
         assert!(socket_slot(12345, 0) < 2 && socket_slot(12345, 40) < 2);
+    }
+
+    #[test]
+    fn probes_follow_the_first_slot_and_wrap_around() {
+        let bits = 4;
+        let sk = (0..u64::MAX)
+            .map(|n| 0xffff_8881_0000_0000 + n * 64)
+            .find(|&sk| socket_slot(sk, bits) == 14)
+            .expect("an address whose first slot is 14");
+        let mut slots = [0u32; SLOT_PROBES as usize];
+        for (i, slot) in (0..SLOT_PROBES).zip(&mut slots) {
+            *slot = probe_slot(sk, bits, i);
+        }
+        assert_eq!(slots, [14, 15, 0, 1, 2, 3, 4, 5]);
     }
 }

@@ -25,7 +25,7 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use tcptrace_common::{
-    linger_bucket, socket_slot, tcp_state, AcceptRecord, ConnectSlot, KernelConfig, OriginSlot,
+    linger_bucket, probe_slot, tcp_state, AcceptRecord, ConnectSlot, KernelConfig, OriginSlot,
     ResetRecord, StackBudget, StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_CW_TABLE,
     CONFIG_INODE, CONFIG_NETNS, CONFIG_ORIGIN_MAP, CW_COUNT_SLOTS, CW_FULL, CW_KEPT, CW_LINGER,
     CW_LINGER_SUM_NS, CW_QUIET, CW_SENT, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED,
@@ -96,18 +96,15 @@ fn count_origins(slot: u32) {
 }
 
 /// The `i`th slot socket `sk` may take in `table` of `1 << bits` slots
-/// ([`ORIGINS`], [`CLOSE_WAITS`]; see [`socket_slot`]).
+/// ([`ORIGINS`], [`CLOSE_WAITS`]; see [`probe_slot`]).
 #[inline(always)]
 fn slot_probe<T>(table: &Array<T>, sk: u64, bits: u32, i: u32) -> Option<*mut T> {
-    let mask = (1u32 << (bits & 31)).wrapping_sub(1);
-    table.get_ptr_mut(socket_slot(sk, bits).wrapping_add(i) & mask)
+    table.get_ptr_mut(probe_slot(sk, bits, i))
 }
 
 /// Keeps the current task's `syscall` (with `fd`, at `ts_ns`, its stack
-/// `stack_id`) as the origin of `sk`, in the first slot that holds `sk`
-/// already (left by a freed socket at the same address whose CLOSE went
-/// unseen) or that a compare-and-swap claims free. Only a claimed slot is
-/// counted as inserted.
+/// `stack_id`) as the origin of `sk`, in the first slot [`take_slot`]
+/// gives. Only a claimed slot is counted as inserted.
 #[inline(always)]
 fn keep(ctx: &TracePointContext, sk: u64, syscall: u32, fd: i32, ts_ns: u64, stack_id: i32) {
     let bits = origin_bits();
@@ -116,10 +113,7 @@ fn keep(ctx: &TracePointContext, sk: u64, syscall: u32, fd: i32, ts_ns: u64, sta
             return;
         };
         // SAFETY: `slot` points into the array map's value, 8-aligned.
-        let owner = unsafe { addr_of_mut!((*slot).sk) };
-        let held = unsafe { core::ptr::read_volatile(owner) };
-        let claimed = held == 0 && unsafe { cmpxchg(owner, 0, sk) } == 0;
-        if claimed || held == sk {
+        if let Some(claimed) = unsafe { take_slot(addr_of_mut!((*slot).sk), sk) } {
             unsafe {
                 addr_of_mut!((*slot).ts_ns).write(ts_ns);
                 addr_of_mut!((*slot).syscall).write(syscall);
@@ -136,6 +130,20 @@ fn keep(ctx: &TracePointContext, sk: u64, syscall: u32, fd: i32, ts_ns: u64, sta
         }
     }
     count_origins(ORIGINS_FULL);
+}
+
+/// Whether the slot whose owner word is `owner` is `sk`'s to write: it
+/// holds `sk` already (left by a freed socket at the same address whose
+/// last transition went unseen), or a compare-and-swap claims it free now.
+/// `Some(true)` when claimed.
+///
+/// # Safety
+/// `owner` must point into a map value, 8-aligned.
+#[inline(always)]
+unsafe fn take_slot(owner: *mut u64, sk: u64) -> Option<bool> {
+    let held = unsafe { core::ptr::read_volatile(owner) };
+    let claimed = held == 0 && unsafe { cmpxchg(owner, 0, sk) } == 0;
+    (claimed || held == sk).then_some(claimed)
 }
 
 /// Frees every slot of [`ORIGINS`] that holds `sk` (one, unless an
@@ -238,10 +246,7 @@ fn cw_enter<F: Fields>(
             return false;
         };
         // SAFETY: `slot` points into the array map's value, 8-aligned.
-        let owner = unsafe { addr_of_mut!((*slot).skaddr) };
-        let held = unsafe { core::ptr::read_volatile(owner) };
-        let claimed = held == 0 && unsafe { cmpxchg(owner, 0, sk) } == 0;
-        if claimed || held == sk {
+        if let Some(claimed) = unsafe { take_slot(addr_of_mut!((*slot).skaddr), sk) } {
             let kind = unsafe { addr_of_mut!((*slot).kind) };
             unsafe { core::ptr::write_volatile(kind, 0) };
             let now = unsafe { bpf_ktime_get_ns() };
@@ -469,14 +474,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         cfg: &cfg,
     };
     if let Some(t) = tcp_transition(&f) {
-        if cfg.flags & CONFIG_ORIGIN_MAP != 0 {
-            keep_origin(&ctx, || cfg, &f, t);
-        }
-        if wanted(t, cfg.emit_new, cfg.emit_old)
-            && (cfg.flags & CONFIG_CW_TABLE == 0 || !close_wait_in_table(&ctx, &cfg, &f, t))
-        {
-            emit_state(&ctx, &cfg, &f, t);
-        }
+        on_transition(&ctx, &f, t, (cfg.emit_new, cfg.emit_old, cfg.flags), || cfg);
     }
     0
 }
@@ -491,18 +489,32 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 pub fn inet_sock_set_state_fixed(ctx: TracePointContext) -> u32 {
     let f = FixedFields { ctx: &ctx };
     if let Some(t) = tcp_transition(&f) {
-        let (emit_new, emit_old, flags) = hot_config();
-        if flags & CONFIG_ORIGIN_MAP != 0 {
-            keep_origin(&ctx, || TCPTRACE_CONFIG.load(), &f, t);
-        }
-        if wanted(t, emit_new, emit_old) {
-            let cfg = TCPTRACE_CONFIG.load();
-            if flags & CONFIG_CW_TABLE == 0 || !close_wait_in_table(&ctx, &cfg, &f, t) {
-                emit_state(&ctx, &cfg, &f, t);
-            }
-        }
+        on_transition(&ctx, &f, t, hot_config(), || TCPTRACE_CONFIG.load());
     }
     0
+}
+
+/// What both state programs do with a TCP transition, given the hot part
+/// of the configuration (`emit_new`, `emit_old`, `flags`) and the whole of
+/// it on demand: keep or forget an origin, keep a CLOSE_WAIT stay in the
+/// table, send what the agent asked for and the table did not take.
+#[inline(always)]
+fn on_transition<F: Fields>(
+    ctx: &TracePointContext,
+    f: &F,
+    t: Wanted,
+    (emit_new, emit_old, flags): (u32, u32, u32),
+    cfg: impl Fn() -> KernelConfig,
+) {
+    if flags & CONFIG_ORIGIN_MAP != 0 {
+        keep_origin(ctx, &cfg, f, t);
+    }
+    if wanted(t, emit_new, emit_old) {
+        let cfg = cfg();
+        if flags & CONFIG_CW_TABLE == 0 || !close_wait_in_table(ctx, &cfg, f, t) {
+            emit_state(ctx, &cfg, f, t);
+        }
+    }
 }
 
 /// `KernelConfig::emit_new`, `emit_old` and `flags` alone (volatile: the

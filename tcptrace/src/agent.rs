@@ -414,20 +414,13 @@ fn announce_close_waits(
     let fresh = announced.fresh(table.lingering(quiet_ns, WallClock::now_ns()));
     let mut lines = Vec::new();
     for rec in fresh {
-        // SAFETY: `StateRecord` is `#[repr(C)]` integers and byte arrays
-        // with explicit padding fields: every byte is initialized.
-        let raw = unsafe {
-            std::slice::from_raw_parts(
-                std::ptr::addr_of!(rec).cast::<u8>(),
-                std::mem::size_of::<tcptrace_common::StateRecord>(),
-            )
-        };
-        if let Err(e) = pipeline.handle(raw, &mut lines) {
-            log::warn!("dropping a malformed CLOSE_WAITS entry: {e}");
-        }
-        for line in lines.drain(..) {
-            out.line(line)?;
-        }
+        // The same bytes the kernel sends for an entry it did not keep.
+        feed(
+            pipeline,
+            &crate::decode::raw::state_bytes(&rec),
+            &mut lines,
+            out,
+        )?;
     }
     Ok(())
 }
@@ -465,17 +458,7 @@ fn drain(
     let mut lines = Vec::new();
     let mut batched = 0usize;
     while let Some(item) = ring.next() {
-        match pipeline.handle(&item, &mut lines) {
-            Ok(()) => {}
-            Err(e) if pipeline.malformed <= MALFORMED_LOG_LIMIT => {
-                log::warn!("dropping a malformed record: {e}");
-            }
-            Err(_) => {}
-        }
-        for line in lines.drain(..) {
-            out.line(line)?;
-            batched += 1;
-        }
+        batched += feed(pipeline, &item, &mut lines, out)?;
         // A ring that refills as fast as it is read must not grow one
         // endless batch.
         if batched >= MAX_BATCH_LINES {
@@ -484,6 +467,29 @@ fn drain(
         }
     }
     Ok(())
+}
+
+/// Hands one raw record to the pipeline and its lines to the outputs;
+/// returns how many lines. A malformed record is counted and dropped (the
+/// first few logged), never fatal. `lines` is scratch space.
+fn feed(
+    pipeline: &mut Pipeline,
+    raw: &[u8],
+    lines: &mut Vec<String>,
+    out: &mut Out,
+) -> anyhow::Result<usize> {
+    match pipeline.handle(raw, lines) {
+        Ok(()) => {}
+        Err(e) if pipeline.malformed <= MALFORMED_LOG_LIMIT => {
+            log::warn!("dropping a malformed record: {e}");
+        }
+        Err(_) => {}
+    }
+    let n = lines.len();
+    for line in lines.drain(..) {
+        out.line(line)?;
+    }
+    Ok(n)
 }
 
 fn report_leaks(

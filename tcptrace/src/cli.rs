@@ -309,8 +309,7 @@ pub fn parse_ring_size(s: &str) -> Result<u32, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a size (examples: 4096, 256K, 16M)"))?;
     let bytes = n.saturating_mul(mult);
-    // SAFETY: sysconf cannot fail for _SC_PAGESIZE.
-    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let page = crate::probe::page_size() as u64;
     if bytes < page || !bytes.is_power_of_two() || bytes > 1 << 30 {
         return Err(format!(
             "{s} is not a power of two between the page size ({page}) and 1G"

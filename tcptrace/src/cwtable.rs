@@ -66,7 +66,7 @@ impl CloseWaitTable {
             bail!("the CLOSE_WAITS map is not an array");
         };
         let counts = PerCpuArray::try_from(counts).context("opening the CW_COUNTS map")?;
-        let page = page_size();
+        let page = crate::probe::page_size();
         let bytes = slots
             .checked_mul(std::mem::size_of::<StateRecord>())
             .ok_or_else(|| anyhow!("a CLOSE_WAITS table of {slots} slots is too large"))?;
@@ -157,12 +157,6 @@ impl Drop for CloseWaitTable {
         // SAFETY: the mapping made in `open`, unmapped once.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapped_len) };
     }
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
 }
 
 /// Remembers which kept entries the pipeline has been given, so that each

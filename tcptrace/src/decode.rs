@@ -303,7 +303,8 @@ fn decode_accept(buf: &[u8]) -> Result<Accept, DecodeError> {
     })
 }
 
-/// Test and benchmark helpers: raw records as the kernel program writes them.
+/// Raw records as the kernel program writes them: for tests and benchmarks,
+/// and for the entries the agent reads from the kernel's CLOSE_WAITS table.
 pub mod raw {
     use super::*;
     use tcptrace_common::tcp_state;

@@ -12,7 +12,7 @@ use crate::privileges::NotPrivileged;
 use crate::progstats::ProgramStats;
 use crate::state::TcpState;
 use tcptrace_common::{
-    socket_slot, OriginSlot, CONFIG_CW_TABLE, CONFIG_ORIGIN_MAP, ORIGINS_FULL, ORIGINS_INSERTED,
+    probe_slot, OriginSlot, CONFIG_CW_TABLE, CONFIG_ORIGIN_MAP, ORIGINS_FULL, ORIGINS_INSERTED,
     ORIGINS_REMOVED, SLOT_PROBES, TRANSITION_STATES,
 };
 
@@ -86,10 +86,8 @@ impl OriginMap {
     /// The origin of socket `sk`, if the kernel has one (the newest, should
     /// a stale copy share its address).
     pub fn get(&self, sk: u64) -> Option<OriginSlot> {
-        let mask = (1u32 << self.bits) - 1;
-        let first = socket_slot(sk, self.bits);
         (0..SLOT_PROBES)
-            .filter_map(|i| self.slots.get(&(first.wrapping_add(i) & mask), 0).ok())
+            .filter_map(|i| self.slots.get(&probe_slot(sk, self.bits, i), 0).ok())
             .filter(|slot| slot.sk == sk)
             .max_by_key(|slot| slot.ts_ns)
     }
@@ -104,6 +102,14 @@ impl OriginMap {
             full: slot(ORIGINS_FULL),
         }
     }
+}
+
+/// The kernel's page size: the unit of the ring buffer's size and of a
+/// mapped map (4096 should sysconf ever fail).
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
 }
 
 /// Counter `i` of a kernel per-CPU counter array, summed over CPUs (0 when
