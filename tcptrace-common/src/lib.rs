@@ -172,15 +172,18 @@ pub const CONFIG_INODE: u32 = 1 << 2;
 pub const CONFIG_ORIGIN_MAP: u32 = 1 << 3;
 
 /// Slots of the kernel's per-CPU `ORIGIN_COUNTS`: origins inserted into
-/// `ORIGINS`, removed from it, and not kept because every slot they could
-/// take was in use.
+/// `ORIGINS`, removed from it, not kept because every slot they could take
+/// was in use, and connections whose origin stack was not walked because
+/// their process was over its `stacks_per_second` budget.
 pub const ORIGINS_INSERTED: u32 = 0;
 /// See [`ORIGINS_INSERTED`].
 pub const ORIGINS_REMOVED: u32 = 1;
 /// See [`ORIGINS_INSERTED`].
 pub const ORIGINS_FULL: u32 = 2;
+/// See [`ORIGINS_INSERTED`].
+pub const STACKS_OVER_BUDGET: u32 = 3;
 /// Number of `ORIGIN_COUNTS` slots.
-pub const ORIGIN_COUNT_SLOTS: u32 = 3;
+pub const ORIGIN_COUNT_SLOTS: u32 = 4;
 
 /// [`OriginRecord::syscall`]: `connect()`.
 pub const ORIGIN_CONNECT: u32 = 1;
@@ -384,9 +387,12 @@ pub struct KernelConfig {
     pub emit_new: u32,
     /// See [`KernelConfig::emit_new`].
     pub emit_old: u32,
-    /// User stacks walked at connect()/accept() per process per second, at
-    /// most (0: every one). A walk costs about a microsecond; a process that
-    /// opens connections faster than this gets stacks for a sample of them.
+    /// User stacks walked at connect()/accept() per process per second on
+    /// each CPU, at most (0: every one). A process that opens connections
+    /// faster gets stacks for a sample of them; with the origin map, its
+    /// connections past the budget keep no origin at all (for accept(),
+    /// the walk from the fd to the socket would cost as much as the
+    /// stack).
     pub stacks_per_second: u32,
     /// log2 of the number of slots of the `ORIGINS` table.
     pub origin_slot_bits: u32,
@@ -410,7 +416,10 @@ pub struct ConnectSlot {
     pub ts_ns: u64,
 }
 
-/// Stack walks of one process in the current one-second window.
+/// Stack walks of one process on one CPU in the current one-second window:
+/// a slot of the kernel's per-CPU `STACK_BUDGET` array, chosen by
+/// [`stack_budget_slot`]. A process that finds another in its slot takes
+/// the slot over, with a fresh window.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StackBudget {
@@ -418,8 +427,18 @@ pub struct StackBudget {
     pub window_ns: u64,
     /// Walks in the window.
     pub used: u32,
-    /// Padding, zero.
-    pub _pad: u32,
+    /// The process whose walks these are.
+    pub tgid: u32,
+}
+
+/// log2 of the slots of the kernel's `STACK_BUDGET` array, per CPU.
+pub const STACK_BUDGET_BITS: u32 = 10;
+
+/// The `STACK_BUDGET` slot of process `tgid` (Fibonacci hashing: pids
+/// come in runs, and a run must spread over the slots).
+#[inline(always)]
+pub const fn stack_budget_slot(tgid: u32) -> u32 {
+    tgid.wrapping_mul(0x9e37_79b9) >> (32 - STACK_BUDGET_BITS)
 }
 
 /// Slots of the kernel's transition counter: `old * TRANSITION_STATES + new`.
@@ -546,5 +565,19 @@ mod tests {
             *slot = probe_slot(sk, bits, i);
         }
         assert_eq!(slots, [14, 15, 0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn stack_budget_slots_spread_a_run_of_pids() {
+        // Processes started together have consecutive pids: 100 of them
+        // must not crowd a few of the 1024 slots.
+        let mut used = [0u32; 1 << STACK_BUDGET_BITS];
+        for tgid in 4000..4100 {
+            let slot = stack_budget_slot(tgid);
+            assert!(slot < 1 << STACK_BUDGET_BITS);
+            used[slot as usize] += 1;
+        }
+        assert!(used.iter().all(|&n| n <= 2));
+        assert_eq!(size_of::<StackBudget>(), 16);
     }
 }

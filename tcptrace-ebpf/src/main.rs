@@ -20,22 +20,34 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{Array, PerCpuArray, RingBuf, StackTrace},
     programs::{tracing::StackIdContext, TracePointContext},
     EbpfContext, Global,
 };
 use tcptrace_common::{
-    linger_bucket, probe_slot, tcp_state, AcceptRecord, ConnectSlot, KernelConfig, OriginSlot,
-    ResetRecord, StackBudget, StateRecord, AF_INET, AF_INET6, CONFIG_ACCEPT, CONFIG_CW_TABLE,
-    CONFIG_INODE, CONFIG_NETNS, CONFIG_ORIGIN_MAP, CW_COUNT_SLOTS, CW_FULL, CW_KEPT, CW_LINGER,
-    CW_LINGER_SUM_NS, CW_QUIET, CW_SENT, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED,
-    ORIGINS_REMOVED, ORIGIN_ACCEPT, ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, RECORD_ACCEPT,
-    RECORD_RESET, RECORD_STATE, RESET_RECEIVED, RESET_SENT, SLOT_PROBES, TRANSITION_STATES,
+    linger_bucket, probe_slot, stack_budget_slot, tcp_state, AcceptRecord, ConnectSlot,
+    KernelConfig, OriginSlot, ResetRecord, StackBudget, StateRecord, AF_INET, AF_INET6,
+    CONFIG_ACCEPT, CONFIG_CW_TABLE, CONFIG_INODE, CONFIG_NETNS, CONFIG_ORIGIN_MAP, CW_COUNT_SLOTS,
+    CW_FULL, CW_KEPT, CW_LINGER, CW_LINGER_SUM_NS, CW_QUIET, CW_SENT, IPPROTO_TCP, ORIGINS_FULL,
+    ORIGINS_INSERTED, ORIGINS_REMOVED, ORIGIN_ACCEPT, ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS,
+    RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RESET_RECEIVED, RESET_SENT, SLOT_PROBES,
+    STACKS_OVER_BUDGET, STACK_BUDGET_BITS, TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
 #[unsafe(no_mangle)]
 static TCPTRACE_CONFIG: Global<KernelConfig> = Global::new(KernelConfig::ZERO);
+
+/// One field of [`TCPTRACE_CONFIG`], read alone (volatile: the loader
+/// patches the global after compilation) where a copy of the whole
+/// configuration, 37 loads, would cost more than the work it serves.
+macro_rules! config_field {
+    ($field:ident) => {{
+        // `Global<T>` holds nothing but its `T`.
+        let cfg = core::ptr::addr_of!(TCPTRACE_CONFIG).cast::<KernelConfig>();
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*cfg).$field)) }
+    }};
+}
 
 /// Records to user space. The agent may resize it (`--ring-buffer-size`).
 #[map]
@@ -61,10 +73,13 @@ static CONNECT_FD: PerCpuArray<ConnectSlot> = PerCpuArray::with_max_entries(1, 0
 /// transition follows the syscall's entry within microseconds).
 const CONNECT_SLOT_NS: u64 = 10_000_000;
 
-/// Stack walks per process in the current second (see
-/// `KernelConfig::stacks_per_second`).
+/// Stack walks per process in the current second, per CPU (see
+/// `KernelConfig::stacks_per_second`): an array slot by pid costs a load
+/// and a store, where a hash map's lookup cost as much as the walk it
+/// saved.
 #[map]
-static STACK_BUDGET: LruHashMap<u32, StackBudget> = LruHashMap::with_max_entries(16384, 0);
+static STACK_BUDGET: PerCpuArray<StackBudget> =
+    PerCpuArray::with_max_entries(1 << STACK_BUDGET_BITS, 0);
 
 /// User stacks of connect() and accept() callers, deduplicated by the
 /// kernel (a leaking call site takes one slot however often it leaks).
@@ -327,53 +342,90 @@ unsafe fn publish(slot: *mut StateRecord) {
     unsafe { cmpxchg(word, held, (held & !0xffff_ffff) | u64::from(RECORD_STATE)) };
 }
 
-/// `KernelConfig::origin_slot_bits` alone (volatile, as in `hot_config`).
+/// `KernelConfig::origin_slot_bits`.
 #[inline(always)]
 fn origin_bits() -> u32 {
-    let cfg = core::ptr::addr_of!(TCPTRACE_CONFIG).cast::<KernelConfig>();
-    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*cfg).origin_slot_bits)) }
+    config_field!(origin_slot_bits)
 }
 
 /// `BPF_F_USER_STACK`: walk the user-space stack of the current task.
 const BPF_F_USER_STACK: u64 = 256;
 
-/// The current task's user stack, unless its process used up its budget
-/// of walks for this second (-1 then, as for a failed walk).
+/// Whether the current process may have its stack walked now: always
+/// without a `budget` (`KernelConfig::stacks_per_second`), else while its walks in the current window (at least
+/// a second long) on this CPU stay within it. Walks past the budget are
+/// counted. The clock (a VM exit on some hypervisors: tens of ns) is read
+/// only to open a window, and past the budget on every
+/// [`BUDGET_CLOCK_EVERY`]th call, so that a process far past it pays a few
+/// loads per connection.
 #[inline(always)]
-fn user_stack_id(ctx: &TracePointContext, cfg: &KernelConfig) -> i32 {
-    if cfg.stacks_per_second != 0 && !take_stack_budget(ctx.tgid(), cfg.stacks_per_second) {
-        return -1;
+fn stack_allowed(ctx: &TracePointContext, budget: u32) -> bool {
+    if budget == 0 {
+        return true;
     }
-    ctx.get_stackid(&STACKS, BPF_F_USER_STACK)
-        .map_or(-1, |id| id as i32)
-}
-
-#[inline(always)]
-fn take_stack_budget(tgid: u32, per_second: u32) -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
-    match STACK_BUDGET.get_ptr_mut(&tgid) {
-        Some(b) => unsafe {
-            if now.wrapping_sub((*b).window_ns) >= 1_000_000_000 {
-                (*b).window_ns = now;
-                (*b).used = 1;
-                true
-            } else if (*b).used < per_second {
-                (*b).used += 1;
+    let tgid = ctx.tgid();
+    let Some(b) = STACK_BUDGET.get_ptr_mut(stack_budget_slot(tgid)) else {
+        return true;
+    };
+    // Per-CPU slot: no other writer can race these updates.
+    let allowed = unsafe {
+        let used = (*b).used;
+        if (*b).tgid != tgid {
+            open_window(b, tgid);
+            true
+        } else if used < budget {
+            (*b).used = used + 1;
+            true
+        } else {
+            (*b).used = used.saturating_add(1);
+            let check = (used - budget) % BUDGET_CLOCK_EVERY == BUDGET_CLOCK_EVERY - 1;
+            if check && bpf_ktime_get_ns().wrapping_sub((*b).window_ns) >= 1_000_000_000 {
+                open_window(b, tgid);
                 true
             } else {
                 false
             }
-        },
-        None => {
-            let fresh = StackBudget {
-                window_ns: now,
-                used: 1,
-                _pad: 0,
-            };
-            // A full LRU map evicts the least recent process: fine.
-            let _ = STACK_BUDGET.insert(&tgid, &fresh, 0);
-            true
         }
+    };
+    if !allowed {
+        count_origins(STACKS_OVER_BUDGET);
+    }
+    allowed
+}
+
+/// Past its budget, a process's calls read the clock once in this many:
+/// a window ends at most this many connections late.
+const BUDGET_CLOCK_EVERY: u32 = 64;
+
+/// Starts a window of `tgid` in budget slot `b`, with its first walk.
+///
+/// # Safety
+/// `b` must point into the per-CPU map's value.
+#[inline(always)]
+unsafe fn open_window(b: *mut StackBudget, tgid: u32) {
+    unsafe {
+        *b = StackBudget {
+            window_ns: bpf_ktime_get_ns(),
+            used: 1,
+            tgid,
+        };
+    }
+}
+
+/// The current task's user stack (-1 when the walk fails).
+#[inline(always)]
+fn user_stack(ctx: &TracePointContext) -> i32 {
+    ctx.get_stackid(&STACKS, BPF_F_USER_STACK)
+        .map_or(-1, |id| id as i32)
+}
+
+/// The current task's user stack if [`stack_allowed`], else -1.
+#[inline(always)]
+fn user_stack_id(ctx: &TracePointContext, cfg: &KernelConfig) -> i32 {
+    if stack_allowed(ctx, cfg.stacks_per_second) {
+        user_stack(ctx)
+    } else {
+        -1
     }
 }
 
@@ -507,7 +559,7 @@ fn on_transition<F: Fields>(
     cfg: impl Fn() -> KernelConfig,
 ) {
     if flags & CONFIG_ORIGIN_MAP != 0 {
-        keep_origin(ctx, &cfg, f, t);
+        keep_origin(ctx, f, t);
     }
     if wanted(t, emit_new, emit_old) {
         let cfg = cfg();
@@ -517,19 +569,14 @@ fn on_transition<F: Fields>(
     }
 }
 
-/// `KernelConfig::emit_new`, `emit_old` and `flags` alone (volatile: the
-/// loader patches the global after compilation).
+/// `KernelConfig::emit_new`, `emit_old` and `flags` alone.
 #[inline(always)]
 fn hot_config() -> (u32, u32, u32) {
-    // `Global<T>` holds nothing but its `T`.
-    let cfg = core::ptr::addr_of!(TCPTRACE_CONFIG).cast::<KernelConfig>();
-    unsafe {
-        (
-            core::ptr::read_volatile(core::ptr::addr_of!((*cfg).emit_new)),
-            core::ptr::read_volatile(core::ptr::addr_of!((*cfg).emit_old)),
-            core::ptr::read_volatile(core::ptr::addr_of!((*cfg).flags)),
-        )
-    }
+    (
+        config_field!(emit_new),
+        config_field!(emit_old),
+        config_field!(flags),
+    )
 }
 
 /// A TCP transition of an IPv4/IPv6 socket: (old, new, family).
@@ -558,12 +605,12 @@ fn wanted((oldstate, newstate, _): Wanted, emit_new: u32, emit_old: u32) -> bool
 }
 
 /// [`CONFIG_ORIGIN_MAP`]: a connection's origin goes into [`ORIGINS`] when
-/// connect() makes it (CLOSE -> SYN_SENT runs inside the call) and leaves
-/// it when the socket closes, whatever the agent asked to be sent.
+/// connect() makes it (CLOSE -> SYN_SENT runs inside the call) and its
+/// process is within its stack budget, and leaves it when the socket
+/// closes, whatever the agent asked to be sent.
 #[inline(always)]
 fn keep_origin<F: Fields>(
     ctx: &TracePointContext,
-    cfg: impl FnOnce() -> KernelConfig,
     f: &F,
     (oldstate, newstate, _): Wanted,
 ) -> Option<()> {
@@ -573,10 +620,13 @@ fn keep_origin<F: Fields>(
         // the agent): a few compares is all that costs.
         forget(sk);
     } else if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
-        let cfg = cfg();
-        let now = unsafe { bpf_ktime_get_ns() };
-        let fd = f.connect_fd(ctx.pid(), now);
-        keep(ctx, sk, ORIGIN_CONNECT, fd, now, user_stack_id(ctx, &cfg));
+        // Past the budget, as for accept(): an origin without its stack
+        // tells the agent nothing /proc does not.
+        if stack_allowed(ctx, config_field!(stacks_per_second)) {
+            let now = unsafe { bpf_ktime_get_ns() };
+            let fd = f.connect_fd(ctx.pid(), now);
+            keep(ctx, sk, ORIGIN_CONNECT, fd, now, user_stack(ctx));
+        }
     }
     Some(())
 }
@@ -966,30 +1016,54 @@ fn connect_fd(tid: u32, now: u64) -> i32 {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    let cfg = TCPTRACE_CONFIG.load();
-    on_accept(&ctx, &cfg, cfg.exit_accept4_ret);
+    on_accept(&ctx, config_field!(exit_accept4_ret));
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    let cfg = TCPTRACE_CONFIG.load();
-    on_accept(&ctx, &cfg, cfg.exit_accept_ret);
+    on_accept(&ctx, config_field!(exit_accept_ret));
     0
 }
 
-/// Finds the `struct sock` behind the fd `accept()` returned:
+/// Where a syscall exit tracepoint's `ret` is on every usual kernel
+/// (after the 8-byte common header and `__syscall_nr`).
+const SYSCALL_EXIT_RET: u32 = 16;
+
+/// Finds the `struct sock` behind the fd `accept()` returned (its `ret`,
+/// at `ret_offset` in the context):
 /// current->files->fdt->fd[ret]->private_data (a `struct socket`)->sk.
+/// This runs for every accept() on the host: up to the stack budget, it
+/// reads only the fields it needs, and `ret` with a plain load.
 #[inline(always)]
-fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Option<()> {
-    if cfg.flags & CONFIG_ACCEPT == 0 {
+fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
+    let flags = config_field!(flags);
+    if flags & CONFIG_ACCEPT == 0 {
         return None;
     }
-    let ret = read_ctx::<i64>(ctx, ret_offset)?;
+    let ret = if ret_offset == SYSCALL_EXIT_RET {
+        // SAFETY: a constant, aligned offset inside the event, which the
+        // kernel checks against the event's size at attach time.
+        unsafe {
+            *(ctx.as_ptr() as *const u8)
+                .add(SYSCALL_EXIT_RET as usize)
+                .cast::<i64>()
+        }
+    } else {
+        read_ctx::<i64>(ctx, ret_offset)?
+    };
     if ret < 0 {
         return None;
     }
     let fd = ret as u64;
+    let walk_stack = stack_allowed(ctx, config_field!(stacks_per_second));
+    if !walk_stack && flags & CONFIG_ORIGIN_MAP != 0 {
+        // Without its stack, an accept() origin would tell the agent only
+        // what /proc tells it of a leak's owner; not keeping it saves the
+        // walk from the fd to the socket, which costs as much as a stack.
+        return None;
+    }
+    let cfg = &TCPTRACE_CONFIG.load();
     let task = unsafe { bpf_get_current_task() };
     let files = read_kernel::<u64>(task + u64::from(cfg.task_files))?;
     let fdt = read_kernel::<u64>(files + u64::from(cfg.files_fdt))?;
@@ -1005,9 +1079,9 @@ fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Op
     if family != AF_INET && family != AF_INET6 {
         return None;
     }
-    let stack_id = user_stack_id(ctx, cfg);
+    let stack_id = if walk_stack { user_stack(ctx) } else { -1 };
+    let now = unsafe { bpf_ktime_get_ns() };
     if cfg.flags & CONFIG_ORIGIN_MAP != 0 {
-        let now = unsafe { bpf_ktime_get_ns() };
         keep(ctx, sk, ORIGIN_ACCEPT, fd as i32, now, stack_id);
         return Some(());
     }
@@ -1023,7 +1097,7 @@ fn on_accept(ctx: &TracePointContext, cfg: &KernelConfig, ret_offset: u32) -> Op
         addr_of_mut!((*rec).tgid).write(ctx.tgid());
         addr_of_mut!((*rec).tid).write(ctx.pid());
         addr_of_mut!((*rec).fd).write(fd as i32);
-        addr_of_mut!((*rec).ts_ns).write(bpf_ktime_get_ns());
+        addr_of_mut!((*rec).ts_ns).write(now);
         addr_of_mut!((*rec).skaddr).write(sk);
         addr_of_mut!((*rec).comm).write(bpf_get_current_comm().unwrap_or([0; 16]));
         addr_of_mut!((*rec).stack_id).write(stack_id);

@@ -13,21 +13,26 @@ use crate::state::TcpState;
 #[command(
     name = "tcptrace",
     version,
-    about = "Trace every TCP state change on this host, with the socket's owner and how long it stayed in each state",
-    long_about = "Trace every TCP state change on this host (all network namespaces), with the \
-socket's owner and how long it stayed in each state.\n\n\
-Each line is one transition of one socket: its addresses, the state it left and the one it \
-entered, the milliseconds it spent in the state it left, the process that owns it (the one \
-that called connect() or accept() on it) and the task that happened to be running when the \
-kernel made the change (often not the owner: most transitions run in softirq context).\n\n\
-A socket that sits in CLOSE_WAIT means its peer closed and the owner never called close(): \
-watch for long CLOSE_WAIT -> LAST_ACK durations, or run with --state CLOSE_WAIT.\n\n\
-Needs root, or CAP_BPF and CAP_PERFMON, and Linux >= 5.8 with BTF.",
+    about = "Watch every TCP state change on this host and name the process, fd and code path of each connection left in CLOSE_WAIT",
+    long_about = "Watch every TCP state change on this host (all network namespaces) and name \
+the process, the fd and the code path (the user stack of its connect() or accept()) of each \
+connection left in CLOSE_WAIT.\n\n\
+A socket that sits in CLOSE_WAIT means its peer closed and the owner never called close(). \
+By default one `leak` line is printed per socket still in CLOSE_WAIT after --leak-after, \
+one `leak_end` when it finally closes, and a `summary` a minute; a healthy connection costs \
+the kernel a few table slots and sends nothing to user space.\n\n\
+With --events state-change each line is one transition of one socket: its addresses, the \
+state it left and the one it entered, the milliseconds it spent in the state it left, the \
+process that owns it (the one that called connect() or accept() on it) and the task that \
+happened to be running when the kernel made the change (often not the owner: most \
+transitions run in softirq context).\n\n\
+Needs root, or CAP_BPF and CAP_PERFMON, and Linux >= 5.12 with BTF.",
     after_help = "Examples:\n  \
-tcptrace                          every transition, JSON lines when piped\n  \
-tcptrace --format text --port 3306  transitions of connections to or from port 3306\n  \
-tcptrace --state close_wait        transitions into and out of CLOSE_WAIT\n  \
-tcptrace --pid 4242 -6             IPv6 sockets owned by process 4242\n  \
+tcptrace                          leaks (JSON lines when piped) and a summary a minute\n  \
+tcptrace --events state-change    every transition, as tcpstates prints them\n  \
+tcptrace --events state-change --format text --port 3306  connections to or from port 3306\n  \
+tcptrace --events state-change --state close_wait   transitions into and out of CLOSE_WAIT\n  \
+tcptrace --pid 4242 -6             leaks of IPv6 sockets owned by process 4242\n  \
 tcptrace leaks                     the CLOSE_WAIT leaks now, grouped by process and code path\n  \
 tcptrace timewait                  TIME_WAIT by destination: how close to port exhaustion\n  \
 tcptrace --config /etc/tcptrace/tcptrace.toml --metrics   options from a file, plus metrics\n\n\
@@ -104,13 +109,12 @@ pub struct Cli {
           value_parser = parse_queue_size)]
     pub queue_size: usize,
 
-    /// Which events to print, comma-separated (`lost` lines are always printed).
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "state-change,close-wait,leak,port-pressure,summary"
-    )]
+    /// Which events to print, comma-separated (`lost` lines are always printed). The
+    /// default, leaks and a periodic summary, keeps a healthy connection out of user space
+    /// altogether (the kernel keeps origins and CLOSE_WAIT stays in tables; port pressure
+    /// is still logged). `state-change` sends every transition to the agent, as tcpstates
+    /// does; `close-wait` and `--pid` need every owner as it changes, and cost the same.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = DEFAULT_EVENTS)]
     pub events: Vec<EventKind>,
 
     /// How often a `summary` event (counts, lost and dropped records) is printed, so that a
@@ -136,10 +140,11 @@ pub struct Cli {
           value_parser = parse_max_sockets)]
     pub max_sockets: usize,
 
-    /// User stacks taken at connect()/accept() per process per second, at most (0, the
-    /// default: every one). A stack walk costs the connecting process about a microsecond;
-    /// with a limit, a process that connects faster gets origin stacks for a sample of its
-    /// connections and none for the others (their leaks group apart, without a stack).
+    /// User stacks walked at connect()/accept() per process per second on each CPU, at most
+    /// (0: every one). A walk, and the kernel's lookup of an accepted socket, cost a few
+    /// hundred nanoseconds per connection; under the limit every connection gets its origin
+    /// stack, past it a sample does (the others' leaks name their owner and fd, no stack,
+    /// and group apart). Skipped walks are counted (`tcptrace_origin_stacks_skipped_total`).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STACKS_PER_SECOND)]
     pub stacks_per_second: u32,
 
@@ -155,10 +160,15 @@ pub struct Cli {
     pub state_file: String,
 }
 
-/// Default of `--stacks-per-second`: no limit, every connection gets its
-/// origin stack (exact leak attribution first; the limit is for hosts where
-/// connection churn makes the walks too costly).
-pub const DEFAULT_STACKS_PER_SECOND: u32 = 0;
+/// Default of `--stacks-per-second`: far above what a service opens per
+/// second on one CPU, so that a leak usually names its stack, and low
+/// enough that a process churning tens of thousands of connections a
+/// second pays for almost no walks (a leak that repeats is then caught with
+/// its stack within seconds).
+pub const DEFAULT_STACKS_PER_SECOND: u32 = 1000;
+
+/// Default of `--events`: what a production host needs, at almost no cost.
+pub const DEFAULT_EVENTS: &str = "leak,summary";
 
 /// `--state-program`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

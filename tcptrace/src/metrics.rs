@@ -324,6 +324,13 @@ impl Collector for SnapshotCollector {
             None,
             [(Labels::new(), counter(s.kernel_origins.full))],
         )?;
+        family(
+            &mut e,
+            "tcptrace_origin_stacks_skipped",
+            "Connections whose opening stack was not walked: their process opened more than --stacks-per-second on a CPU (with the kernel keeping origins, such a connection keeps none).",
+            None,
+            [(Labels::new(), counter(s.kernel_origins.over_budget))],
+        )?;
 
         if let Some(p) = &s.process {
             family(
@@ -483,7 +490,11 @@ mod tests {
             malformed_total: 0,
             outputs: vec![("tcp://127.0.0.1:9000".into(), 100, 3)],
             tracked_sockets: 9,
-            kernel_origins: crate::probe::OriginCounts { live: 6, full: 2 },
+            kernel_origins: crate::probe::OriginCounts {
+                live: 6,
+                full: 2,
+                over_budget: 3,
+            },
             process: Some(ProcessStats {
                 cpu_seconds: 1.5,
                 resident_bytes: 4096,
@@ -517,6 +528,7 @@ mod tests {
             "tcptrace_output_dropped_lines_total{output=\"tcp://127.0.0.1:9000\"} 3",
             "tcptrace_kernel_origins 6",
             "tcptrace_kernel_origins_dropped_total 2",
+            "tcptrace_origin_stacks_skipped_total 3",
             "process_cpu_seconds_total 1.5",
             "process_resident_memory_bytes 4096",
         ] {

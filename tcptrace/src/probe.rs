@@ -13,7 +13,7 @@ use crate::progstats::ProgramStats;
 use crate::state::TcpState;
 use tcptrace_common::{
     probe_slot, OriginSlot, CONFIG_CW_TABLE, CONFIG_ORIGIN_MAP, ORIGINS_FULL, ORIGINS_INSERTED,
-    ORIGINS_REMOVED, SLOT_PROBES, TRANSITION_STATES,
+    ORIGINS_REMOVED, SLOT_PROBES, STACKS_OVER_BUDGET, TRANSITION_STATES,
 };
 
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
@@ -80,6 +80,9 @@ pub struct OriginCounts {
     pub live: u64,
     /// Origins not kept since load: the map was full.
     pub full: u64,
+    /// Connections opened since load whose origin stack was not walked:
+    /// their process was over `--stacks-per-second`.
+    pub over_budget: u64,
 }
 
 impl OriginMap {
@@ -100,6 +103,7 @@ impl OriginMap {
             // Per-CPU sums read one after the other can cross.
             live: inserted.saturating_sub(removed),
             full: slot(ORIGINS_FULL),
+            over_budget: slot(STACKS_OVER_BUDGET),
         }
     }
 }

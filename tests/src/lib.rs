@@ -128,22 +128,33 @@ pub struct Stopped {
     pub stderr: Vec<String>,
 }
 
+/// Every event but `time_wait` (the agent's default is leaks and summaries).
+pub const ALL_EVENTS: &str = "state-change,close-wait,leak,port-pressure,summary";
+
 impl Agent {
     /// Starts the agent with `args` and waits until it logs `ready`. Unless
     /// `args` name a `--state-file`, the agent writes none (tests run
-    /// agents in parallel and must not share /run/tcptrace). Its log level
-    /// is `info`, or `$TCPTRACE_TEST_LOG` (e.g. `debug`, for a failure's dump).
+    /// agents in parallel and must not share /run/tcptrace). Unless they
+    /// choose `--events` (or a `--config` may), it prints [`ALL_EVENTS`]:
+    /// the tests look at every line. Its log level is `info`, or
+    /// `$TCPTRACE_TEST_LOG` (e.g. `debug`, for a failure's dump).
     pub fn start(args: &[&str]) -> Agent {
         let no_state: &[&str] = if args.contains(&"--state-file") {
             &[]
         } else {
             &["--state-file", "none"]
         };
+        let all_events: &[&str] = if args.contains(&"--events") || args.contains(&"--config") {
+            &[]
+        } else {
+            &["--events", ALL_EVENTS]
+        };
         let mut child = Command::new(agent_bin())
             .arg("--format")
             .arg("json")
             .args(args)
             .args(no_state)
+            .args(all_events)
             .env(
                 "RUST_LOG",
                 std::env::var("TCPTRACE_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -969,4 +980,74 @@ pub fn leaky_server(
         port,
         client,
     }
+}
+
+/// An HTTP response: status code, headers (lower-case names), body.
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: String,
+}
+
+impl Response {
+    /// The value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port`, read to the end (the server
+/// closes).
+pub fn http(port: u16, method: &str, path: &str, accept: Option<&str>) -> Response {
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    std::io::Write::write_fmt(
+        &mut s,
+        format_args!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{accept}User-Agent: test\r\n\r\n"
+        ),
+    )
+    .expect("send the request");
+    let mut raw = String::new();
+    std::io::Read::read_to_string(&mut s, &mut raw).expect("read the response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// The agent's `/metrics` page on `port`.
+pub fn scrape(port: u16) -> String {
+    let r = http(port, "GET", "/metrics", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+/// The value of the sample named exactly `series` (name and labels).
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

@@ -316,8 +316,12 @@ fn socket_shared_with_a_forked_child_lists_both_owners() {
 #[test]
 fn two_thousand_leaks_from_one_call_site_do_not_flood() {
     // A burst of 20 000 transitions: a large ring, and only the lines that
-    // matter, so that the debug-build agent keeps up.
+    // matter, so that the debug-build agent keeps up. Every accept() gets
+    // its stack (2000 in a second is past the default budget, whose
+    // unsampled leaks group apart: see the next test).
     let agent = Agent::start(&[
+        "--stacks-per-second",
+        "0",
         "--leak-after",
         "500ms",
         "--leak-group-interval",
@@ -353,6 +357,58 @@ fn two_thousand_leaks_from_one_call_site_do_not_flood() {
         group["suppressed"].as_u64(),
         Some(2000 - lines as u64),
         "{group}"
+    );
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+/// Past `--stacks-per-second`, an accept()ed connection gets no origin in
+/// leak-only mode (the kernel neither walks its stack nor looks up its
+/// socket): its leak still names the owner and fd, says nothing of an
+/// origin, and the skipped walks are counted.
+#[test]
+fn leaks_past_the_stack_budget_name_their_owner_without_an_origin() {
+    const N: usize = 6;
+    let port = tcptrace_tests::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut args = LEAKS_ONLY.to_vec();
+    args.extend(["--stacks-per-second", "1", "--metrics", &metrics]);
+    let agent = Agent::start(&args);
+    let metrics_port = port;
+    let Leaked {
+        server,
+        port,
+        client: _client,
+    } = leaky_server(None, None, "127.0.0.1", N, None);
+    let events = agent.wait_for("a leak line per socket", |ev| {
+        leaks_on_port(ev, port).len() == N
+    });
+    let leaks = leaks_on_port(&events, port);
+    for leak in &leaks {
+        assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
+        assert!(leak["owner"][0]["fd"].as_i64().is_some(), "{leak}");
+    }
+    // One walk per second per CPU the server ran on, and the accepts took
+    // well under a second.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let with_origin = leaks.iter().filter(|l| !l["origin"].is_null()).count();
+    assert!(
+        (1..=cpus).contains(&with_origin),
+        "{with_origin} of {N} leaks with an origin\n{leaks:?}"
+    );
+    for leak in leaks.iter().filter(|l| !l["origin"].is_null()) {
+        assert!(
+            stack_functions(leak).iter().any(|f| f == "accept_orders"),
+            "{leak}"
+        );
+    }
+    let text = tcptrace_tests::scrape(metrics_port);
+    let skipped = tcptrace_tests::metric_value(&text, "tcptrace_origin_stacks_skipped_total")
+        .unwrap_or_else(|| panic!("no skipped-walk counter in\n{text}"));
+    // The client's connect()s are another process, with a budget of its own.
+    assert!(
+        skipped >= (N - with_origin) as f64,
+        "{skipped} walks skipped, {with_origin} of {N} leaks with an origin"
     );
     let stopped = agent.stop();
     assert!(stopped.status.success());

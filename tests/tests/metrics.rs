@@ -2,75 +2,13 @@
 //! it, and the CLOSE_WAIT gauge follows a real leaking fixture, checked
 //! against `ss` ground truth, until the fixture exits.
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
+use std::io::Write as _;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use tcptrace_tests::{
-    agent_bin, free_port, leaky_server, peer_bin, poll, run_to_end, ss_close_wait, Agent, TIMEOUT,
+    agent_bin, free_port, http, leaky_server, metric_value as value, peer_bin, poll, run_to_end,
+    scrape, ss_close_wait, Agent, TIMEOUT,
 };
-
-/// An HTTP response: status code, headers (lower-case names), body.
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One HTTP/1.1 request, read to the end (the server closes).
-fn http(port: u16, method: &str, path: &str, accept: Option<&str>) -> Response {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let accept = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{accept}User-Agent: test\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read the response");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .expect("a status line");
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Response {
-        status,
-        headers,
-        body: body.to_string(),
-    }
-}
-
-fn scrape(port: u16) -> String {
-    let r = http(port, "GET", "/metrics", None);
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.body
-}
-
-/// The value of the sample named exactly `series` (name and labels).
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 /// `promtool check metrics` on `text`: passes, or panics with its complaints.
 fn promtool_check(text: &str) {

@@ -10,8 +10,8 @@
 //!
 //! - `none`: no tracer (the reference);
 //! - `floor`: a program that does nothing on the same tracepoint;
-//! - `agent`: the agent in its default mode, leak detection on, leak
-//!   events only;
+//! - `agent`: the agent in its default mode (no `--events`: leaks and
+//!   summaries);
 //! - `agent-json`: the agent writing every transition as JSON to a file;
 //! - `tcpstates`: libbpf-tools' tcpstates, when installed, to /dev/null.
 //!
@@ -68,7 +68,7 @@ impl Mode {
             Self::None => "none",
             Self::Floor => "floor (no-op program)",
             Self::FloorHooks => "floor + no-op accept() hooks",
-            Self::Agent => "agent (default: leaks only)",
+            Self::Agent => "agent (default: leak events)",
             Self::AgentJson => "agent (every transition as JSON to a file)",
             Self::Tcpstates => "libbpf-tools tcpstates > /dev/null",
         }
@@ -155,15 +155,9 @@ impl Tracer {
             }
             Mode::Agent => {
                 let mut c = Command::new(agent);
-                c.args([
-                    "--events",
-                    "leak",
-                    "--format",
-                    "json",
-                    "--state-file",
-                    "none",
-                ])
-                .args(["--metrics", &metrics]);
+                // No --events: what the agent does when nobody chooses.
+                c.args(["--format", "json", "--state-file", "none"])
+                    .args(["--metrics", &metrics]);
                 c
             }
             Mode::AgentJson => {
@@ -531,8 +525,8 @@ fn scale_run(count: usize, bins: &Bins, ns: &Netns) -> Result<String> {
     tracer.stop()?;
     Ok(format!(
         "{count} connections ({} sockets) opened in {:.1} s and held: the agent tracked {tracked} \
-         sockets and the kernel kept {origins} origins for it, with {:.1} MiB agent RSS, {lost} \
-         records lost.",
+         sockets and the kernel kept {origins} origins for it (an origin is kept for the \
+         connections within --stacks-per-second), with {:.1} MiB agent RSS, {lost} records lost.",
         count * 2,
         opened_in.as_secs_f64(),
         rss as f64 / 1048576.0
