@@ -38,15 +38,15 @@ use tcptrace_common::{
 #[unsafe(no_mangle)]
 static TCPTRACE_CONFIG: Global<KernelConfig> = Global::new(KernelConfig::ZERO);
 
-/// One field of [`TCPTRACE_CONFIG`], read alone (volatile: the loader
-/// patches the global after compilation) where a copy of the whole
-/// configuration, 37 loads, would cost more than the work it serves.
-macro_rules! config_field {
-    ($field:ident) => {{
-        // `Global<T>` holds nothing but its `T`.
-        let cfg = core::ptr::addr_of!(TCPTRACE_CONFIG).cast::<KernelConfig>();
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*cfg).$field)) }
-    }};
+/// [`TCPTRACE_CONFIG`] in place: each field is loaded where it is used,
+/// never the whole of it copied (37 loads, which cost more than most paths
+/// that need two fields). The address goes through a volatile read so that
+/// the compiler cannot fold the zeros the loader replaces.
+#[inline(always)]
+fn config() -> &'static KernelConfig {
+    // `Global<T>` holds nothing but its `T`.
+    let cfg = core::ptr::addr_of!(TCPTRACE_CONFIG).cast::<KernelConfig>();
+    unsafe { &*core::ptr::read_volatile(&cfg) }
 }
 
 /// Records to user space. The agent may resize it (`--ring-buffer-size`).
@@ -345,7 +345,7 @@ unsafe fn publish(slot: *mut StateRecord) {
 /// `KernelConfig::origin_slot_bits`.
 #[inline(always)]
 fn origin_bits() -> u32 {
-    config_field!(origin_slot_bits)
+    config().origin_slot_bits
 }
 
 /// `BPF_F_USER_STACK`: walk the user-space stack of the current task.
@@ -520,13 +520,10 @@ fn read_kernel<T>(addr: u64) -> Option<T> {
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let cfg = TCPTRACE_CONFIG.load();
-    let f = OffsetFields {
-        ctx: &ctx,
-        cfg: &cfg,
-    };
+    let cfg = config();
+    let f = OffsetFields { ctx: &ctx, cfg };
     if let Some(t) = tcp_transition(&f) {
-        on_transition(&ctx, &f, t, (cfg.emit_new, cfg.emit_old, cfg.flags), || cfg);
+        on_transition(&ctx, &f, t, cfg);
     }
     0
 }
@@ -534,49 +531,30 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 /// The same program for the tracepoint layout of Linux >= 5.6 (the agent
 /// attaches it when tracefs shows exactly [`FixedFields`]' offsets): fields
 /// are plain loads from the context instead of a helper call each, and a
-/// transition the agent did not ask for costs a few loads and a counter,
-/// before the configuration is even copied. This path runs about ten times
-/// per connection.
+/// transition the agent did not ask for costs a few loads and a counter.
+/// This path runs about ten times per connection.
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state_fixed(ctx: TracePointContext) -> u32 {
     let f = FixedFields { ctx: &ctx };
     if let Some(t) = tcp_transition(&f) {
-        on_transition(&ctx, &f, t, hot_config(), || TCPTRACE_CONFIG.load());
+        on_transition(&ctx, &f, t, config());
     }
     0
 }
 
-/// What both state programs do with a TCP transition, given the hot part
-/// of the configuration (`emit_new`, `emit_old`, `flags`) and the whole of
-/// it on demand: keep or forget an origin, keep a CLOSE_WAIT stay in the
-/// table, send what the agent asked for and the table did not take.
+/// What both state programs do with a TCP transition: keep or forget an
+/// origin, keep a CLOSE_WAIT stay in the table, send what the agent asked
+/// for and the table did not take.
 #[inline(always)]
-fn on_transition<F: Fields>(
-    ctx: &TracePointContext,
-    f: &F,
-    t: Wanted,
-    (emit_new, emit_old, flags): (u32, u32, u32),
-    cfg: impl Fn() -> KernelConfig,
-) {
-    if flags & CONFIG_ORIGIN_MAP != 0 {
+fn on_transition<F: Fields>(ctx: &TracePointContext, f: &F, t: Wanted, cfg: &KernelConfig) {
+    if cfg.flags & CONFIG_ORIGIN_MAP != 0 {
         keep_origin(ctx, f, t);
     }
-    if wanted(t, emit_new, emit_old) {
-        let cfg = cfg();
-        if flags & CONFIG_CW_TABLE == 0 || !close_wait_in_table(ctx, &cfg, f, t) {
-            emit_state(ctx, &cfg, f, t);
-        }
+    if wanted(t, cfg.emit_new, cfg.emit_old)
+        && (cfg.flags & CONFIG_CW_TABLE == 0 || !close_wait_in_table(ctx, cfg, f, t))
+    {
+        emit_state(ctx, cfg, f, t);
     }
-}
-
-/// `KernelConfig::emit_new`, `emit_old` and `flags` alone.
-#[inline(always)]
-fn hot_config() -> (u32, u32, u32) {
-    (
-        config_field!(emit_new),
-        config_field!(emit_old),
-        config_field!(flags),
-    )
 }
 
 /// A TCP transition of an IPv4/IPv6 socket: (old, new, family).
@@ -622,7 +600,7 @@ fn keep_origin<F: Fields>(
     } else if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
         // Past the budget, as for accept(): an origin without its stack
         // tells the agent nothing /proc does not.
-        if stack_allowed(ctx, config_field!(stacks_per_second)) {
+        if stack_allowed(ctx, config().stacks_per_second) {
             let now = unsafe { bpf_ktime_get_ns() };
             let fd = f.connect_fd(ctx.pid(), now);
             keep(ctx, sk, ORIGIN_CONNECT, fd, now, user_stack(ctx));
@@ -854,7 +832,10 @@ fn emit_state<F: Fields>(
 
 /// Writes transition `t` of socket `skaddr` at `now` into `rec` (a ring
 /// reservation, or a [`CLOSE_WAITS`] slot, whose `kind` comes last, see
-/// `cw_enter`); the socket's inode and network namespace are read here.
+/// `cw_enter`); the socket's network namespace, and for a record its
+/// inode, are read here. A table entry goes without the inode (two
+/// dependent reads per connection): the few entries that linger get it
+/// from the agent's sock_diag lookup by four-tuple, as `ss` does.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn fill_state<F: Fields>(
@@ -870,7 +851,7 @@ fn fill_state<F: Fields>(
     stack_id: i32,
 ) {
     let in_connect = oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT;
-    let ino = if in_connect || newstate == tcp_state::CLOSE_WAIT {
+    let ino = if kind == RECORD_STATE && (in_connect || newstate == tcp_state::CLOSE_WAIT) {
         sk_ino(cfg, skaddr)
     } else {
         0
@@ -882,10 +863,19 @@ fn fill_state<F: Fields>(
     } else {
         0
     };
+    // Entering CLOSE_WAIT runs in softirq context (the peer's FIN), on
+    // whatever task the CPU was running: only a line that prints every
+    // transition shows that task.
+    let ctx_unused = cfg.flags & CONFIG_ORIGIN_MAP != 0 && newstate == tcp_state::CLOSE_WAIT;
+    let (ctx_tgid, ctx_tid) = if ctx_unused {
+        (0, 0)
+    } else {
+        (ctx.tgid(), ctx.pid())
+    };
     unsafe {
         addr_of_mut!((*rec).kind).write(kind);
-        addr_of_mut!((*rec).ctx_tgid).write(ctx.tgid());
-        addr_of_mut!((*rec).ctx_tid).write(ctx.pid());
+        addr_of_mut!((*rec).ctx_tgid).write(ctx_tgid);
+        addr_of_mut!((*rec).ctx_tid).write(ctx_tid);
         addr_of_mut!((*rec).netns).write(netns);
         addr_of_mut!((*rec).ts_ns).write(now);
         addr_of_mut!((*rec).skaddr).write(skaddr);
@@ -910,10 +900,6 @@ fn fill_state<F: Fields>(
         };
         addr_of_mut!((*rec).saddr).write(saddr);
         addr_of_mut!((*rec).daddr).write(daddr);
-        // Entering CLOSE_WAIT runs in softirq context (the peer's FIN), on
-        // whatever task the CPU was running: only a line that prints every
-        // transition shows that task.
-        let ctx_unused = cfg.flags & CONFIG_ORIGIN_MAP != 0 && newstate == tcp_state::CLOSE_WAIT;
         let comm = if ctx_unused {
             [0; 16]
         } else {
@@ -942,14 +928,14 @@ pub fn bench_floor_syscall(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let cfg = TCPTRACE_CONFIG.load();
+    let cfg = config();
     on_reset(&ctx, cfg.rst_recv_skaddr, RESET_RECEIVED);
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    let cfg = TCPTRACE_CONFIG.load();
+    let cfg = config();
     on_reset(&ctx, cfg.rst_send_skaddr, RESET_SENT);
     0
 }
@@ -973,16 +959,13 @@ fn on_reset(ctx: &TracePointContext, skaddr_offset: u32, direction: u32) -> Opti
         addr_of_mut!((*rec).ts_ns).write(bpf_ktime_get_ns());
         addr_of_mut!((*rec).skaddr).write(skaddr);
     }
-    entry.submit(wakeup_flags(
-        &TCPTRACE_CONFIG.load(),
-        core::mem::size_of::<ResetRecord>(),
-    ));
+    entry.submit(wakeup_flags(config(), core::mem::size_of::<ResetRecord>()));
     Some(())
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let cfg = TCPTRACE_CONFIG.load();
+    let cfg = config();
     if let (Some(fd), Some(slot)) = (
         read_ctx::<u64>(&ctx, cfg.enter_connect_fd),
         CONNECT_FD.get_ptr_mut(0),
@@ -1016,13 +999,13 @@ fn connect_fd(tid: u32, now: u64) -> i32 {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    on_accept(&ctx, config_field!(exit_accept4_ret));
+    on_accept(&ctx, config().exit_accept4_ret);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    on_accept(&ctx, config_field!(exit_accept_ret));
+    on_accept(&ctx, config().exit_accept_ret);
     0
 }
 
@@ -1037,7 +1020,7 @@ const SYSCALL_EXIT_RET: u32 = 16;
 /// reads only the fields it needs, and `ret` with a plain load.
 #[inline(always)]
 fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
-    let flags = config_field!(flags);
+    let flags = config().flags;
     if flags & CONFIG_ACCEPT == 0 {
         return None;
     }
@@ -1056,14 +1039,14 @@ fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
         return None;
     }
     let fd = ret as u64;
-    let walk_stack = stack_allowed(ctx, config_field!(stacks_per_second));
+    let walk_stack = stack_allowed(ctx, config().stacks_per_second);
     if !walk_stack && flags & CONFIG_ORIGIN_MAP != 0 {
         // Without its stack, an accept() origin would tell the agent only
         // what /proc tells it of a leak's owner; not keeping it saves the
         // walk from the fd to the socket, which costs as much as a stack.
         return None;
     }
-    let cfg = &TCPTRACE_CONFIG.load();
+    let cfg = config();
     let task = unsafe { bpf_get_current_task() };
     let files = read_kernel::<u64>(task + u64::from(cfg.task_files))?;
     let fdt = read_kernel::<u64>(files + u64::from(cfg.files_fdt))?;
