@@ -121,7 +121,7 @@ fn slot_probe<T>(table: &Array<T>, sk: u64, bits: u32, i: u32) -> Option<*mut T>
 /// `stack_id`) as the origin of `sk`, in the first slot [`take_slot`]
 /// gives. Only a claimed slot is counted as inserted.
 #[inline(always)]
-fn keep(ctx: &TracePointContext, sk: u64, syscall: u32, fd: i32, ts_ns: u64, stack_id: i32) {
+fn keep(sk: u64, syscall: u32, fd: i32, ts_ns: u64, stack_id: i32) {
     let bits = origin_bits();
     for i in 0..SLOT_PROBES {
         let Some(slot) = slot_probe(&ORIGINS, sk, bits, i) else {
@@ -132,8 +132,9 @@ fn keep(ctx: &TracePointContext, sk: u64, syscall: u32, fd: i32, ts_ns: u64, sta
             unsafe {
                 addr_of_mut!((*slot).ts_ns).write(ts_ns);
                 addr_of_mut!((*slot).syscall).write(syscall);
-                addr_of_mut!((*slot).tgid).write(ctx.tgid());
-                addr_of_mut!((*slot).tid).write(ctx.pid());
+                let (tgid, tid) = current_ids();
+                addr_of_mut!((*slot).tgid).write(tgid);
+                addr_of_mut!((*slot).tid).write(tid);
                 addr_of_mut!((*slot).fd).write(fd);
                 addr_of_mut!((*slot).stack_id).write(stack_id);
                 addr_of_mut!((*slot)._pad0).write(0);
@@ -227,18 +228,13 @@ fn count_cw(slot: u32, n: u64) {
 /// [`CONFIG_CW_TABLE`]: keeps a transition into or out of CLOSE_WAIT in
 /// the table; true when that is all it needs (nothing to send).
 #[inline(always)]
-fn close_wait_in_table<F: Fields>(
-    ctx: &TracePointContext,
-    cfg: &KernelConfig,
-    f: &F,
-    t: Wanted,
-) -> bool {
+fn close_wait_in_table<F: Fields>(cfg: &KernelConfig, f: &F, t: Wanted) -> bool {
     let (oldstate, newstate, _) = t;
     let Some(sk) = f.skaddr() else {
         return false;
     };
     if newstate == tcp_state::CLOSE_WAIT {
-        cw_enter(ctx, cfg, f, t, sk)
+        cw_enter(cfg, f, t, sk)
     } else if oldstate == tcp_state::CLOSE_WAIT {
         cw_leave(cfg, sk)
     } else {
@@ -249,13 +245,7 @@ fn close_wait_in_table<F: Fields>(
 /// Writes the entry of `sk` into CLOSE_WAIT in a slot of its own; false
 /// when every slot it may take is in use (counted; the entry is sent).
 #[inline(always)]
-fn cw_enter<F: Fields>(
-    ctx: &TracePointContext,
-    cfg: &KernelConfig,
-    f: &F,
-    t: Wanted,
-    sk: u64,
-) -> bool {
+fn cw_enter<F: Fields>(cfg: &KernelConfig, f: &F, t: Wanted, sk: u64) -> bool {
     for i in 0..SLOT_PROBES {
         let Some(slot) = slot_probe(&CLOSE_WAITS, sk, cfg.cw_slot_bits, i) else {
             return false;
@@ -265,7 +255,7 @@ fn cw_enter<F: Fields>(
             let kind = unsafe { addr_of_mut!((*slot).kind) };
             unsafe { core::ptr::write_volatile(kind, 0) };
             let now = unsafe { bpf_ktime_get_ns() };
-            fill_state(slot, 0, ctx, cfg, f, t, sk, now, -1, -1);
+            fill_state(slot, 0, cfg, f, t, sk, now, -1, -1);
             // Last: the agent takes a slot whose kind is set as whole.
             unsafe { publish(slot) };
             if claimed {
@@ -325,7 +315,7 @@ fn send_kept(cfg: &KernelConfig, slot: *mut StateRecord) {
         return;
     };
     unsafe { entry.as_mut_ptr().write(*slot) };
-    entry.submit(wakeup_flags(cfg, core::mem::size_of::<StateRecord>()));
+    entry.submit(wakeup_flags(cfg));
 }
 
 /// Sets the `kind` of a [`CLOSE_WAITS`] slot whose other fields are
@@ -453,26 +443,54 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
-/// Flags for the submit of a `size`-byte record: wake the agent on the
-/// record that brings the unread data past a multiple of
-/// [`KernelConfig::wakeup_bytes`] (so a crossing two CPUs raced over is
-/// caught at the next multiple); the agent polls on a timer otherwise.
-/// Waking on every record past the mark, until the agent catches up, cost
-/// a self-interrupt each (an MSR write, a trap to the hypervisor in a VM):
-/// a tenth of the churn.
+/// Per CPU: records submitted, and the ring's unread data, in multiples
+/// of [`KernelConfig::wakeup_bytes`], when this CPU last looked.
+#[map]
+static WAKE: PerCpuArray<WakeState> = PerCpuArray::with_max_entries(1, 0);
+
+/// See [`WAKE`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct WakeState {
+    submitted: u32,
+    level: u32,
+}
+
+/// A CPU looks at the ring's fill level once in this many records.
+const WAKE_CHECK_EVERY: u32 = 16;
+
+/// Flags for a submit: wake the agent when the unread data has passed
+/// another multiple of [`KernelConfig::wakeup_bytes`] since this CPU last
+/// looked; the agent polls on a timer otherwise. Waking on every record
+/// past the mark, until the agent catches up, cost a self-interrupt each
+/// (an MSR write, a trap to the hypervisor in a VM): a tenth of the churn.
+/// Looking costs a read of the consumer's position, a cache line the agent
+/// writes from another CPU: done once in [`WAKE_CHECK_EVERY`] records, a
+/// crossing is seen at most that many records (of this CPU) late, a
+/// small share of a mark.
 #[inline(always)]
-fn wakeup_flags(cfg: &KernelConfig, size: usize) -> u64 {
+fn wakeup_flags(cfg: &KernelConfig) -> u64 {
     if cfg.wakeup_bytes == 0 {
         return 0;
     }
-    let mark = u64::from(cfg.wakeup_bytes);
-    // The reservation already counts: the data before it is `avail - size`
-    // (with the ring's 8-byte record header).
-    let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if avail / mark > avail.saturating_sub(size as u64 + 8) / mark {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
+    let Some(w) = WAKE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // Per-CPU slot: no other writer can race these updates.
+    unsafe {
+        let submitted = (*w).submitted.wrapping_add(1);
+        (*w).submitted = submitted;
+        if submitted % WAKE_CHECK_EVERY != 0 {
+            return BPF_RB_NO_WAKEUP;
+        }
+        let level = (EVENTS.query(BPF_RB_AVAIL_DATA) / u64::from(cfg.wakeup_bytes)) as u32;
+        let crossed = level > (*w).level;
+        (*w).level = level;
+        if crossed {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
     }
 }
 
@@ -508,6 +526,14 @@ fn count_lost() {
 #[inline(always)]
 fn read_ctx<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
     unsafe { ctx.read_at::<T>(offset as usize) }.ok()
+}
+
+/// The current task's (process id, thread id), from one helper call
+/// (`EbpfContext::tgid()` and `pid()` make one each).
+#[inline(always)]
+fn current_ids() -> (u32, u32) {
+    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
 }
 
 #[inline(always)]
@@ -551,7 +577,7 @@ fn on_transition<F: Fields>(ctx: &TracePointContext, f: &F, t: Wanted, cfg: &Ker
         keep_origin(ctx, f, t);
     }
     if wanted(t, cfg.emit_new, cfg.emit_old)
-        && (cfg.flags & CONFIG_CW_TABLE == 0 || !close_wait_in_table(ctx, cfg, f, t))
+        && (cfg.flags & CONFIG_CW_TABLE == 0 || !close_wait_in_table(cfg, f, t))
     {
         emit_state(ctx, cfg, f, t);
     }
@@ -603,7 +629,7 @@ fn keep_origin<F: Fields>(
         if stack_allowed(ctx, config().stacks_per_second) {
             let now = unsafe { bpf_ktime_get_ns() };
             let fd = f.connect_fd(ctx.pid(), now);
-            keep(ctx, sk, ORIGIN_CONNECT, fd, now, user_stack(ctx));
+            keep(sk, ORIGIN_CONNECT, fd, now, user_stack(ctx));
         }
     }
     Some(())
@@ -817,7 +843,6 @@ fn emit_state<F: Fields>(
     fill_state(
         entry.as_mut_ptr(),
         RECORD_STATE,
-        ctx,
         cfg,
         f,
         (oldstate, newstate, family),
@@ -826,7 +851,7 @@ fn emit_state<F: Fields>(
         connect_fd,
         stack_id,
     );
-    entry.submit(wakeup_flags(cfg, core::mem::size_of::<StateRecord>()));
+    entry.submit(wakeup_flags(cfg));
     Some(())
 }
 
@@ -841,7 +866,6 @@ fn emit_state<F: Fields>(
 fn fill_state<F: Fields>(
     rec: *mut StateRecord,
     kind: u32,
-    ctx: &TracePointContext,
     cfg: &KernelConfig,
     f: &F,
     (oldstate, newstate, family): Wanted,
@@ -867,11 +891,7 @@ fn fill_state<F: Fields>(
     // whatever task the CPU was running: only a line that prints every
     // transition shows that task.
     let ctx_unused = cfg.flags & CONFIG_ORIGIN_MAP != 0 && newstate == tcp_state::CLOSE_WAIT;
-    let (ctx_tgid, ctx_tid) = if ctx_unused {
-        (0, 0)
-    } else {
-        (ctx.tgid(), ctx.pid())
-    };
+    let (ctx_tgid, ctx_tid) = if ctx_unused { (0, 0) } else { current_ids() };
     unsafe {
         addr_of_mut!((*rec).kind).write(kind);
         addr_of_mut!((*rec).ctx_tgid).write(ctx_tgid);
@@ -959,7 +979,7 @@ fn on_reset(ctx: &TracePointContext, skaddr_offset: u32, direction: u32) -> Opti
         addr_of_mut!((*rec).ts_ns).write(bpf_ktime_get_ns());
         addr_of_mut!((*rec).skaddr).write(skaddr);
     }
-    entry.submit(wakeup_flags(config(), core::mem::size_of::<ResetRecord>()));
+    entry.submit(wakeup_flags(config()));
     Some(())
 }
 
@@ -1065,7 +1085,7 @@ fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
     let stack_id = if walk_stack { user_stack(ctx) } else { -1 };
     let now = unsafe { bpf_ktime_get_ns() };
     if cfg.flags & CONFIG_ORIGIN_MAP != 0 {
-        keep(ctx, sk, ORIGIN_ACCEPT, fd as i32, now, stack_id);
+        keep(sk, ORIGIN_ACCEPT, fd as i32, now, stack_id);
         return Some(());
     }
     let ino = socket_ino(cfg, socket);
@@ -1077,8 +1097,9 @@ fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
     let rec = entry.as_mut_ptr();
     unsafe {
         addr_of_mut!((*rec).kind).write(RECORD_ACCEPT);
-        addr_of_mut!((*rec).tgid).write(ctx.tgid());
-        addr_of_mut!((*rec).tid).write(ctx.pid());
+        let (tgid, tid) = current_ids();
+        addr_of_mut!((*rec).tgid).write(tgid);
+        addr_of_mut!((*rec).tid).write(tid);
         addr_of_mut!((*rec).fd).write(fd as i32);
         addr_of_mut!((*rec).ts_ns).write(now);
         addr_of_mut!((*rec).skaddr).write(sk);
@@ -1087,7 +1108,7 @@ fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
         addr_of_mut!((*rec)._pad0).write(0);
         addr_of_mut!((*rec).ino).write(ino);
     }
-    entry.submit(wakeup_flags(cfg, core::mem::size_of::<AcceptRecord>()));
+    entry.submit(wakeup_flags(cfg));
     Some(())
 }
 
