@@ -218,8 +218,9 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         on_off(layout.accept_hooks)
     );
 
-    let kernel_counts = |lost| KernelCounts {
-        lost,
+    let kernel_counts = |lost_seen| KernelCounts {
+        lost: lost_seen,
+        programs: &lost,
         transitions: &transitions,
         origins: &origins,
         close_waits: &close_waits,
@@ -372,6 +373,8 @@ impl SummaryState {
 struct KernelCounts<'a> {
     /// Lost records, as last read.
     lost: LostCounts,
+    /// The programs, for their run times.
+    programs: &'a probe::LostCounter,
     transitions: &'a probe::TransitionCounter,
     origins: &'a probe::OriginMap,
     close_waits: &'a crate::cwtable::CloseWaitTable,
@@ -384,6 +387,7 @@ impl KernelCounts<'_> {
         snapshot.transitions = self.transitions.counts();
         snapshot.lost_ring_full = self.lost.ring_full;
         snapshot.lost_missed = self.lost.missed;
+        snapshot.programs = self.programs.program_times();
         snapshot.outputs = out.sinks.stats();
         snapshot.kernel_origins = self.origins.counts();
         // Stays in CLOSE_WAIT the kernel only counted (see

@@ -100,7 +100,7 @@ fn main() -> ExitCode {
 fn bench_floor(syscall_hooks: bool) -> anyhow::Result<()> {
     tcptrace::privileges::check()?;
     tcptrace::tracefs::locate_or_mount()?;
-    let _attached = tcptrace::probe::attach_bench_floor(syscall_hooks)?;
+    let (_attached, stats) = tcptrace::probe::attach_bench_floor(syscall_hooks)?;
     log::info!("ready: no-op programs attached (syscall hooks: {syscall_hooks})");
     let mut signals = [libc::SIGINT, libc::SIGTERM];
     // SAFETY: a zeroed sigset is valid input for sigemptyset/sigaddset.
@@ -117,5 +117,15 @@ fn bench_floor(syscall_hooks: bool) -> anyhow::Result<()> {
     // SAFETY: valid set and out pointer.
     unsafe { libc::sigwait(&set, &mut got) };
     log::info!("signal {got}: detaching");
+    // For `cargo xtask bench`'s kernel-time pass (zero without
+    // kernel.bpf_stats_enabled).
+    for p in stats.run_times() {
+        log::info!(
+            "program {}: {} runs, {} ns in the kernel",
+            p.program,
+            p.runs,
+            p.run_ns
+        );
+    }
     Ok(())
 }

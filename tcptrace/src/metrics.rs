@@ -69,6 +69,9 @@ pub struct Snapshot {
     /// Connections whose origin the kernel keeps for the agent (leak-only
     /// mode), and origins it could not keep because its map was full.
     pub kernel_origins: crate::probe::OriginCounts,
+    /// The agent's kernel programs: runs and time (with
+    /// `kernel.bpf_stats_enabled`).
+    pub programs: Vec<crate::progstats::ProgramTime>,
     /// The agent's own CPU and memory, when /proc could be read.
     pub process: Option<ProcessStats>,
 }
@@ -326,6 +329,27 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             &mut e,
+            "tcptrace_bpf_program_runs",
+            "Runs of each of the agent's kernel programs; counted only while the sysctl kernel.bpf_stats_enabled is 1 (0 otherwise).",
+            None,
+            s.programs
+                .iter()
+                .map(|p| (vec![("program", p.program.clone())], counter(p.runs))),
+        )?;
+        family(
+            &mut e,
+            "tcptrace_bpf_program_run_seconds",
+            "Time spent in each of the agent's kernel programs, paid by the tasks that ran them; counted only while the sysctl kernel.bpf_stats_enabled is 1 (0 otherwise).",
+            None,
+            s.programs.iter().map(|p| {
+                (
+                    vec![("program", p.program.clone())],
+                    ConstCounter::new(p.run_ns as f64 / 1e9),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
             "tcptrace_origin_stacks_skipped",
             "Connections whose opening stack was not walked: their process opened more than --stacks-per-second on a CPU (with the kernel keeping origins, such a connection keeps none).",
             None,
@@ -495,6 +519,11 @@ mod tests {
                 full: 2,
                 over_budget: 3,
             },
+            programs: vec![crate::progstats::ProgramTime {
+                program: "inet_sock_set_state_fixed".into(),
+                runs: 1000,
+                run_ns: 1_500_000,
+            }],
             process: Some(ProcessStats {
                 cpu_seconds: 1.5,
                 resident_bytes: 4096,
@@ -529,6 +558,8 @@ mod tests {
             "tcptrace_kernel_origins 6",
             "tcptrace_kernel_origins_dropped_total 2",
             "tcptrace_origin_stacks_skipped_total 3",
+            "tcptrace_bpf_program_runs_total{program=\"inet_sock_set_state_fixed\"} 1000",
+            "tcptrace_bpf_program_run_seconds_total{program=\"inet_sock_set_state_fixed\"} 0.0015",
             "process_cpu_seconds_total 1.5",
             "process_resident_memory_bytes 4096",
         ] {

@@ -386,8 +386,8 @@ fn connect_fd_source(state_program: &str, connect_hooks: bool) -> ConnectFd {
 /// Loads the object and attaches only its no-op program to the state
 /// tracepoint, and with `syscall_hooks` another to the accept() exit
 /// tracepoints the agent hooks: the floors of `cargo xtask bench`.
-/// Detached on drop.
-pub fn attach_bench_floor(syscall_hooks: bool) -> anyhow::Result<Ebpf> {
+/// Detached on drop; the stats watch every attached program.
+pub fn attach_bench_floor(syscall_hooks: bool) -> anyhow::Result<(Ebpf, ProgramStats)> {
     let mut ebpf = EbpfLoader::new()
         .load(PROGRAM)
         .context("loading the eBPF program")
@@ -409,8 +409,12 @@ pub fn attach_bench_floor(syscall_hooks: bool) -> anyhow::Result<Ebpf> {
                 .with_context(|| format!("attaching the no-op program to syscalls:{tp}"))
                 .map_err(explain)?;
         }
+        stats.watch(
+            "bench_floor_syscall",
+            program.fd()?.as_fd().try_clone_to_owned()?,
+        );
     }
-    Ok(ebpf)
+    Ok((ebpf, stats))
 }
 
 fn attach(
@@ -440,6 +444,12 @@ fn attach(
 }
 
 impl LostCounter {
+    /// The attached programs' runs and kernel time (see
+    /// [`crate::progstats::ProgramTime`]).
+    pub fn program_times(&self) -> Vec<crate::progstats::ProgramTime> {
+        self.programs.run_times()
+    }
+
     /// Records lost since the program was loaded, by cause.
     pub fn counts(&self) -> anyhow::Result<LostCounts> {
         let per_cpu = self

@@ -9,6 +9,19 @@ use std::os::fd::{AsRawFd as _, OwnedFd};
 
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
 
+/// One program's runs and time in the kernel, counted only while the
+/// `kernel.bpf_stats_enabled` sysctl is 1 (timing every run has a cost, so
+/// the kernel leaves it off by default).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgramTime {
+    /// The program's name in the object.
+    pub program: String,
+    /// Runs.
+    pub runs: u64,
+    /// Time in those runs, ns.
+    pub run_ns: u64,
+}
+
 /// Duplicated fds of the loaded programs, to read their counters.
 #[derive(Debug, Default)]
 pub struct ProgramStats {
@@ -19,6 +32,22 @@ impl ProgramStats {
     /// Watches program `name` through a duplicate of its fd.
     pub fn watch(&mut self, name: &str, fd: OwnedFd) {
         self.programs.push((name.to_string(), fd));
+    }
+
+    /// Each watched program's runs and time in the kernel since it was
+    /// loaded (zero unless `kernel.bpf_stats_enabled` is 1; programs whose
+    /// counters cannot be read are left out).
+    pub fn run_times(&self) -> Vec<ProgramTime> {
+        self.programs
+            .iter()
+            .filter_map(|(name, fd)| {
+                prog_info(fd).map(|i| ProgramTime {
+                    program: name.clone(),
+                    runs: i.run_cnt,
+                    run_ns: i.run_time_ns,
+                })
+            })
+            .collect()
     }
 
     /// Times any watched program was skipped by the recursion guard since it

@@ -68,6 +68,18 @@ fn close_wait_gauge_follows_a_leaking_fixture_and_promtool_accepts_the_endpoint(
     )
     .is_some_and(|n| n >= 3.0));
     assert!(value(&text, "process_resident_memory_bytes").is_some_and(|n| n > 0.0));
+    // Every attached program has its run counters (zero unless the host
+    // turned kernel.bpf_stats_enabled on; tests must not, it is global).
+    for family in [
+        "tcptrace_bpf_program_runs_total",
+        "tcptrace_bpf_program_run_seconds_total",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{family}{{program=\"inet_sock_set_state"))),
+            "no {family} for the state program in\n{text}"
+        );
+    }
     assert!(
         value(
             &text,

@@ -134,6 +134,8 @@ impl Drop for Netns {
 struct Tracer {
     child: Child,
     metrics_port: Option<u16>,
+    /// Its stderr, line by line.
+    stderr: std::sync::mpsc::Receiver<String>,
 }
 
 impl Tracer {
@@ -203,6 +205,7 @@ impl Tracer {
         Ok(Some(Self {
             child,
             metrics_port: matches!(mode, Mode::Agent | Mode::AgentJson).then_some(port),
+            stderr: rx,
         }))
     }
 
@@ -222,7 +225,35 @@ impl Tracer {
         )))
     }
 
-    fn stop(mut self) -> Result<()> {
+    /// Kernel time of its programs so far, ns: from the agent's metrics, or
+    /// (`after_stop`) from what `bench-floor` logs as it exits.
+    fn program_ns(&self, after_stop: bool) -> Result<Option<f64>> {
+        if let Some(port) = self.metrics_port {
+            let text = scrape(port)?;
+            return Ok(Some(
+                sum_f64(&text, "tcptrace_bpf_program_run_seconds_total") * 1e9,
+            ));
+        }
+        if !after_stop {
+            return Ok(None);
+        }
+        // "program NAME: N runs, M ns in the kernel"
+        let ns = self
+            .stderr
+            .try_iter()
+            .filter_map(|l| {
+                let rest = l.split_once("runs, ")?.1;
+                rest.split_whitespace().next()?.parse::<f64>().ok()
+            })
+            .sum();
+        Ok(Some(ns))
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            // Stopped already (and reaped: its pid may be someone else's).
+            return Ok(());
+        }
         // SAFETY: kill with a valid pid and signal.
         unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -270,13 +301,82 @@ fn scrape(port: u16) -> Result<String> {
 
 /// Sum of every sample of metric `name` (all label sets).
 fn sum_of(text: &str, name: &str) -> u64 {
+    sum_f64(text, name) as u64
+}
+
+/// [`sum_of`], unrounded.
+fn sum_f64(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)
                 .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+        .sum()
+}
+
+/// `kernel.bpf_stats_enabled` on for as long as this lives, then back to
+/// what it was: the kernel times every BPF program run meanwhile, which
+/// costs each run some 40 ns, so the rounds that measure rates run without.
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        let before =
+            std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.before.trim());
+    }
+}
+
+/// Kernel time per connection of `mode`'s programs, ns: one churn round
+/// with `kernel.bpf_stats_enabled` on, for the tracers whose programs the
+/// benchmark can read (its own).
+fn kernel_ns_per_connection(
+    mode: Mode,
+    opts: &BenchOpts,
+    bins: &Bins,
+    ns: &Netns,
+) -> Result<Option<f64>> {
+    if !matches!(
+        mode,
+        Mode::Floor | Mode::FloorHooks | Mode::Agent | Mode::AgentJson
+    ) {
+        return Ok(None);
+    }
+    let scratch = cargo::target_dir()?.join("bench");
+    std::fs::create_dir_all(&scratch)?;
+    let _stats = BpfStats::enable()?;
+    let Some(mut tracer) = Tracer::start(mode, &bins.agent, &scratch)? else {
+        return Ok(None);
+    };
+    let before = tracer.program_ns(false)?.unwrap_or(0.0);
+    let out = churn(opts, bins, ns)?;
+    let connections = json_number(&out, "connections").unwrap_or(0.0);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = match tracer.program_ns(false)? {
+        Some(ns) => Some(ns),
+        None => {
+            tracer.stop()?;
+            std::thread::sleep(Duration::from_millis(200));
+            tracer.program_ns(true)?
+        }
+    };
+    tracer.stop()?;
+    let _ = std::fs::remove_file(scratch.join("transitions.json"));
+    Ok(after
+        .filter(|_| connections > 0.0)
+        .map(|a| (a - before) / connections))
 }
 
 /// (utime + stime) of `pid`, seconds.
@@ -306,6 +406,13 @@ fn json_number(line: &str, key: &str) -> Option<f64> {
     rest[..end].trim().parse().ok()
 }
 
+/// One churn round in the benchmark's namespace; its JSON report.
+fn churn(opts: &BenchOpts, bins: &Bins, ns: &Netns) -> Result<String> {
+    let seconds = format!("{}", opts.seconds);
+    let churn = bins.churn.display().to_string();
+    run::capture_stdout(&mut ns.exec(&[&churn, "churn", "--seconds", &seconds, "--cpu", CHURN_CPU]))
+}
+
 fn one_round(mode: Mode, opts: &BenchOpts, bins: &Bins, ns: &Netns) -> Result<Round> {
     let scratch = cargo::target_dir()?.join("bench");
     std::fs::create_dir_all(&scratch)?;
@@ -315,16 +422,7 @@ fn one_round(mode: Mode, opts: &BenchOpts, bins: &Bins, ns: &Netns) -> Result<Ro
         None => None,
     };
     let cpu_before = tracer.as_ref().and_then(|t| cpu_seconds(t.pid()));
-    let seconds = format!("{}", opts.seconds);
-    let churn = bins.churn.display().to_string();
-    let out = run::capture_stdout(&mut ns.exec(&[
-        &churn,
-        "churn",
-        "--seconds",
-        &seconds,
-        "--cpu",
-        CHURN_CPU,
-    ]))?;
+    let out = churn(opts, bins, ns)?;
     let mut round = Round {
         per_second: json_number(&out, "per_second").context("churn printed no rate")?,
         connections: json_number(&out, "connections").unwrap_or(0.0) as u64,
@@ -340,7 +438,7 @@ fn one_round(mode: Mode, opts: &BenchOpts, bins: &Bins, ns: &Netns) -> Result<Ro
             round.lost = Some(l1.saturating_sub(l0));
         }
     }
-    if let Some(t) = tracer {
+    if let Some(mut t) = tracer {
         t.stop()?;
     }
     let _ = std::fs::remove_file(scratch.join("transitions.json"));
@@ -374,6 +472,8 @@ struct Row {
     lost: Option<u64>,
     cpu_per_m: Option<f64>,
     peak_rss_mib: Option<f64>,
+    /// From the kernel-time pass.
+    kernel_ns: Option<f64>,
 }
 
 /// A tracer's rounds against the no-tracer rounds of the same rounds: the
@@ -424,18 +524,19 @@ fn summarize(mode: Mode, rounds: &[Round], reference: &[Round], per_conn: f64) -
             .filter_map(|r| r.peak_rss)
             .max()
             .map(|b| b as f64 / (1 << 20) as f64),
+        kernel_ns: None,
     }
 }
 
 fn table(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| tracer | connections/s (median) | spread (max-min) | ratio to none | lost records | CPU s per 1M transitions | peak RSS MiB |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| tracer | connections/s (median) | spread (max-min) | ratio to none | lost records | CPU s per 1M transitions | peak RSS MiB | kernel ns per connection |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
     for r in rows {
         t.push_str(&format!(
-            "| {} | {:.0} | {:.1} % | {:.3} | {} | {} | {} |\n",
+            "| {} | {:.0} | {:.1} % | {:.3} | {} | {} | {} | {} |\n",
             r.mode.name(),
             r.median,
             r.spread_pct,
@@ -443,6 +544,7 @@ fn table(rows: &[Row]) -> String {
             opt(r.lost.map(|l| l.to_string())),
             opt(r.cpu_per_m.map(|c| format!("{c:.2}"))),
             opt(r.peak_rss_mib.map(|m| format!("{m:.1}"))),
+            opt(r.kernel_ns.map(|n| format!("{n:.0}"))),
         ));
     }
     t
@@ -480,7 +582,7 @@ fn machine() -> String {
 /// Scale: `count` connections held open while the agent runs.
 fn scale_run(count: usize, bins: &Bins, ns: &Netns) -> Result<String> {
     let scratch = cargo::target_dir()?.join("bench");
-    let tracer = Tracer::start(Mode::Agent, &bins.agent, &scratch)?.context("the agent")?;
+    let mut tracer = Tracer::start(Mode::Agent, &bins.agent, &scratch)?.context("the agent")?;
     let churn = bins.churn.display().to_string();
     // One holder keeps as many connections as its descriptor limit allows.
     let per_holder: usize = run::capture_stdout(&mut ns.exec(&[&churn, "hold", "--max"]))?
@@ -593,11 +695,22 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
             10.0
         }
     };
-    let rows: Vec<Row> = modes
+    let mut rows: Vec<Row> = modes
         .iter()
         .zip(&results)
         .map(|(m, r)| summarize(*m, r, &results[0], per_conn))
         .collect();
+    // The programs' own time, which the host's noise does not blur.
+    for row in &mut rows {
+        row.kernel_ns = kernel_ns_per_connection(row.mode, opts, &bins, &ns)
+            .with_context(|| format!("the kernel-time pass of {}", row.mode.name()))?;
+        if let Some(n) = row.kernel_ns {
+            say!(
+                "kernel time: {:<45} {n:>6.0} ns per connection",
+                row.mode.name()
+            );
+        }
+    }
     let table = table(&rows);
     println!("\n{table}");
     let scale = if opts.scale > 0 {
@@ -631,7 +744,12 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
          syscalls costs by itself (every syscall on the host then takes the tracing \
          path). CPU is the tracer process's own (user + system) during the churn; the kernel \
          program's cost shows in the ratio. Lost records are the agent's own count (ring \
-         buffer full, or runs the kernel skipped).\n\n\
+         buffer full, or runs the kernel skipped). Kernel ns per connection comes from one \
+         more round per tracer with `kernel.bpf_stats_enabled` on: the time the kernel \
+         spent in the tracer's programs (all of them: state, accept(), RST) over the \
+         connections made. Timing costs each run some 40 ns, which is most of the floor's \
+         figure; the agent's cost over the floor is the difference. Unlike the rates, it is \
+         not blurred by what the host does meanwhile.\n\n\
          ## Scale\n\n{scale}\n\n## Tracker memory\n\n{tracker}\n",
         now.trim(),
         machine(),
