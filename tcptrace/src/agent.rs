@@ -211,11 +211,24 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         tracepoints.join(", "),
         outputs.join(", ")
     );
+    let printing: Vec<String> = cli
+        .events
+        .iter()
+        .filter_map(clap::ValueEnum::to_possible_value)
+        .map(|v| v.get_name().to_string())
+        .collect();
+    let hint = if events.contains(&EventKind::StateChange) {
+        ""
+    } else {
+        " (every transition: --events state-change)"
+    };
     log::info!(
-        "ready: tracing TCP state changes (ring buffer {} bytes, connect fd from {}, accept hooks {})",
+        "ready: tracing TCP state changes (ring buffer {} bytes, connect fd from {}, accept hooks {}); \
+         printing {}{hint}",
         cli.ring_buffer_size,
         connect_fd,
-        on_off(layout.accept_hooks)
+        on_off(layout.accept_hooks),
+        printing.join(",")
     );
 
     let kernel_counts = |lost_seen| KernelCounts {
