@@ -130,7 +130,10 @@ pub fn summary(leak: &Leak) -> String {
             );
         }
         Some(o) => line += &format!("; opened by {}() in pid {}", o.syscall.name(), o.pid),
-        None => line += "; origin unknown (opened before the agent started)",
+        None => {
+            line += "; origin unknown (opened before the agent started, or while its process \
+                     was past --stacks-per-second)"
+        }
     }
     line += &format!("; {}", leak.reason.explain());
     line

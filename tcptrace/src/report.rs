@@ -260,9 +260,15 @@ pub fn render_text(snapshot: &Snapshot, source: &str) -> String {
                 }
             }
             (Some(o), true) => {
-                out += &format!("  opened by {o}() (no stack: frame pointers missing?)\n")
+                out += &format!(
+                    "  opened by {o}() (no stack: frame pointers missing, or past \
+                     --stacks-per-second?)\n"
+                )
             }
-            (None, _) => out += "  origin unknown: opened before the agent started\n",
+            (None, _) => {
+                out += "  origin unknown: opened before the agent started, or while its \
+                        process was past --stacks-per-second\n"
+            }
         }
         for l in g.leaks.iter().take(3) {
             out += &format!(
