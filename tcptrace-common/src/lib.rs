@@ -185,9 +185,9 @@ pub const STACKS_OVER_BUDGET: u32 = 3;
 /// Number of `ORIGIN_COUNTS` slots.
 pub const ORIGIN_COUNT_SLOTS: u32 = 4;
 
-/// [`OriginRecord::syscall`]: `connect()`.
+/// [`OriginSlot::syscall`]: `connect()`.
 pub const ORIGIN_CONNECT: u32 = 1;
-/// [`OriginRecord::syscall`]: `accept()`/`accept4()`.
+/// [`OriginSlot::syscall`]: `accept()`/`accept4()`.
 pub const ORIGIN_ACCEPT: u32 = 2;
 
 /// Where a connection came from, kept in a slot of the kernel's `ORIGINS`

@@ -384,8 +384,9 @@ fn origin_bits() -> u32 {
 const BPF_F_USER_STACK: u64 = 256;
 
 /// Whether the current process may have its stack walked now: always
-/// without a `budget` (`KernelConfig::stacks_per_second`), else while its walks in the current window (at least
-/// a second long) on this CPU stay within it. Walks past the budget are
+/// without a `budget` (`KernelConfig::stacks_per_second`), else while its
+/// walks in the current window (at least a second long) on this CPU stay
+/// within it. Walks past the budget are
 /// counted. The clock (a VM exit on some hypervisors: tens of ns) is read
 /// only to open a window, and past the budget on every
 /// [`BUDGET_CLOCK_EVERY`]th call, so that a process far past it pays a few
@@ -760,12 +761,18 @@ struct FixedFields<'a> {
 }
 
 impl FixedFields<'_> {
-    /// A load from the context at a constant, naturally aligned offset (the
-    /// verifier checks it against the event's size at attach time).
     #[inline(always)]
     fn at<T: Copy>(&self, offset: usize) -> T {
-        unsafe { *(self.ctx.as_ptr() as *const u8).add(offset).cast::<T>() }
+        ctx_at(self.ctx, offset)
     }
+}
+
+/// A plain load from the context at a constant, naturally aligned offset
+/// (the verifier checks it against the event's size at attach time), where
+/// `read_ctx` costs a helper call.
+#[inline(always)]
+fn ctx_at<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    unsafe { *(ctx.as_ptr() as *const u8).add(offset).cast::<T>() }
 }
 
 impl Fields for FixedFields<'_> {
@@ -1082,18 +1089,12 @@ const SYSCALL_EXIT_RET: u32 = 16;
 /// reads only the fields it needs, and `ret` with a plain load.
 #[inline(always)]
 fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
-    let flags = config().flags;
-    if flags & CONFIG_ACCEPT == 0 {
+    let cfg = config();
+    if cfg.flags & CONFIG_ACCEPT == 0 {
         return None;
     }
     let ret = if ret_offset == SYSCALL_EXIT_RET {
-        // SAFETY: a constant, aligned offset inside the event, which the
-        // kernel checks against the event's size at attach time.
-        unsafe {
-            *(ctx.as_ptr() as *const u8)
-                .add(SYSCALL_EXIT_RET as usize)
-                .cast::<i64>()
-        }
+        ctx_at::<i64>(ctx, SYSCALL_EXIT_RET as usize)
     } else {
         read_ctx::<i64>(ctx, ret_offset)?
     };
@@ -1101,14 +1102,13 @@ fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
         return None;
     }
     let fd = ret as u64;
-    let walk_stack = stack_allowed(ctx, config().stacks_per_second);
-    if !walk_stack && flags & CONFIG_ORIGIN_MAP != 0 {
+    let walk_stack = stack_allowed(ctx, cfg.stacks_per_second);
+    if !walk_stack && cfg.flags & CONFIG_ORIGIN_MAP != 0 {
         // Without its stack, an accept() origin would tell the agent only
         // what /proc tells it of a leak's owner; not keeping it saves the
         // walk from the fd to the socket, which costs as much as a stack.
         return None;
     }
-    let cfg = config();
     let task = unsafe { bpf_get_current_task() };
     let files = read_kernel::<u64>(task + u64::from(cfg.task_files))?;
     let fdt = read_kernel::<u64>(files + u64::from(cfg.files_fdt))?;
