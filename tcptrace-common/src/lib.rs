@@ -401,6 +401,26 @@ pub struct KernelConfig {
     /// A stay in CLOSE_WAIT shorter than this (milliseconds) is only
     /// counted (see [`CONFIG_CW_TABLE`]).
     pub cw_quiet_ms: u32,
+    /// Offset of `sk_protocol` (a `u16`, Linux >= 5.6) in `struct sock`,
+    /// for the BTF state program, which reads the socket where the
+    /// tracepoint's record would have copied it (see the fields after it).
+    pub sk_protocol: u32,
+    /// Offset of `__sk_common.skc_num` (local port, host order; cleared
+    /// as the socket leaves its port, before its CLOSE).
+    pub sk_num: u32,
+    /// Offset of `inet_sport` in `struct inet_sock` (local port, network
+    /// order; kept until the socket is freed): the record's port.
+    pub inet_sport: u32,
+    /// Offset of `__sk_common.skc_dport` (remote port, network order).
+    pub sk_dport: u32,
+    /// Offset of `__sk_common.skc_rcv_saddr` (local IPv4 address).
+    pub sk_rcv_saddr: u32,
+    /// Offset of `__sk_common.skc_daddr` (remote IPv4 address).
+    pub sk_daddr: u32,
+    /// Offset of `__sk_common.skc_v6_rcv_saddr` (local IPv6 address).
+    pub sk_v6_rcv_saddr: u32,
+    /// Offset of `__sk_common.skc_v6_daddr` (remote IPv6 address).
+    pub sk_v6_daddr: u32,
 }
 
 /// The fd a thread passed to `connect()`, kept per CPU until the
@@ -485,6 +505,14 @@ impl KernelConfig {
         origin_slot_bits: 0,
         cw_slot_bits: 0,
         cw_quiet_ms: 0,
+        sk_protocol: 0,
+        sk_num: 0,
+        inet_sport: 0,
+        sk_dport: 0,
+        sk_rcv_saddr: 0,
+        sk_daddr: 0,
+        sk_v6_rcv_saddr: 0,
+        sk_v6_daddr: 0,
     };
 }
 
@@ -514,7 +542,7 @@ mod tests {
         assert_eq!(size_of::<StateRecord>(), 112);
         assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
-        assert_eq!(size_of::<KernelConfig>(), 37 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 45 * 4);
         assert_eq!(size_of::<ResetRecord>(), 24);
         assert_eq!(size_of::<OriginSlot>(), 40);
     }

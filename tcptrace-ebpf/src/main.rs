@@ -1,7 +1,10 @@
 //! tcptrace kernel program.
 //!
-//! Hot path: `sock:inet_sock_set_state` copies one transition of a TCP socket
-//! into the ring buffer, nothing more. Process-context hooks record who owns
+//! Hot path: `sock:inet_sock_set_state` counts one transition of a TCP
+//! socket, and copies it into the ring buffer or the CLOSE_WAIT table when
+//! the agent asked for it. Where the kernel has BTF, the program is attached
+//! as a BTF tracepoint and reads the socket ([`inet_sock_set_state_btf`]);
+//! otherwise, as a classic one that reads the record the kernel fills. Process-context hooks record who owns
 //! a socket: the fd given to `connect()` (looked up when the CLOSE->SYN_SENT
 //! transition runs inside that call) and the socket `accept()` returned.
 //!
@@ -19,9 +22,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, PerCpuArray, RingBuf, StackTrace},
-    programs::{tracing::StackIdContext, TracePointContext},
+    programs::{tracing::StackIdContext, BtfTracePointContext, TracePointContext},
     EbpfContext, Global,
 };
 use tcptrace_common::{
@@ -35,11 +38,14 @@ use tcptrace_common::{
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
+///
+/// In `.rodata`, which the loader freezes read-only: the verifier then
+/// knows the offsets as constants, which [`SockFields`]' typed loads need.
 #[unsafe(no_mangle)]
 static TCPTRACE_CONFIG: Global<KernelConfig> = Global::new(KernelConfig::ZERO);
 
 /// [`TCPTRACE_CONFIG`] in place: each field is loaded where it is used,
-/// never the whole of it copied (37 loads, which cost more than most paths
+/// never the whole of it copied (45 loads, which cost more than most paths
 /// that need two fields). The address goes through a volatile read so that
 /// the compiler cannot fold the zeros the loader replaces.
 #[inline(always)]
@@ -392,7 +398,7 @@ const BPF_F_USER_STACK: u64 = 256;
 /// [`BUDGET_CLOCK_EVERY`]th call, so that a process far past it pays a few
 /// loads per connection.
 #[inline(always)]
-fn stack_allowed(ctx: &TracePointContext, budget: u32) -> bool {
+fn stack_allowed<C: StackIdContext>(ctx: &C, budget: u32) -> bool {
     if budget == 0 {
         return true;
     }
@@ -447,14 +453,14 @@ unsafe fn open_window(b: *mut StackBudget, tgid: u32) {
 
 /// The current task's user stack (-1 when the walk fails).
 #[inline(always)]
-fn user_stack(ctx: &TracePointContext) -> i32 {
+fn user_stack<C: StackIdContext>(ctx: &C) -> i32 {
     ctx.get_stackid(&STACKS, BPF_F_USER_STACK)
         .map_or(-1, |id| id as i32)
 }
 
 /// The current task's user stack if [`stack_allowed`], else -1.
 #[inline(always)]
-fn user_stack_id(ctx: &TracePointContext, cfg: &KernelConfig) -> i32 {
+fn user_stack_id<C: StackIdContext>(ctx: &C, cfg: &KernelConfig) -> i32 {
     if stack_allowed(ctx, cfg.stacks_per_second) {
         user_stack(ctx)
     } else {
@@ -615,7 +621,7 @@ pub fn inet_sock_set_state_fixed(ctx: TracePointContext) -> u32 {
 /// origin, keep a CLOSE_WAIT stay in the table, send what the agent asked
 /// for and the table did not take.
 #[inline(always)]
-fn on_transition<F: Fields>(ctx: &TracePointContext, f: &F, t: Wanted, cfg: &KernelConfig) {
+fn on_transition<C: StackIdContext, F: Fields>(ctx: &C, f: &F, t: Wanted, cfg: &KernelConfig) {
     if cfg.flags & CONFIG_ORIGIN_MAP != 0 {
         keep_origin(ctx, f, t);
     }
@@ -656,8 +662,8 @@ fn wanted((oldstate, newstate, _): Wanted, emit_new: u32, emit_old: u32) -> bool
 /// process is within its stack budget, and leaves it when the socket
 /// closes, whatever the agent asked to be sent.
 #[inline(always)]
-fn keep_origin<F: Fields>(
-    ctx: &TracePointContext,
+fn keep_origin<C: StackIdContext, F: Fields>(
+    ctx: &C,
     f: &F,
     (oldstate, newstate, _): Wanted,
 ) -> Option<()> {
@@ -678,6 +684,136 @@ fn keep_origin<F: Fields>(
     Some(())
 }
 
+/// The state program where the kernel has BTF, the agent's first choice:
+/// attached as a BTF tracepoint, it gets the tracepoint's arguments (the
+/// socket and the two states) where the classic programs get a record the
+/// kernel fills for them, field by field, on every transition whether or
+/// not they need it. On the benchmark's VM a no-op classic program takes
+/// some 3 % of the churn's rate, a no-op BTF one about 1 % (`cargo xtask
+/// bench`, the floors). The fields the record would hold are read from the
+/// socket when needed, with plain loads the verifier checks against BTF.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let cfg = config();
+    let f = SockFields { ctx: &ctx, cfg };
+    if let Some(t) = tcp_transition(&f) {
+        on_transition(&ctx, &f, t, cfg);
+    }
+    0
+}
+
+/// The BTF tracepoint's arguments: `struct sock *sk`, `int oldstate`,
+/// `int newstate`. The verifier types `sk` from BTF, so a load from it at
+/// a known offset is a plain load (a fault reads zero); the offsets come
+/// from [`TCPTRACE_CONFIG`], which the loader freezes read-only, so the
+/// verifier sees them as the constants it needs. The fields are those the
+/// tracepoint's record copies, from the same socket; the local address
+/// from `__sk_common.skc_rcv_saddr`, which a TCP socket sets with the
+/// `inet_sock.inet_saddr` the record uses (at bind, connect and accept),
+/// beyond `struct sock`, where a `struct sock` pointer cannot load.
+struct SockFields<'a> {
+    ctx: &'a BtfTracePointContext,
+    cfg: &'a KernelConfig,
+}
+
+impl SockFields<'_> {
+    /// `sk`, as the verifier's typed pointer: only for [`Self::load`].
+    #[inline(always)]
+    fn sk(&self) -> u64 {
+        self.ctx.arg(0)
+    }
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: u32) -> T {
+        unsafe { *((self.sk() + u64::from(offset)) as *const T) }
+    }
+}
+
+/// Per CPU: one word through which [`SockFields::skaddr`] turns the
+/// socket pointer into a number (see there).
+#[map]
+static SK_NUMBER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+impl Fields for SockFields<'_> {
+    #[inline(always)]
+    fn protocol(&self) -> Option<u16> {
+        Some(self.load::<u16>(self.cfg.sk_protocol))
+    }
+    #[inline(always)]
+    fn family(&self) -> Option<u16> {
+        Some(self.load::<u16>(self.cfg.sk_family))
+    }
+    /// The socket's address as a number: the verifier refuses arithmetic
+    /// other than adding offsets on a typed pointer, and the tables hash
+    /// the address; a word read back from map memory is a number to it.
+    #[inline(always)]
+    fn skaddr(&self) -> Option<u64> {
+        let word = SK_NUMBER.get_ptr_mut(0)?;
+        unsafe {
+            core::ptr::write_volatile(word, self.sk());
+            Some(core::ptr::read_volatile(word))
+        }
+    }
+    #[inline(always)]
+    fn oldstate(&self) -> Option<i32> {
+        Some(self.ctx.arg::<u64>(1) as i32)
+    }
+    #[inline(always)]
+    fn newstate(&self) -> Option<i32> {
+        Some(self.ctx.arg::<u64>(2) as i32)
+    }
+    /// `skc_num`, the same port as the record's `inet_sport` while the
+    /// socket holds it; once it has left it (a CLOSE), `inet_sport`, with
+    /// a helper: it lies beyond `struct sock`, where a typed load cannot go.
+    #[inline(always)]
+    fn sport(&self) -> u16 {
+        let num = self.load::<u16>(self.cfg.sk_num);
+        if num != 0 {
+            return num;
+        }
+        self.skaddr()
+            .and_then(|sk| read_kernel::<u16>(sk + u64::from(self.cfg.inet_sport)))
+            .map_or(0, u16::from_be)
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        u16::from_be(self.load::<u16>(self.cfg.sk_dport))
+    }
+    #[inline(always)]
+    fn addrs_v4(&self) -> ([u8; 4], [u8; 4]) {
+        (
+            self.load::<u32>(self.cfg.sk_rcv_saddr).to_ne_bytes(),
+            self.load::<u32>(self.cfg.sk_daddr).to_ne_bytes(),
+        )
+    }
+    #[inline(always)]
+    fn addrs_v6(&self) -> ([u8; 16], [u8; 16]) {
+        let v6 = |off: u32| -> [u8; 16] {
+            let (a, b) = (self.load::<u64>(off), self.load::<u64>(off + 8));
+            let mut out = [0u8; 16];
+            out[..8].copy_from_slice(&a.to_ne_bytes());
+            out[8..].copy_from_slice(&b.to_ne_bytes());
+            out
+        };
+        (v6(self.cfg.sk_v6_rcv_saddr), v6(self.cfg.sk_v6_daddr))
+    }
+    /// As [`FixedFields`]' (x86_64).
+    #[cfg(bpf_target_arch = "x86_64")]
+    #[inline(always)]
+    fn connect_fd(&self, _tid: u32, _now: u64) -> i32 {
+        syscall_fd_from_regs()
+    }
+    /// Two plain loads: `sk->__sk_common.skc_net.net`, typed `struct net *`
+    /// by the verifier, then its `ns.inum`.
+    #[inline(always)]
+    fn netns(&self, cfg: &KernelConfig, _skaddr: u64) -> u32 {
+        let net = self.load::<u64>(cfg.sk_net);
+        if net == 0 {
+            return 0;
+        }
+        unsafe { *((net + u64::from(cfg.net_inum)) as *const u32) }
+    }
+}
+
 /// How the state handler reads the tracepoint's fields.
 trait Fields {
     fn protocol(&self) -> Option<u16>;
@@ -694,6 +830,14 @@ trait Fields {
     #[inline(always)]
     fn connect_fd(&self, tid: u32, now: u64) -> i32 {
         connect_fd(tid, now)
+    }
+    /// The inode number of the network namespace of the socket at
+    /// `skaddr` (`cfg` has [`CONFIG_NETNS`]), 0 when unknown.
+    #[inline(always)]
+    fn netns(&self, cfg: &KernelConfig, skaddr: u64) -> u32 {
+        read_kernel::<u64>(skaddr + u64::from(cfg.sk_net))
+            .and_then(|net| read_kernel::<u32>(net + u64::from(cfg.net_inum)))
+            .unwrap_or(0)
     }
 }
 
@@ -864,8 +1008,8 @@ fn syscall_fd_from_regs() -> i32 {
 }
 
 #[inline(always)]
-fn emit_state<F: Fields>(
-    ctx: &TracePointContext,
+fn emit_state<C: StackIdContext, F: Fields>(
+    ctx: &C,
     cfg: &KernelConfig,
     f: &F,
     (oldstate, newstate, family): Wanted,
@@ -930,9 +1074,7 @@ fn fill_state<F: Fields>(
         0
     };
     let netns = if cfg.flags & CONFIG_NETNS != 0 {
-        read_kernel::<u64>(skaddr + u64::from(cfg.sk_net))
-            .and_then(|net| read_kernel::<u32>(net + u64::from(cfg.net_inum)))
-            .unwrap_or(0)
+        f.netns(cfg, skaddr)
     } else {
         0
     };
@@ -992,6 +1134,15 @@ pub fn bench_floor(_ctx: TracePointContext) -> u32 {
 /// the tracing path).
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn bench_floor_syscall(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+/// The benchmark's third floor: a program that does nothing on the same
+/// tracepoint, attached the way the agent's [`inet_sock_set_state_btf`]
+/// is (a BTF tracepoint: the kernel passes its arguments, and fills no
+/// record).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn bench_floor_btf(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 

@@ -100,6 +100,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         transitions,
         origins,
         connect_fd,
+        state_program,
         tracepoints,
     } = probe::load_and_attach(
         &layout,
@@ -223,8 +224,8 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         " (every transition: --events state-change)"
     };
     log::info!(
-        "ready: tracing TCP state changes (ring buffer {} bytes, connect fd from {}, accept hooks {}); \
-         printing {}{hint}",
+        "ready: tracing TCP state changes (program {state_program}, ring buffer {} bytes, connect fd \
+         from {}, accept hooks {}); printing {}{hint}",
         cli.ring_buffer_size,
         connect_fd,
         on_off(layout.accept_hooks),

@@ -148,9 +148,10 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STACKS_PER_SECOND)]
     pub stacks_per_second: u32,
 
-    /// Which kernel program reads the state tracepoint: `auto` (the fast one when the
-    /// kernel's layout is the usual one), `offsets` (fields at tracefs offsets, any layout)
-    /// or `fixed`. For tests and troubleshooting.
+    /// Which kernel program reads the state tracepoint: `auto` (the BTF one where the kernel
+    /// has BTF, else the fast classic one when the tracepoint's layout is the usual one, each
+    /// falling back to the next if it does not load), `btf`, `fixed` (Linux >= 5.6 layout)
+    /// or `offsets` (fields at tracefs offsets, any layout). For tests and troubleshooting.
     #[arg(long, value_enum, default_value = "auto", hide = true)]
     pub state_program: StateProgram,
 
@@ -173,8 +174,11 @@ pub const DEFAULT_EVENTS: &str = "leak,summary";
 /// `--state-program`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StateProgram {
-    /// The fast program when the layout allows it.
+    /// The BTF program where the kernel has BTF, else the fast classic one
+    /// when the layout allows it.
     Auto,
+    /// A BTF tracepoint program reading the socket (Linux >= 5.6 with BTF).
+    Btf,
     /// Fields read at the offsets tracefs gives.
     Offsets,
     /// Fields at the Linux >= 5.6 offsets (fails to attach on other layouts).
@@ -266,6 +270,10 @@ pub enum Command {
         /// Also attach a no-op program to the accept() exit tracepoints the agent hooks.
         #[arg(long)]
         syscall_hooks: bool,
+        /// Attach the no-op program as a BTF tracepoint, as the agent attaches its own
+        /// where the kernel has BTF (no record filled per transition).
+        #[arg(long)]
+        btf: bool,
     },
     /// TIME_WAIT sockets by destination, with their share of the ephemeral port range and
     /// the processes that closed first (known with an agent running).

@@ -21,6 +21,9 @@ pub const STATE_TP: (&str, &str) = ("sock", "inet_sock_set_state");
 pub const FIXED_STATE_PROGRAM: &str = "inet_sock_set_state_fixed";
 /// The state program that reads fields at tracefs offsets, any layout.
 pub const OFFSETS_STATE_PROGRAM: &str = "inet_sock_set_state";
+/// The state program attached as a BTF tracepoint, reading the socket
+/// (needs kernel BTF and Linux >= 5.6: a two-byte `sk_protocol`).
+pub const BTF_STATE_PROGRAM: &str = "inet_sock_set_state_btf";
 
 /// What the kernel offers, resolved.
 #[derive(Clone, Debug)]
@@ -34,6 +37,8 @@ pub struct Layout {
     pub accept_hooks: bool,
     /// `tcp:tcp_receive_reset`/`tcp:tcp_send_reset` can be attached.
     pub reset_hooks: bool,
+    /// BTF locates the socket fields [`BTF_STATE_PROGRAM`] reads.
+    pub sock_fields: bool,
 }
 
 /// The `inet_sock_set_state` field offsets of Linux >= 5.6 (non-RT), in the
@@ -61,17 +66,25 @@ pub fn has_fixed_state_layout(cfg: &KernelConfig) -> bool {
 }
 
 impl Layout {
-    /// The kernel program for the state tracepoint: with `Auto`, the fast
-    /// one when the layout is the usual one, the one reading tracefs offsets
-    /// otherwise.
+    /// The kernel program for the state tracepoint: with `Auto`, the BTF
+    /// one where BTF locates the socket's fields, else the fast classic one
+    /// when the tracepoint's layout is the usual one, else the one reading
+    /// tracefs offsets.
     pub fn state_program(&self, choice: crate::cli::StateProgram) -> &'static str {
         use crate::cli::StateProgram;
-        let fixed = match choice {
-            StateProgram::Auto => has_fixed_state_layout(&self.config),
-            StateProgram::Offsets => false,
-            StateProgram::Fixed => true,
-        };
-        if fixed {
+        match choice {
+            StateProgram::Auto if self.sock_fields => BTF_STATE_PROGRAM,
+            StateProgram::Auto => self.classic_state_program(),
+            StateProgram::Btf => BTF_STATE_PROGRAM,
+            StateProgram::Offsets => OFFSETS_STATE_PROGRAM,
+            StateProgram::Fixed => FIXED_STATE_PROGRAM,
+        }
+    }
+
+    /// The classic tracepoint program `Auto` takes without the BTF one:
+    /// the fast one for the usual layout.
+    pub fn classic_state_program(&self) -> &'static str {
+        if has_fixed_state_layout(&self.config) {
             FIXED_STATE_PROGRAM
         } else {
             OFFSETS_STATE_PROGRAM
@@ -130,6 +143,23 @@ fn btf_offsets(btf: &Btf, cfg: &mut KernelConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What [`BTF_STATE_PROGRAM`] reads from `struct sock` in place of the
+/// tracepoint's record. `member_offset` refuses a bitfield: before Linux
+/// 5.6, `sk_protocol` was one, and that kernel gets a classic program.
+fn btf_sock_offsets(btf: &Btf, cfg: &mut KernelConfig) -> anyhow::Result<()> {
+    let common = |field: &str| btf.member_offset("sock", &["__sk_common", field]);
+    cfg.sk_protocol = btf.member_offset("sock", &["sk_protocol"])?;
+    cfg.sk_family = common("skc_family")?;
+    cfg.sk_num = common("skc_num")?;
+    cfg.inet_sport = btf.member_offset("inet_sock", &["inet_sport"])?;
+    cfg.sk_dport = common("skc_dport")?;
+    cfg.sk_rcv_saddr = common("skc_rcv_saddr")?;
+    cfg.sk_daddr = common("skc_daddr")?;
+    cfg.sk_v6_rcv_saddr = common("skc_v6_rcv_saddr")?;
+    cfg.sk_v6_daddr = common("skc_v6_daddr")?;
+    Ok(())
+}
+
 fn btf_inode_offsets(btf: &Btf, cfg: &mut KernelConfig) -> anyhow::Result<()> {
     cfg.sk_socket = btf.member_offset("sock", &["sk_socket"])?;
     cfg.socket_inode = btf.member_offset("socket_alloc", &["vfs_inode"])?;
@@ -178,7 +208,15 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
             None
         }
     };
+    let mut sock_fields = false;
     if let Some(btf) = &btf {
+        match btf_sock_offsets(btf, &mut cfg) {
+            Ok(()) => sock_fields = true,
+            Err(e) => log::info!(
+                "the BTF state program cannot read this kernel's sockets ({e:#}); \
+                 using the classic tracepoint program"
+            ),
+        }
         if let Err(e) = btf_offsets(btf, &mut cfg) {
             log::warn!(
                 "cannot locate the socket's network namespace in BTF: {e:#}; netns will be null"
@@ -238,6 +276,7 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
         connect_hooks,
         accept_hooks,
         reset_hooks,
+        sock_fields,
     })
 }
 
@@ -283,6 +322,7 @@ mod tests {
             connect_hooks: true,
             accept_hooks: true,
             reset_hooks: true,
+            sock_fields: false,
         };
         use crate::cli::StateProgram;
         assert_eq!(
@@ -308,5 +348,15 @@ mod tests {
         let fixed = has_fixed_state_layout(&layout.config);
         let offsets = [layout.config.tp_skaddr, layout.config.tp_oldstate];
         assert_eq!(fixed, offsets == [8, 16] && layout.config.tp_protocol == 30);
+        // A kernel with BTF (>= 5.6) has the socket fields the BTF program reads.
+        if let Ok(btf) = Btf::from_sys_fs() {
+            let mut cfg = KernelConfig::ZERO;
+            if btf.member_offset("sock", &["sk_protocol"]).is_ok() {
+                btf_sock_offsets(&btf, &mut cfg).expect("socket fields in BTF");
+                assert!(layout.sock_fields);
+                assert_ne!(cfg.sk_num, cfg.sk_dport);
+                assert!(cfg.inet_sport as usize >= cfg.sk_v6_daddr as usize + 16);
+            }
+        }
     }
 }

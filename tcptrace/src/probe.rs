@@ -3,11 +3,14 @@
 
 use anyhow::{anyhow, Context as _};
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf, StackTraceMap};
-use aya::programs::TracePoint;
+use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use std::os::fd::AsFd as _;
 
-use crate::layout::{Layout, FIXED_STATE_PROGRAM, OFFSETS_STATE_PROGRAM, STATE_TP};
+use crate::cli::StateProgram;
+use crate::layout::{
+    Layout, BTF_STATE_PROGRAM, FIXED_STATE_PROGRAM, OFFSETS_STATE_PROGRAM, STATE_TP,
+};
 use crate::privileges::NotPrivileged;
 use crate::progstats::ProgramStats;
 use crate::state::TcpState;
@@ -45,6 +48,8 @@ pub struct Probes {
     pub close_waits: crate::cwtable::CloseWaitTable,
     /// Where the kernel finds a connect()'s fd.
     pub connect_fd: ConnectFd,
+    /// The state program attached (see [`crate::layout::Layout::state_program`]).
+    pub state_program: &'static str,
     /// The tracepoints attached, as `category:name`.
     pub tracepoints: Vec<String>,
 }
@@ -266,20 +271,25 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
 
     let mut programs = ProgramStats::default();
     let (cat, name) = STATE_TP;
-    let mut state_program = layout.state_program(options.state_program);
-    let mut attached = attach(&mut ebpf, state_program, cat, name, &mut programs);
-    if let Err(e) = &attached {
-        if state_program == FIXED_STATE_PROGRAM
-            && options.state_program == crate::cli::StateProgram::Auto
-        {
-            // An older kernel (bpf_task_pt_regs came in 5.15): the other
-            // program, with the sys_enter_connect hook, does the same job.
-            log::warn!("{state_program} did not load ({e:#}); using {OFFSETS_STATE_PROGRAM}");
-            state_program = OFFSETS_STATE_PROGRAM;
-            attached = attach(&mut ebpf, state_program, cat, name, &mut programs);
+    let mut chain = state_program_chain(layout, options.state_program)
+        .into_iter()
+        .peekable();
+    let mut state_program = OFFSETS_STATE_PROGRAM;
+    while let Some(program) = chain.next() {
+        state_program = program;
+        match attach_state(&mut ebpf, program, &mut programs) {
+            Ok(()) => break,
+            Err(e) => match chain.peek() {
+                // An older kernel (bpf_task_pt_regs came in 5.15, BTF
+                // tracepoints in 5.5) or a verifier that refuses a
+                // program: the next one does the same job.
+                Some(next) => log::warn!("{program} did not load ({e:#}); using {next}"),
+                None => {
+                    return Err(e.context(format!("attaching {program} to tracepoint {cat}:{name}")))
+                }
+            },
         }
     }
-    attached.with_context(|| format!("attaching {state_program} to tracepoint {cat}:{name}"))?;
     log::debug!("{cat}:{name}: program {state_program}");
     let mut tracepoints = vec![format!("{cat}:{name}")];
     let connect_fd = connect_fd_source(state_program, layout.connect_hooks);
@@ -343,6 +353,7 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         origins,
         close_waits,
         connect_fd,
+        state_program,
         tracepoints,
     })
 }
@@ -372,9 +383,62 @@ impl std::fmt::Display for ConnectFd {
     }
 }
 
+/// The state programs to try, in order: with `Auto`, each falls back to
+/// the next if it does not load.
+fn state_program_chain(layout: &Layout, choice: StateProgram) -> Vec<&'static str> {
+    let first = layout.state_program(choice);
+    let mut chain = vec![first];
+    if choice == StateProgram::Auto {
+        if first == BTF_STATE_PROGRAM {
+            chain.push(layout.classic_state_program());
+        }
+        if chain.last() == Some(&FIXED_STATE_PROGRAM) {
+            chain.push(OFFSETS_STATE_PROGRAM);
+        }
+    }
+    chain
+}
+
+/// Loads and attaches state program `prog` to [`STATE_TP`].
+fn attach_state(ebpf: &mut Ebpf, prog: &str, stats: &mut ProgramStats) -> anyhow::Result<()> {
+    let (cat, name) = STATE_TP;
+    if prog != BTF_STATE_PROGRAM {
+        return attach(ebpf, prog, cat, name, stats);
+    }
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {prog}"))?
+        .try_into()?;
+    program
+        .load(name, &btf)
+        .with_context(|| format!("loading {prog}"))?;
+    program.attach()?;
+    watch(stats, prog, program.fd());
+    Ok(())
+}
+
+/// Has `stats` watch the runs of program `prog` (its `fd`).
+fn watch(
+    stats: &mut ProgramStats,
+    prog: &str,
+    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+) {
+    match fd
+        .map_err(anyhow::Error::from)
+        .and_then(|fd| Ok(fd.as_fd().try_clone_to_owned()?))
+    {
+        Ok(fd) => stats.watch(prog, fd),
+        Err(e) => {
+            log::warn!("cannot watch {prog}'s skipped runs ({e:#}); they will not be counted")
+        }
+    }
+}
+
 /// Which [`ConnectFd`] goes with the attached state program.
 fn connect_fd_source(state_program: &str, connect_hooks: bool) -> ConnectFd {
-    if state_program == FIXED_STATE_PROGRAM && cfg!(target_arch = "x86_64") {
+    let from_registers = [FIXED_STATE_PROGRAM, BTF_STATE_PROGRAM].contains(&state_program);
+    if from_registers && cfg!(target_arch = "x86_64") {
         ConnectFd::Registers
     } else if connect_hooks {
         ConnectFd::Hook
@@ -387,16 +451,32 @@ fn connect_fd_source(state_program: &str, connect_hooks: bool) -> ConnectFd {
 /// tracepoint, and with `syscall_hooks` another to the accept() exit
 /// tracepoints the agent hooks: the floors of `cargo xtask bench`.
 /// Detached on drop; the stats watch every attached program.
-pub fn attach_bench_floor(syscall_hooks: bool) -> anyhow::Result<(Ebpf, ProgramStats)> {
+pub fn attach_bench_floor(syscall_hooks: bool, btf: bool) -> anyhow::Result<(Ebpf, ProgramStats)> {
     let mut ebpf = EbpfLoader::new()
         .load(PROGRAM)
         .context("loading the eBPF program")
         .map_err(explain)?;
     let (cat, name) = STATE_TP;
     let mut stats = ProgramStats::default();
-    attach(&mut ebpf, "bench_floor", cat, name, &mut stats)
-        .with_context(|| format!("attaching the no-op program to {cat}:{name}"))
-        .map_err(explain)?;
+    if btf {
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut("bench_floor_btf")
+            .ok_or_else(|| anyhow!("the eBPF object has no program bench_floor_btf"))?
+            .try_into()?;
+        program
+            .load(name, &btf)
+            .context("loading bench_floor_btf")?;
+        program
+            .attach()
+            .with_context(|| format!("attaching the no-op BTF program to {cat}:{name}"))
+            .map_err(explain)?;
+        watch(&mut stats, "bench_floor_btf", program.fd());
+    } else {
+        attach(&mut ebpf, "bench_floor", cat, name, &mut stats)
+            .with_context(|| format!("attaching the no-op program to {cat}:{name}"))
+            .map_err(explain)?;
+    }
     if syscall_hooks {
         let program: &mut TracePoint = ebpf
             .program_mut("bench_floor_syscall")
@@ -430,16 +510,7 @@ fn attach(
         .try_into()?;
     program.load().with_context(|| format!("loading {prog}"))?;
     program.attach(category, name)?;
-    match program
-        .fd()
-        .map_err(anyhow::Error::from)
-        .and_then(|fd| Ok(fd.as_fd().try_clone_to_owned()?))
-    {
-        Ok(fd) => stats.watch(prog, fd),
-        Err(e) => {
-            log::warn!("cannot watch {prog}'s skipped runs ({e:#}); they will not be counted")
-        }
-    }
+    watch(stats, prog, program.fd());
     Ok(())
 }
 
@@ -468,12 +539,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_fixed_program_needs_no_connect_hook_on_x86_64() {
-        let fixed = connect_fd_source(FIXED_STATE_PROGRAM, true);
-        if cfg!(target_arch = "x86_64") {
-            assert_eq!(fixed, ConnectFd::Registers);
-        } else {
-            assert_eq!(fixed, ConnectFd::Hook);
+    fn the_fixed_and_btf_programs_need_no_connect_hook_on_x86_64() {
+        for program in [FIXED_STATE_PROGRAM, BTF_STATE_PROGRAM] {
+            let source = connect_fd_source(program, true);
+            if cfg!(target_arch = "x86_64") {
+                assert_eq!(source, ConnectFd::Registers);
+            } else {
+                assert_eq!(source, ConnectFd::Hook);
+            }
         }
         assert_eq!(
             connect_fd_source(OFFSETS_STATE_PROGRAM, true),
@@ -483,6 +556,60 @@ mod tests {
             connect_fd_source(OFFSETS_STATE_PROGRAM, false),
             ConnectFd::Unknown
         );
+    }
+
+    fn layout(fixed_record: bool, sock_fields: bool) -> Layout {
+        let mut config = tcptrace_common::KernelConfig::ZERO;
+        if fixed_record {
+            [
+                config.tp_skaddr,
+                config.tp_oldstate,
+                config.tp_newstate,
+                config.tp_sport,
+                config.tp_dport,
+                config.tp_family,
+                config.tp_protocol,
+                config.tp_saddr,
+                config.tp_daddr,
+                config.tp_saddr_v6,
+                config.tp_daddr_v6,
+            ] = crate::layout::FIXED_STATE_OFFSETS;
+            config.tp_protocol_size = 2;
+        }
+        Layout {
+            config,
+            connect_hooks: true,
+            accept_hooks: true,
+            reset_hooks: true,
+            sock_fields,
+        }
+    }
+
+    #[test]
+    fn auto_tries_btf_then_the_classic_programs_and_a_choice_only_itself() {
+        use StateProgram::*;
+        let chain = |fixed, btf, choice| state_program_chain(&layout(fixed, btf), choice);
+        assert_eq!(
+            chain(true, true, Auto),
+            [
+                BTF_STATE_PROGRAM,
+                FIXED_STATE_PROGRAM,
+                OFFSETS_STATE_PROGRAM
+            ]
+        );
+        assert_eq!(
+            chain(false, true, Auto),
+            [BTF_STATE_PROGRAM, OFFSETS_STATE_PROGRAM]
+        );
+        // No BTF, or a kernel older than 5.6.
+        assert_eq!(
+            chain(true, false, Auto),
+            [FIXED_STATE_PROGRAM, OFFSETS_STATE_PROGRAM]
+        );
+        assert_eq!(chain(false, false, Auto), [OFFSETS_STATE_PROGRAM]);
+        assert_eq!(chain(true, true, Fixed), [FIXED_STATE_PROGRAM]);
+        assert_eq!(chain(true, true, Offsets), [OFFSETS_STATE_PROGRAM]);
+        assert_eq!(chain(false, false, Btf), [BTF_STATE_PROGRAM]);
     }
 
     #[test]

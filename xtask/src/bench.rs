@@ -10,6 +10,9 @@
 //!
 //! - `none`: no tracer (the reference);
 //! - `floor`: a program that does nothing on the same tracepoint;
+//! - the same attached as a BTF tracepoint, as the agent attaches its own
+//!   where the kernel has BTF;
+//! - `floor` with no-op programs on the accept() exit tracepoints too;
 //! - `agent`: the agent in its default mode (no `--events`: leaks and
 //!   summaries);
 //! - `agent-json`: the agent writing every transition as JSON to a file;
@@ -56,6 +59,7 @@ pub struct BenchOpts {
 enum Mode {
     None,
     Floor,
+    FloorBtf,
     FloorHooks,
     Agent,
     AgentJson,
@@ -67,6 +71,7 @@ impl Mode {
         match self {
             Self::None => "none",
             Self::Floor => "floor (no-op program)",
+            Self::FloorBtf => "no-op BTF tracepoint program",
             Self::FloorHooks => "floor + no-op accept() hooks",
             Self::Agent => "agent (default: leak events)",
             Self::AgentJson => "agent (every transition as JSON to a file)",
@@ -79,6 +84,8 @@ impl Mode {
 #[derive(Clone, Debug, Default)]
 struct Round {
     per_second: f64,
+    /// The 90th percentile of the rates of the round's 100 ms slices.
+    slice_p90: f64,
     connections: u64,
     /// From the agent's metrics; `None` for other tracers.
     transitions: Option<u64>,
@@ -148,6 +155,11 @@ impl Tracer {
             Mode::Floor => {
                 let mut c = Command::new(agent);
                 c.arg("bench-floor");
+                c
+            }
+            Mode::FloorBtf => {
+                let mut c = Command::new(agent);
+                c.args(["bench-floor", "--btf"]);
                 c
             }
             Mode::FloorHooks => {
@@ -350,7 +362,7 @@ fn kernel_ns_per_connection(
 ) -> Result<Option<f64>> {
     if !matches!(
         mode,
-        Mode::Floor | Mode::FloorHooks | Mode::Agent | Mode::AgentJson
+        Mode::Floor | Mode::FloorBtf | Mode::FloorHooks | Mode::Agent | Mode::AgentJson
     ) {
         return Ok(None);
     }
@@ -425,6 +437,7 @@ fn one_round(mode: Mode, opts: &BenchOpts, bins: &Bins, ns: &Netns) -> Result<Ro
     let out = churn(opts, bins, ns)?;
     let mut round = Round {
         per_second: json_number(&out, "per_second").context("churn printed no rate")?,
+        slice_p90: json_number(&out, "slice_p90").unwrap_or(0.0),
         connections: json_number(&out, "connections").unwrap_or(0.0) as u64,
         ..Round::default()
     };
@@ -469,6 +482,8 @@ struct Row {
     median: f64,
     spread_pct: f64,
     ratio: f64,
+    /// The same over the rounds' fast slices (see [`Round::slice_p90`]).
+    fast_ratio: f64,
     lost: Option<u64>,
     cpu_per_m: Option<f64>,
     peak_rss_mib: Option<f64>,
@@ -481,13 +496,17 @@ struct Row {
 /// of its reference, so that the machine's drift over the run (a shared VM
 /// host can swing by a fifth) cancels out instead of landing in one mode.
 fn summarize(mode: Mode, rounds: &[Round], reference: &[Round], per_conn: f64) -> Row {
-    let mut ratios: Vec<f64> = rounds
-        .iter()
-        .zip(reference)
-        .filter(|(_, none)| none.per_second > 0.0)
-        .map(|(r, none)| r.per_second / none.per_second)
-        .collect();
-    let ratio = median(&mut ratios);
+    let paired = |rate: fn(&Round) -> f64| {
+        let mut ratios: Vec<f64> = rounds
+            .iter()
+            .zip(reference)
+            .filter(|(_, none)| rate(none) > 0.0)
+            .map(|(r, none)| rate(r) / rate(none))
+            .collect();
+        median(&mut ratios)
+    };
+    let ratio = paired(|r| r.per_second);
+    let fast_ratio = paired(|r| r.slice_p90);
     let mut rates: Vec<f64> = rounds.iter().map(|r| r.per_second).collect();
     let med = median(&mut rates);
     let (lo, hi) = (
@@ -515,6 +534,7 @@ fn summarize(mode: Mode, rounds: &[Round], reference: &[Round], per_conn: f64) -
             0.0
         },
         ratio,
+        fast_ratio,
         lost,
         cpu_per_m: cpu
             .filter(|_| transitions > 0.0)
@@ -530,17 +550,18 @@ fn summarize(mode: Mode, rounds: &[Round], reference: &[Round], per_conn: f64) -
 
 fn table(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| tracer | connections/s (median) | spread (max-min) | ratio to none | lost records | CPU s per 1M transitions | peak RSS MiB | kernel ns per connection |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| tracer | connections/s (median) | spread (max-min) | ratio to none | ratio, fast slices | lost records | CPU s per 1M transitions | peak RSS MiB | kernel ns per connection |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
     for r in rows {
         t.push_str(&format!(
-            "| {} | {:.0} | {:.1} % | {:.3} | {} | {} | {} | {} |\n",
+            "| {} | {:.0} | {:.1} % | {:.3} | {:.3} | {} | {} | {} | {} |\n",
             r.mode.name(),
             r.median,
             r.spread_pct,
             r.ratio,
+            r.fast_ratio,
             opt(r.lost.map(|l| l.to_string())),
             opt(r.cpu_per_m.map(|c| format!("{c:.2}"))),
             opt(r.peak_rss_mib.map(|m| format!("{m:.1}"))),
@@ -653,6 +674,7 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
     let mut modes = vec![
         Mode::None,
         Mode::Floor,
+        Mode::FloorBtf,
         Mode::FloorHooks,
         Mode::Agent,
         Mode::AgentJson,
@@ -739,7 +761,14 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
          round\n\n\
          {table}\n\
          The ratio is the median over rounds of the tracer's rate over the same round's \
-         rate with no tracer. The floor + accept() hooks row adds no-op programs on \
+         rate with no tracer. The fast-slice ratio is the same with each round's rate \
+         taken as the 90th percentile of its 100 ms slices: on a shared host whole slices \
+         run at half speed now and then, whatever the tracer, and this column leaves them \
+         out (a tracer's own periodic stalls would hide there too: compare with the plain \
+         ratio). The no-op BTF tracepoint row is a floor attached the way the agent \
+         attaches its state program where the kernel has BTF: the kernel passes it the \
+         tracepoint's arguments and fills no record, which costs less than the classic \
+         tracepoint's floor. The floor + accept() hooks row adds no-op programs on \
          the syscall tracepoints the agent needs for accept() origins: what hooking \
          syscalls costs by itself (every syscall on the host then takes the tracing \
          path). CPU is the tracer process's own (user + system) during the churn; the kernel \

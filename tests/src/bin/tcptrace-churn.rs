@@ -5,7 +5,8 @@
 //! tcptrace-churn churn --seconds S [--addr IP] [--cpu N]
 //!     one thread: connect, accept, the client closes, then the server
 //!     (about 10 transitions per connection), for S seconds; prints
-//!     `{"connections":N,"seconds":T,"per_second":R}`. With --cpu, pinned to
+//!     `{"connections":N,"seconds":T,"per_second":R,"slice_p90":P}`, P the
+//!     90th percentile of the rates of its 100 ms slices. With --cpu, pinned to
 //!     that CPU: an unpinned thread that the scheduler moves between CPUs
 //!     runs at half the rate now and then, which would swamp what is measured.
 //! tcptrace-churn hold --count N [--addr IP] [--ports P]
@@ -96,11 +97,24 @@ const CHURN_LISTENERS: usize = 16;
 
 fn churn(addr: IpAddr, seconds: f64) -> std::io::Result<()> {
     let (listeners, targets) = listen(addr, CHURN_LISTENERS)?;
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
     let mut n: u64 = 0;
-    // Check the clock every 64 connections: cheap, and still on time.
-    while !n.is_multiple_of(64) || Instant::now() < deadline {
+    let mut slices = Vec::new();
+    let (mut slice_start, mut slice_n) = (start, 0);
+    loop {
+        // Check the clock every 64 connections: cheap, and still on time.
+        if n.is_multiple_of(64) {
+            let now = Instant::now();
+            let slice = now.duration_since(slice_start);
+            if slice >= SLICE {
+                slices.push((n - slice_n) as f64 / slice.as_secs_f64());
+                (slice_start, slice_n) = (now, n);
+            }
+            if now >= deadline {
+                break;
+            }
+        }
         let i = n as usize % CHURN_LISTENERS;
         let client = TcpStream::connect(targets[i])?;
         let (server, _) = listeners[i].accept()?;
@@ -110,12 +124,24 @@ fn churn(addr: IpAddr, seconds: f64) -> std::io::Result<()> {
         n += 1;
     }
     let secs = start.elapsed().as_secs_f64();
+    slices.sort_by(f64::total_cmp);
+    // The 90th percentile: nearest rank.
+    let p90 = slices
+        .get((slices.len() * 9).div_ceil(10).saturating_sub(1))
+        .copied()
+        .unwrap_or(0.0);
     println!(
-        "{{\"connections\":{n},\"seconds\":{secs:.3},\"per_second\":{:.1}}}",
+        "{{\"connections\":{n},\"seconds\":{secs:.3},\"per_second\":{:.1},\"slice_p90\":{p90:.1}}}",
         n as f64 / secs
     );
     Ok(())
 }
+
+/// The churn's rate is also taken over slices this long: on a shared host,
+/// whole slices run at half speed now and then (another tenant on the
+/// core), and the rate of the fast slices says what the load costs when
+/// that does not happen.
+const SLICE: Duration = Duration::from_millis(100);
 
 /// Raises the soft open-file limit to hold `fds` descriptors (up to the
 /// hard limit: raising that needs CAP_SYS_RESOURCE, which a container may
