@@ -4,9 +4,10 @@
 //! socket, and copies it into the ring buffer or the CLOSE_WAIT table when
 //! the agent asked for it. Where the kernel has BTF, the program is attached
 //! as a BTF tracepoint and reads the socket ([`inet_sock_set_state_btf`]);
-//! otherwise, as a classic one that reads the record the kernel fills. Process-context hooks record who owns
-//! a socket: the fd given to `connect()` (looked up when the CLOSE->SYN_SENT
-//! transition runs inside that call) and the socket `accept()` returned.
+//! otherwise, as a classic one that reads the record the kernel fills.
+//! Process-context hooks record who owns a socket: the fd given to
+//! `connect()` (looked up when the CLOSE->SYN_SENT transition runs inside
+//! that call) and the socket `accept()` returned.
 //!
 //! Field and struct offsets come from [`TCPTRACE_CONFIG`], filled in by the
 //! agent at load time from tracefs and BTF; nothing here assumes a layout.

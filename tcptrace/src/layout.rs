@@ -280,45 +280,50 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
     })
 }
 
+/// A config with only the state tracepoint's record offsets, in the order
+/// of [`FIXED_STATE_OFFSETS`], and its protocol field size: for tests.
+#[cfg(test)]
+pub(crate) fn config_with_state_offsets(offsets: [u32; 11], protocol_size: u32) -> KernelConfig {
+    let mut c = KernelConfig::ZERO;
+    [
+        c.tp_skaddr,
+        c.tp_oldstate,
+        c.tp_newstate,
+        c.tp_sport,
+        c.tp_dport,
+        c.tp_family,
+        c.tp_protocol,
+        c.tp_saddr,
+        c.tp_daddr,
+        c.tp_saddr_v6,
+        c.tp_daddr_v6,
+    ] = offsets;
+    c.tp_protocol_size = protocol_size;
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn with_offsets(offsets: [u32; 11], protocol_size: u32) -> KernelConfig {
-        let mut c = KernelConfig::ZERO;
-        [
-            c.tp_skaddr,
-            c.tp_oldstate,
-            c.tp_newstate,
-            c.tp_sport,
-            c.tp_dport,
-            c.tp_family,
-            c.tp_protocol,
-            c.tp_saddr,
-            c.tp_daddr,
-            c.tp_saddr_v6,
-            c.tp_daddr_v6,
-        ] = offsets;
-        c.tp_protocol_size = protocol_size;
-        c
-    }
-
     #[test]
     fn the_fast_program_only_for_the_usual_layout() {
-        assert!(has_fixed_state_layout(&with_offsets(
+        assert!(has_fixed_state_layout(&config_with_state_offsets(
             FIXED_STATE_OFFSETS,
             2
         )));
         // Before 5.6: a one-byte protocol.
-        assert!(!has_fixed_state_layout(&with_offsets(
+        assert!(!has_fixed_state_layout(&config_with_state_offsets(
             FIXED_STATE_OFFSETS,
             1
         )));
         // A bigger common header (PREEMPT_RT) shifts everything.
         let shifted = FIXED_STATE_OFFSETS.map(|o| o + 8);
-        assert!(!has_fixed_state_layout(&with_offsets(shifted, 2)));
+        assert!(!has_fixed_state_layout(&config_with_state_offsets(
+            shifted, 2
+        )));
         let layout = Layout {
-            config: with_offsets(shifted, 2),
+            config: config_with_state_offsets(shifted, 2),
             connect_hooks: true,
             accept_hooks: true,
             reset_hooks: true,

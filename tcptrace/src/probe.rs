@@ -402,9 +402,16 @@ fn state_program_chain(layout: &Layout, choice: StateProgram) -> Vec<&'static st
 /// Loads and attaches state program `prog` to [`STATE_TP`].
 fn attach_state(ebpf: &mut Ebpf, prog: &str, stats: &mut ProgramStats) -> anyhow::Result<()> {
     let (cat, name) = STATE_TP;
-    if prog != BTF_STATE_PROGRAM {
-        return attach(ebpf, prog, cat, name, stats);
+    if prog == BTF_STATE_PROGRAM {
+        attach_btf(ebpf, prog, stats)
+    } else {
+        attach(ebpf, prog, cat, name, stats)
     }
+}
+
+/// Loads and attaches `prog` as a BTF tracepoint on [`STATE_TP`].
+fn attach_btf(ebpf: &mut Ebpf, prog: &str, stats: &mut ProgramStats) -> anyhow::Result<()> {
+    let (cat, name) = STATE_TP;
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let program: &mut BtfTracePoint = ebpf
         .program_mut(prog)
@@ -413,7 +420,9 @@ fn attach_state(ebpf: &mut Ebpf, prog: &str, stats: &mut ProgramStats) -> anyhow
     program
         .load(name, &btf)
         .with_context(|| format!("loading {prog}"))?;
-    program.attach()?;
+    program
+        .attach()
+        .with_context(|| format!("attaching {prog} to {cat}:{name}"))?;
     watch(stats, prog, program.fd());
     Ok(())
 }
@@ -459,19 +468,7 @@ pub fn attach_bench_floor(syscall_hooks: bool, btf: bool) -> anyhow::Result<(Ebp
     let (cat, name) = STATE_TP;
     let mut stats = ProgramStats::default();
     if btf {
-        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut("bench_floor_btf")
-            .ok_or_else(|| anyhow!("the eBPF object has no program bench_floor_btf"))?
-            .try_into()?;
-        program
-            .load(name, &btf)
-            .context("loading bench_floor_btf")?;
-        program
-            .attach()
-            .with_context(|| format!("attaching the no-op BTF program to {cat}:{name}"))
-            .map_err(explain)?;
-        watch(&mut stats, "bench_floor_btf", program.fd());
+        attach_btf(&mut ebpf, "bench_floor_btf", &mut stats).map_err(explain)?;
     } else {
         attach(&mut ebpf, "bench_floor", cat, name, &mut stats)
             .with_context(|| format!("attaching the no-op program to {cat}:{name}"))
@@ -559,25 +556,10 @@ mod tests {
     }
 
     fn layout(fixed_record: bool, sock_fields: bool) -> Layout {
-        let mut config = tcptrace_common::KernelConfig::ZERO;
-        if fixed_record {
-            [
-                config.tp_skaddr,
-                config.tp_oldstate,
-                config.tp_newstate,
-                config.tp_sport,
-                config.tp_dport,
-                config.tp_family,
-                config.tp_protocol,
-                config.tp_saddr,
-                config.tp_daddr,
-                config.tp_saddr_v6,
-                config.tp_daddr_v6,
-            ] = crate::layout::FIXED_STATE_OFFSETS;
-            config.tp_protocol_size = 2;
-        }
+        // Any other record layout takes the offsets program.
+        let offsets = crate::layout::FIXED_STATE_OFFSETS.map(|o| o + u32::from(!fixed_record));
         Layout {
-            config,
+            config: crate::layout::config_with_state_offsets(offsets, 2),
             connect_hooks: true,
             accept_hooks: true,
             reset_hooks: true,
