@@ -20,9 +20,7 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
-    },
+    helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
     macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, PerCpuArray, RingBuf, StackTrace},
     programs::{tracing::StackIdContext, BtfTracePointContext, TracePointContext},
@@ -30,12 +28,13 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     linger_bucket, probe_slot, stack_budget_slot, tcp_state, AcceptRecord, ConnectSlot,
-    KernelConfig, OriginSlot, ResetRecord, StackBudget, StateRecord, AF_INET, AF_INET6,
-    CONFIG_ACCEPT, CONFIG_CW_TABLE, CONFIG_INODE, CONFIG_NETNS, CONFIG_ORIGIN_MAP, CW_COUNT_SLOTS,
-    CW_FULL, CW_KEPT, CW_LINGER, CW_LINGER_SUM_NS, CW_QUIET, CW_SENT, IPPROTO_TCP, ORIGINS_FULL,
-    ORIGINS_INSERTED, ORIGINS_REMOVED, ORIGIN_ACCEPT, ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS,
-    RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RESET_RECEIVED, RESET_SENT, SLOT_PROBES,
-    STACKS_OVER_BUDGET, STACK_BUDGET_BITS, TRANSITION_STATES,
+    KernelConfig, OriginSlot, ResetRecord, StackBudget, StateRecord, StateRecordV4, AF_INET,
+    AF_INET6, COMM_LEN, CONFIG_ACCEPT, CONFIG_CW_TABLE, CONFIG_INODE, CONFIG_NETNS,
+    CONFIG_ORIGIN_MAP, CW_COUNT_SLOTS, CW_FULL, CW_KEPT, CW_LINGER, CW_LINGER_SUM_NS, CW_QUIET,
+    CW_SENT, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED, ORIGIN_ACCEPT,
+    ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RECORD_STATE_V4,
+    RESET_RECEIVED, RESET_SENT, SLOT_PROBES, STACKS_OVER_BUDGET, STACK_BUDGET_BITS,
+    TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -1015,14 +1014,35 @@ fn emit_state<C: StackIdContext, F: Fields>(
 ) -> Option<()> {
     let skaddr = f.skaddr()?;
 
-    let tid = ctx.pid();
     let now = unsafe { bpf_ktime_get_ns() };
     let in_connect = oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT;
+    if family == AF_INET
+        && !in_connect
+        && newstate != tcp_state::CLOSE_WAIT
+        && fits_byte(oldstate)
+        && fits_byte(newstate)
+    {
+        // No fd, stack or inode to carry: the short record says it all.
+        let Some(mut entry) = EVENTS.reserve::<StateRecordV4>(0) else {
+            count_lost();
+            return None;
+        };
+        fill_state_v4(
+            entry.as_mut_ptr(),
+            cfg,
+            f,
+            (oldstate, newstate),
+            skaddr,
+            now,
+        );
+        entry.submit(wakeup_flags(cfg));
+        return Some(());
+    }
     // With the origin map, the origin (and its stack) is already there.
     let (connect_fd, stack_id) = if in_connect && cfg.flags & CONFIG_ORIGIN_MAP == 0 {
         // Runs inside connect(): the current task is the owner, and its
         // stack is the code path that opened the connection.
-        (f.connect_fd(tid, now), user_stack_id(ctx, cfg))
+        (f.connect_fd(ctx.pid(), now), user_stack_id(ctx, cfg))
     } else {
         (-1, -1)
     };
@@ -1072,11 +1092,7 @@ fn fill_state<F: Fields>(
     } else {
         0
     };
-    let netns = if cfg.flags & CONFIG_NETNS != 0 {
-        f.netns(cfg, skaddr)
-    } else {
-        0
-    };
+    let netns = netns_of(cfg, f, skaddr);
     // Entering CLOSE_WAIT runs in softirq context (the peer's FIN), on
     // whatever task the CPU was running: only a line that prints every
     // transition shows that task.
@@ -1110,12 +1126,76 @@ fn fill_state<F: Fields>(
         };
         addr_of_mut!((*rec).saddr).write(saddr);
         addr_of_mut!((*rec).daddr).write(daddr);
-        let comm = if ctx_unused {
-            [0; 16]
+        if ctx_unused {
+            addr_of_mut!((*rec).comm).write([0; COMM_LEN]);
         } else {
-            bpf_get_current_comm().unwrap_or([0; 16])
-        };
-        addr_of_mut!((*rec).comm).write(comm);
+            write_current_comm(addr_of_mut!((*rec).comm));
+        }
+    }
+}
+
+/// Writes the current task's `comm` into `dst`, NUL padded (zeros when
+/// the helper fails). The raw helper writes it in place: aya's wrapper
+/// returns a `Result<[u8; 16], _>`, and moving that into a record took
+/// some 100 instructions of byte copies and two `memset` calls per record
+/// (`bpftool prog dump xlated`).
+///
+/// # Safety
+/// `dst` must point to 16 writable bytes (a ring reservation or map value).
+#[inline(always)]
+unsafe fn write_current_comm(dst: *mut [u8; COMM_LEN]) {
+    // The kernel pads with NULs, and on failure zeroes the whole buffer.
+    unsafe { generated::bpf_get_current_comm(dst.cast(), COMM_LEN as u32) };
+}
+
+/// True when a kernel state number fits [`StateRecordV4`]'s byte (they
+/// all do; a garbage one goes in a full record, for the agent to reject).
+#[inline(always)]
+fn fits_byte(state: i32) -> bool {
+    (0..=i32::from(u8::MAX)).contains(&state)
+}
+
+/// The inode of the socket's network namespace, 0 when unknown.
+#[inline(always)]
+fn netns_of<F: Fields>(cfg: &KernelConfig, f: &F, skaddr: u64) -> u32 {
+    if cfg.flags & CONFIG_NETNS != 0 {
+        f.netns(cfg, skaddr)
+    } else {
+        0
+    }
+}
+
+/// Writes IPv4 transition `(oldstate, newstate)` of socket `skaddr` at
+/// `now` into the short record `rec` (a ring reservation); see
+/// [`StateRecordV4`] for which transitions go this way.
+#[inline(always)]
+fn fill_state_v4<F: Fields>(
+    rec: *mut StateRecordV4,
+    cfg: &KernelConfig,
+    f: &F,
+    (oldstate, newstate): (i32, i32),
+    skaddr: u64,
+    now: u64,
+) {
+    let netns = netns_of(cfg, f, skaddr);
+    let (ctx_tgid, ctx_tid) = current_ids();
+    let (saddr, daddr) = f.addrs_v4();
+    unsafe {
+        addr_of_mut!((*rec).kind).write(RECORD_STATE_V4);
+        addr_of_mut!((*rec).ctx_tgid).write(ctx_tgid);
+        addr_of_mut!((*rec).ctx_tid).write(ctx_tid);
+        addr_of_mut!((*rec).netns).write(netns);
+        addr_of_mut!((*rec).ts_ns).write(now);
+        addr_of_mut!((*rec).skaddr).write(skaddr);
+        // fits_byte() checked both.
+        addr_of_mut!((*rec).oldstate).write(oldstate as u8);
+        addr_of_mut!((*rec).newstate).write(newstate as u8);
+        addr_of_mut!((*rec).sport).write(f.sport());
+        addr_of_mut!((*rec).dport).write(f.dport());
+        addr_of_mut!((*rec)._pad0).write(0);
+        addr_of_mut!((*rec).saddr).write(saddr);
+        addr_of_mut!((*rec).daddr).write(daddr);
+        write_current_comm(addr_of_mut!((*rec).comm));
     }
 }
 
@@ -1295,7 +1375,7 @@ fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
         addr_of_mut!((*rec).fd).write(fd as i32);
         addr_of_mut!((*rec).ts_ns).write(now);
         addr_of_mut!((*rec).skaddr).write(sk);
-        addr_of_mut!((*rec).comm).write(bpf_get_current_comm().unwrap_or([0; 16]));
+        write_current_comm(addr_of_mut!((*rec).comm));
         addr_of_mut!((*rec).stack_id).write(stack_id);
         addr_of_mut!((*rec)._pad0).write(0);
         addr_of_mut!((*rec).ino).write(ino);

@@ -15,15 +15,16 @@ use tcptrace::output::Format;
 use tcptrace::pipeline::Pipeline;
 use tcptrace::tracker::Tracker;
 
-/// One connection's ten transitions, client and server, as kernel records
-/// for socket addresses `sk` and `sk + 1`.
+/// One connection's ten transitions, client and server, as the kernel
+/// records them (short IPv4 records where they hold everything) for socket
+/// addresses `sk` and `sk + 1`.
 fn connection(sk: u64, ts: u64) -> Vec<Vec<u8>> {
     let (client, server) = (raw::CLIENT_LIFE, raw::SERVER_LIFE);
     let lport = (sk % 60_000) as u16 + 1024;
     let mut out = Vec::new();
     for (i, ((co, cn), (so, sn))) in client.into_iter().zip(server).enumerate() {
         let t = ts + i as u64 * 1000;
-        out.push(raw::state_bytes(&raw::ipv4_state(
+        out.push(raw::kernel_bytes(&raw::ipv4_state(
             sk,
             t,
             co,
@@ -31,7 +32,7 @@ fn connection(sk: u64, ts: u64) -> Vec<Vec<u8>> {
             ([127, 0, 0, 1], lport),
             ([127, 0, 0, 1], 80),
         )));
-        out.push(raw::state_bytes(&raw::ipv4_state(
+        out.push(raw::kernel_bytes(&raw::ipv4_state(
             sk + 1,
             t,
             so,

@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytes::Buf;
 use tcptrace_common::{
-    AcceptRecord, ResetRecord, StateRecord, AF_INET, AF_INET6, COMM_LEN, RECORD_ACCEPT,
-    RECORD_RESET, RECORD_STATE, RESET_SENT,
+    AcceptRecord, ResetRecord, StateRecord, StateRecordV4, AF_INET, AF_INET6, COMM_LEN,
+    RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RECORD_STATE_V4, RESET_SENT,
 };
 
 use crate::state::TcpState;
@@ -173,6 +173,7 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
     let kind = (&buf[..4]).get_u32_ne();
     match kind {
         RECORD_STATE => decode_state(buf).map(Record::State),
+        RECORD_STATE_V4 => decode_state_v4(buf).map(Record::State),
         RECORD_ACCEPT => decode_accept(buf).map(Record::Accept),
         RECORD_RESET => decode_reset(buf).map(Record::Reset),
         other => Err(DecodeError::UnknownKind(other)),
@@ -207,17 +208,65 @@ fn state(n: i32) -> Result<TcpState, DecodeError> {
     TcpState::from_kernel(n).ok_or(DecodeError::BadState(n))
 }
 
+/// The fields both state layouts begin with, in this order.
+struct StateHead {
+    ctx_tgid: u32,
+    ctx_tid: u32,
+    netns: u32,
+    ts_ns: u64,
+    sk: u64,
+}
+
+/// Reads the [`StateHead`] after the kind tag.
+fn state_head(b: &mut &[u8]) -> StateHead {
+    let _kind = b.get_u32_ne();
+    StateHead {
+        ctx_tgid: b.get_u32_ne(),
+        ctx_tid: b.get_u32_ne(),
+        netns: b.get_u32_ne(),
+        ts_ns: b.get_u64_ne(),
+        sk: b.get_u64_ne(),
+    }
+}
+
+/// The transition either layout describes; `connect_fd`, `stack_id` and
+/// `ino` unset (only the full layout has them).
+fn state_change(
+    head: StateHead,
+    family: Family,
+    (laddr, lport): (IpAddr, u16),
+    (raddr, rport): (IpAddr, u16),
+    (old, new): (i32, i32),
+    raw_comm: &[u8; COMM_LEN],
+) -> Result<StateChange, DecodeError> {
+    Ok(StateChange {
+        ts_ns: head.ts_ns,
+        sk: head.sk,
+        netns: (head.netns != 0).then_some(head.netns),
+        family,
+        laddr,
+        lport,
+        raddr,
+        rport,
+        old: state(old)?,
+        new: state(new)?,
+        ctx: Task {
+            pid: head.ctx_tgid,
+            tid: head.ctx_tid,
+            comm: comm(raw_comm),
+        },
+        connect_fd: None,
+        stack_id: None,
+        ino: None,
+    })
+}
+
 fn decode_state(buf: &[u8]) -> Result<StateChange, DecodeError> {
     check_len(buf, "state", size_of::<StateRecord>())?;
     // Field order and widths follow `StateRecord`; the layout test in
     // tcptrace-common pins the size this relies on.
     let mut b = buf;
-    let _kind = b.get_u32_ne();
-    let ctx_tgid = b.get_u32_ne();
-    let ctx_tid = b.get_u32_ne();
-    let netns = b.get_u32_ne();
-    let ts_ns = b.get_u64_ne();
-    let sk = b.get_u64_ne();
+    let head = state_head(&mut b);
     let old = b.get_i32_ne();
     let new = b.get_i32_ne();
     let family = b.get_u16_ne();
@@ -239,26 +288,35 @@ fn decode_state(buf: &[u8]) -> Result<StateChange, DecodeError> {
         AF_INET6 => Family::Ipv6,
         other => return Err(DecodeError::BadFamily(other)),
     };
+    let local = (addr(family, saddr), sport);
+    let remote = (addr(family, daddr), dport);
     Ok(StateChange {
-        ts_ns,
-        sk,
-        netns: (netns != 0).then_some(netns),
-        family,
-        laddr: addr(family, saddr),
-        lport: sport,
-        raddr: addr(family, daddr),
-        rport: dport,
-        old: state(old)?,
-        new: state(new)?,
-        ctx: Task {
-            pid: ctx_tgid,
-            tid: ctx_tid,
-            comm: comm(&raw_comm),
-        },
         connect_fd: (connect_fd >= 0).then_some(connect_fd),
         stack_id: u32::try_from(stack_id).ok(),
         ino: (ino != 0).then_some(ino),
+        ..state_change(head, family, local, remote, (old, new), &raw_comm)?
     })
+}
+
+/// A [`StateRecordV4`]: an IPv4 transition without fd, stack or inode.
+fn decode_state_v4(buf: &[u8]) -> Result<StateChange, DecodeError> {
+    check_len(buf, "short state", size_of::<StateRecordV4>())?;
+    // Field order and widths follow `StateRecordV4`.
+    let mut b = buf;
+    let head = state_head(&mut b);
+    let old = b.get_u8();
+    let new = b.get_u8();
+    let sport = b.get_u16_ne();
+    let dport = b.get_u16_ne();
+    let _pad0 = b.get_u16_ne();
+    let saddr = b.get_u32();
+    let daddr = b.get_u32();
+    let mut raw_comm = [0u8; COMM_LEN];
+    b.copy_to_slice(&mut raw_comm);
+    let local = (IpAddr::V4(Ipv4Addr::from(saddr)), sport);
+    let remote = (IpAddr::V4(Ipv4Addr::from(daddr)), dport);
+    let states = (i32::from(old), i32::from(new));
+    state_change(head, Family::Ipv4, local, remote, states, &raw_comm)
 }
 
 fn decode_reset(buf: &[u8]) -> Result<Reset, DecodeError> {
@@ -319,6 +377,53 @@ pub mod raw {
     /// The bytes of a [`StateRecord`].
     pub fn state_bytes(rec: &StateRecord) -> Vec<u8> {
         bytes_of(rec)
+    }
+
+    /// The bytes of a [`StateRecordV4`].
+    pub fn state_v4_bytes(rec: &StateRecordV4) -> Vec<u8> {
+        bytes_of(rec)
+    }
+
+    /// The short record the kernel writes instead of `rec` (IPv4, no fd,
+    /// stack or inode; the caller checks that).
+    pub fn short_state(rec: &StateRecord) -> StateRecordV4 {
+        let mut saddr = [0u8; 4];
+        saddr.copy_from_slice(&rec.saddr[..4]);
+        let mut daddr = [0u8; 4];
+        daddr.copy_from_slice(&rec.daddr[..4]);
+        StateRecordV4 {
+            kind: tcptrace_common::RECORD_STATE_V4,
+            ctx_tgid: rec.ctx_tgid,
+            ctx_tid: rec.ctx_tid,
+            netns: rec.netns,
+            ts_ns: rec.ts_ns,
+            skaddr: rec.skaddr,
+            oldstate: rec.oldstate as u8,
+            newstate: rec.newstate as u8,
+            sport: rec.sport,
+            dport: rec.dport,
+            _pad0: 0,
+            saddr,
+            daddr,
+            comm: rec.comm,
+        }
+    }
+
+    /// The bytes of `rec` as the kernel program would send them: the short
+    /// record wherever it holds everything (IPv4, no fd, stack or inode).
+    pub fn kernel_bytes(rec: &StateRecord) -> Vec<u8> {
+        let fits = |s: i32| (0..=i32::from(u8::MAX)).contains(&s);
+        if rec.family == AF_INET
+            && rec.connect_fd < 0
+            && rec.stack_id < 0
+            && rec.ino == 0
+            && fits(rec.oldstate)
+            && fits(rec.newstate)
+        {
+            state_v4_bytes(&short_state(rec))
+        } else {
+            state_bytes(rec)
+        }
     }
 
     /// The bytes of an [`AcceptRecord`].
@@ -391,7 +496,10 @@ pub mod raw {
 
 #[cfg(test)]
 mod tests {
-    use super::raw::{accept_bytes, comm, ipv4_state, state_bytes};
+    use super::raw::{
+        accept_bytes, comm, ipv4_state, short_state, state_bytes, state_v4_bytes, CLIENT_LIFE,
+        SERVER_LIFE,
+    };
     use super::{
         decode, AcceptRecord, DecodeError, Family, IpAddr, Ipv6Addr, Record, StateRecord, TcpState,
         AF_INET6, RECORD_ACCEPT,
@@ -488,6 +596,54 @@ mod tests {
         for len in 0..acc.len() {
             assert!(decode(&acc[..len]).is_err(), "length {len} accepted");
         }
+    }
+
+    #[test]
+    fn a_short_record_decodes_to_the_same_transition_as_a_full_one() {
+        for (i, (old, new)) in CLIENT_LIFE.iter().chain(&SERVER_LIFE).enumerate() {
+            let mut full = sample();
+            (full.oldstate, full.newstate) = (*old, *new);
+            full.ts_ns = 1_000 + i as u64;
+            full.ctx_tid = 7 + i as u32;
+            let short = state_v4_bytes(&short_state(&full));
+            assert_eq!(short.len(), 64);
+            assert_eq!(
+                decode(&short),
+                decode(&state_bytes(&full)),
+                "{old} -> {new}"
+            );
+        }
+        let mut full = sample();
+        full.netns = 0;
+        assert_eq!(
+            decode(&state_v4_bytes(&short_state(&full))),
+            decode(&state_bytes(&full))
+        );
+    }
+
+    #[test]
+    fn a_hostile_short_record_is_an_error_not_a_panic() {
+        let good = short_state(&sample());
+        let bytes = state_v4_bytes(&good);
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "length {len} accepted");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(
+            decode(&long),
+            Err(DecodeError::BadLength {
+                kind: "short state",
+                expected: 64,
+                got: 65
+            })
+        );
+        let mut bad = good;
+        bad.newstate = 200;
+        assert_eq!(
+            decode(&state_v4_bytes(&bad)),
+            Err(DecodeError::BadState(200))
+        );
     }
 
     #[test]
