@@ -18,6 +18,8 @@ pub const RECORD_ACCEPT: u32 = 2;
 pub const RECORD_RESET: u32 = 3;
 /// Kind tag of a [`StateRecordV4`].
 pub const RECORD_STATE_V4: u32 = 4;
+/// Kind tag of a [`StateBatch`].
+pub const RECORD_STATE_BATCH: u32 = 5;
 
 /// Length of a task's `comm`, as in the kernel's `TASK_COMM_LEN`.
 pub const COMM_LEN: usize = 16;
@@ -281,6 +283,36 @@ pub const SLOT_PROBES: u32 = 8;
 /// connection's passage through CLOSE_WAIT costs no record at all. A
 /// socket that finds no free slot is sent as before.
 pub const CONFIG_CW_TABLE: u32 = 1 << 4;
+
+/// Bit in [`KernelConfig::flags`]: a CPU stages its short records
+/// ([`StateRecordV4`]) in a per-CPU [`StateBatch`] and sends them
+/// [`STAGED_RECORDS`] at a time, one ring-buffer reservation instead of
+/// one each; the agent's `flush_stage` program sends a CPU's partial batch
+/// when the agent runs it on that CPU, every time it reads the ring.
+/// For streams of every transition, where the ring's lock and barriers
+/// were a third of a record's cost.
+pub const CONFIG_STAGE: u32 = 1 << 5;
+
+/// Records a [`StateBatch`] holds.
+pub const STAGED_RECORDS: usize = 16;
+
+/// Short records staged on one CPU, oldest first, sent as one ring-buffer
+/// record of `8 + 64 * count` bytes (only the staged records).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateBatch {
+    /// [`RECORD_STATE_BATCH`].
+    pub kind: u32,
+    /// Records in `records`, 1 to [`STAGED_RECORDS`] when sent.
+    pub count: u32,
+    /// The staged records; those past `count` are not sent.
+    pub records: [StateRecordV4; STAGED_RECORDS],
+}
+
+/// What the kernel's `flush_stage` program returns when the CPU was
+/// staging a record as the agent's run interrupted it: nothing was sent,
+/// run it again.
+pub const FLUSH_BUSY: u32 = 1;
 
 /// Slots of the kernel's per-CPU `CW_COUNTS`: sockets kept in the
 /// `CLOSE_WAITS` table, ...
@@ -588,6 +620,7 @@ mod tests {
         // The agent's decoder depends on these exact sizes.
         assert_eq!(size_of::<StateRecord>(), 112);
         assert_eq!(size_of::<StateRecordV4>(), 64);
+        assert_eq!(size_of::<StateBatch>(), 8 + 64 * STAGED_RECORDS);
         assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
         assert_eq!(size_of::<KernelConfig>(), 45 * 4);

@@ -21,20 +21,22 @@ use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray, RingBuf, StackTrace},
-    programs::{tracing::StackIdContext, BtfTracePointContext, TracePointContext},
+    programs::{
+        tracing::StackIdContext, BtfTracePointContext, RawTracePointContext, TracePointContext,
+    },
     EbpfContext, Global,
 };
 use tcptrace_common::{
     linger_bucket, probe_slot, stack_budget_slot, tcp_state, AcceptRecord, ConnectSlot,
-    KernelConfig, OriginSlot, ResetRecord, StackBudget, StateRecord, StateRecordV4, AF_INET,
-    AF_INET6, COMM_LEN, CONFIG_ACCEPT, CONFIG_CW_TABLE, CONFIG_INODE, CONFIG_NETNS,
-    CONFIG_ORIGIN_MAP, CW_COUNT_SLOTS, CW_FULL, CW_KEPT, CW_LINGER, CW_LINGER_SUM_NS, CW_QUIET,
-    CW_SENT, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED, ORIGIN_ACCEPT,
-    ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RECORD_STATE_V4,
-    RESET_RECEIVED, RESET_SENT, SLOT_PROBES, STACKS_OVER_BUDGET, STACK_BUDGET_BITS,
-    TRANSITION_STATES,
+    KernelConfig, OriginSlot, ResetRecord, StackBudget, StateBatch, StateRecord, StateRecordV4,
+    AF_INET, AF_INET6, COMM_LEN, CONFIG_ACCEPT, CONFIG_CW_TABLE, CONFIG_INODE, CONFIG_NETNS,
+    CONFIG_ORIGIN_MAP, CONFIG_STAGE, CW_COUNT_SLOTS, CW_FULL, CW_KEPT, CW_LINGER, CW_LINGER_SUM_NS,
+    CW_QUIET, CW_SENT, FLUSH_BUSY, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED,
+    ORIGIN_ACCEPT, ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE,
+    RECORD_STATE_BATCH, RECORD_STATE_V4, RESET_RECEIVED, RESET_SENT, SLOT_PROBES,
+    STACKS_OVER_BUDGET, STACK_BUDGET_BITS, STAGED_RECORDS, TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -566,9 +568,14 @@ fn count_transition(old: i32, new: i32) {
 
 #[inline(always)]
 fn count_lost() {
+    count_lost_n(1);
+}
+
+#[inline(always)]
+fn count_lost_n(n: u64) {
     if let Some(counter) = LOST.get_ptr_mut(0) {
         // Per-CPU slot: no other writer can race this increment.
-        unsafe { *counter += 1 };
+        unsafe { *counter += n };
     }
 }
 
@@ -1014,7 +1021,6 @@ fn emit_state<C: StackIdContext, F: Fields>(
 ) -> Option<()> {
     let skaddr = f.skaddr()?;
 
-    let now = unsafe { bpf_ktime_get_ns() };
     let in_connect = oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT;
     if family == AF_INET
         && !in_connect
@@ -1023,6 +1029,10 @@ fn emit_state<C: StackIdContext, F: Fields>(
         && fits_byte(newstate)
     {
         // No fd, stack or inode to carry: the short record says it all.
+        if cfg.flags & CONFIG_STAGE != 0 && stage(cfg, f, (oldstate, newstate), skaddr) {
+            return Some(());
+        }
+        let now = unsafe { bpf_ktime_get_ns() };
         let Some(mut entry) = EVENTS.reserve::<StateRecordV4>(0) else {
             count_lost();
             return None;
@@ -1038,6 +1048,7 @@ fn emit_state<C: StackIdContext, F: Fields>(
         entry.submit(wakeup_flags(cfg));
         return Some(());
     }
+    let now = unsafe { bpf_ktime_get_ns() };
     // With the origin map, the origin (and its stack) is already there.
     let (connect_fd, stack_id) = if in_connect && cfg.flags & CONFIG_ORIGIN_MAP == 0 {
         // Runs inside connect(): the current task is the owner, and its
@@ -1132,6 +1143,110 @@ fn fill_state<F: Fields>(
             write_current_comm(addr_of_mut!((*rec).comm));
         }
     }
+}
+
+/// This CPU's staged short records ([`CONFIG_STAGE`]), and whether one of
+/// the two programs that touch them is at work on this CPU: the state
+/// program can interrupt `flush_stage` (a softirq's transition), and
+/// `flush_stage`, run by the agent through an interrupt, can interrupt the
+/// state program. Each runs to its end before the one it interrupted goes
+/// on, so a plain flag set before and cleared after is enough; whoever
+/// finds it set keeps its hands off the batch.
+#[repr(C)]
+struct Stage {
+    busy: u64,
+    batch: StateBatch,
+}
+
+/// See [`Stage`].
+#[map]
+static STAGE: PerCpuArray<Stage> = PerCpuArray::with_max_entries(1, 0);
+
+/// [`CONFIG_STAGE`]: adds a short record to this CPU's batch, and sends the
+/// batch when it is full; false when the batch is busy (the caller sends
+/// the record on its own). The clock is read after the flag is set, so
+/// that a record the agent's flush did not find has a time after that
+/// flush: the agent releases records in time order up to the moment it
+/// flushed every CPU.
+#[inline(always)]
+fn stage<F: Fields>(cfg: &KernelConfig, f: &F, states: (i32, i32), skaddr: u64) -> bool {
+    let Some(st) = STAGE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: `st` points into this CPU's map value; see [`Stage`].
+    unsafe {
+        let busy = addr_of_mut!((*st).busy);
+        if core::ptr::read_volatile(busy) != 0 {
+            return false;
+        }
+        core::ptr::write_volatile(busy, 1);
+        let n = (*st).batch.count as usize;
+        if n < STAGED_RECORDS {
+            let now = bpf_ktime_get_ns();
+            let rec = addr_of_mut!((*st).batch.records[n]);
+            fill_state_v4(rec, cfg, f, states, skaddr, now);
+            if n + 1 == STAGED_RECORDS {
+                (*st).batch.count = STAGED_RECORDS as u32;
+                send_batch(cfg, st);
+            } else {
+                (*st).batch.count = (n + 1) as u32;
+            }
+        }
+        core::ptr::write_volatile(busy, 0);
+        n < STAGED_RECORDS
+    }
+}
+
+/// Sends the staged batch (its `count` records) and empties it.
+///
+/// # Safety
+/// `st` must point into this CPU's [`STAGE`] value, with its flag set.
+#[inline(always)]
+unsafe fn send_batch(cfg: &KernelConfig, st: *mut Stage) {
+    unsafe {
+        let n = (*st).batch.count as usize;
+        if n == 0 || n > STAGED_RECORDS {
+            (*st).batch.count = 0;
+            return;
+        }
+        (*st).batch.kind = RECORD_STATE_BATCH;
+        // LLVM writes the sum as `n << 6 | 8`, whose bound the verifier
+        // loses track of: a check it cannot fold away gives it back.
+        let len = core::ptr::read_volatile(&(8 + n * core::mem::size_of::<StateRecordV4>()));
+        if len > core::mem::size_of::<StateBatch>() {
+            (*st).batch.count = 0;
+            return;
+        }
+        let bytes = core::slice::from_raw_parts(addr_of_mut!((*st).batch).cast::<u8>(), len);
+        if EVENTS.output::<[u8]>(bytes, wakeup_flags(cfg)).is_err() {
+            count_lost_n(n as u64);
+        }
+        (*st).batch.count = 0;
+    }
+}
+
+/// Sends this CPU's staged records ([`CONFIG_STAGE`]). Never attached: the
+/// agent runs it on each CPU (`BPF_PROG_TEST_RUN` with
+/// `BPF_F_TEST_RUN_ON_CPU`) before it reads the ring, so that no record
+/// waits in a batch longer than the agent's poll interval. Returns
+/// [`FLUSH_BUSY`] when it interrupted the state program at work on the
+/// batch (nothing sent; the agent runs it again), else 0.
+#[raw_tracepoint(tracepoint = "tcptrace_flush_stage")]
+pub fn flush_stage(_ctx: RawTracePointContext) -> i32 {
+    let Some(st) = STAGE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: as in `stage`.
+    unsafe {
+        let busy = addr_of_mut!((*st).busy);
+        if core::ptr::read_volatile(busy) != 0 {
+            return FLUSH_BUSY as i32;
+        }
+        core::ptr::write_volatile(busy, 1);
+        send_batch(config(), st);
+        core::ptr::write_volatile(busy, 0);
+    }
+    0
 }
 
 /// Writes the current task's `comm` into `dst`, NUL padded (zeros when

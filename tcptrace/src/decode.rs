@@ -12,7 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use bytes::Buf;
 use tcptrace_common::{
     AcceptRecord, ResetRecord, StateRecord, StateRecordV4, AF_INET, AF_INET6, COMM_LEN,
-    RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RECORD_STATE_V4, RESET_SENT,
+    RECORD_ACCEPT, RECORD_RESET, RECORD_STATE, RECORD_STATE_BATCH, RECORD_STATE_V4, RESET_SENT,
+    STAGED_RECORDS,
 };
 
 use crate::state::TcpState;
@@ -178,6 +179,43 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
         RECORD_RESET => decode_reset(buf).map(Record::Reset),
         other => Err(DecodeError::UnknownKind(other)),
     }
+}
+
+/// Decodes one ring-buffer record into `out`: the record, or each record
+/// of a batch (`tcptrace_common::StateBatch`, staged short records). A
+/// batch's good records are kept even when one of them is malformed.
+pub fn decode_into(buf: &[u8], out: &mut Vec<Record>) -> Result<(), DecodeError> {
+    if buf.len() >= 4 && (&buf[..4]).get_u32_ne() == RECORD_STATE_BATCH {
+        return decode_batch(buf, out);
+    }
+    out.push(decode(buf)?);
+    Ok(())
+}
+
+/// A batch: kind, count, then `count` short records.
+fn decode_batch(buf: &[u8], out: &mut Vec<Record>) -> Result<(), DecodeError> {
+    const HEAD: usize = 8;
+    const REC: usize = size_of::<StateRecordV4>();
+    if buf.len() < HEAD {
+        return Err(DecodeError::Truncated { len: buf.len() });
+    }
+    let count = (&buf[4..HEAD]).get_u32_ne() as usize;
+    let count = count.min(STAGED_RECORDS);
+    check_len(buf, "batch", HEAD + count.max(1) * REC)?;
+    let mut result = Ok(());
+    for rec in buf[HEAD..].chunks_exact(REC) {
+        let kind = (&rec[..4]).get_u32_ne();
+        let decoded = if kind == RECORD_STATE_V4 {
+            decode_state_v4(rec)
+        } else {
+            Err(DecodeError::UnknownKind(kind))
+        };
+        match decoded {
+            Ok(change) => out.push(Record::State(change)),
+            Err(e) => result = result.and(Err(e)),
+        }
+    }
+    result
 }
 
 fn check_len(buf: &[u8], kind: &'static str, expected: usize) -> Result<(), DecodeError> {
@@ -501,8 +539,8 @@ mod tests {
         SERVER_LIFE,
     };
     use super::{
-        decode, AcceptRecord, DecodeError, Family, IpAddr, Ipv6Addr, Record, StateRecord, TcpState,
-        AF_INET6, RECORD_ACCEPT,
+        decode, decode_into, AcceptRecord, DecodeError, Family, IpAddr, Ipv6Addr, Record,
+        StateRecord, TcpState, AF_INET6, RECORD_ACCEPT,
     };
     use tcptrace_common::tcp_state as k;
 
@@ -644,6 +682,84 @@ mod tests {
             decode(&state_v4_bytes(&bad)),
             Err(DecodeError::BadState(200))
         );
+    }
+
+    /// A batch as the kernel sends it: kind, count, the staged records.
+    fn batch(records: &[tcptrace_common::StateRecordV4]) -> Vec<u8> {
+        let mut bytes = tcptrace_common::RECORD_STATE_BATCH.to_ne_bytes().to_vec();
+        bytes.extend_from_slice(&(records.len() as u32).to_ne_bytes());
+        for r in records {
+            bytes.extend_from_slice(&state_v4_bytes(r));
+        }
+        bytes
+    }
+
+    fn staged(n: usize) -> Vec<tcptrace_common::StateRecordV4> {
+        (0..n)
+            .map(|i| {
+                let mut full = sample();
+                (full.oldstate, full.newstate) = SERVER_LIFE[i % SERVER_LIFE.len()];
+                full.ts_ns = i as u64;
+                short_state(&full)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_decodes_to_its_records_in_order() {
+        for n in [1, 7, tcptrace_common::STAGED_RECORDS] {
+            let mut out = Vec::new();
+            decode_into(&batch(&staged(n)), &mut out).expect("valid batch");
+            let times: Vec<u64> = out
+                .iter()
+                .map(|r| match r {
+                    Record::State(c) => c.ts_ns,
+                    other => panic!("not a state record: {other:?}"),
+                })
+                .collect();
+            assert_eq!(times, (0..n as u64).collect::<Vec<_>>());
+        }
+        // A single record goes through decode_into as one.
+        let mut out = Vec::new();
+        decode_into(&state_bytes(&sample()), &mut out).expect("valid");
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn a_hostile_batch_is_an_error_not_a_panic() {
+        let good = batch(&staged(3));
+        for len in 0..good.len() {
+            let mut out = Vec::new();
+            assert!(decode_into(&good[..len], &mut out).is_err(), "length {len}");
+        }
+        // A count that disagrees with the length, zero, or past the most
+        // a batch holds.
+        for count in [2u32, 4, 0, 1_000_000] {
+            let mut bytes = good.clone();
+            bytes[4..8].copy_from_slice(&count.to_ne_bytes());
+            assert!(
+                decode_into(&bytes, &mut Vec::new()).is_err(),
+                "count {count}"
+            );
+        }
+        // One bad record: the others still come out, and the batch counts
+        // as malformed.
+        let mut records = staged(3);
+        records[1].newstate = 99;
+        let mut out = Vec::new();
+        assert_eq!(
+            decode_into(&batch(&records), &mut out),
+            Err(DecodeError::BadState(99))
+        );
+        assert_eq!(out.len(), 2);
+        let mut bytes = batch(&staged(2));
+        bytes[8..12].copy_from_slice(&RECORD_ACCEPT.to_ne_bytes());
+        let mut out = Vec::new();
+        assert_eq!(
+            decode_into(&bytes, &mut out),
+            Err(DecodeError::UnknownKind(RECORD_ACCEPT))
+        );
+        assert_eq!(out.len(), 1);
     }
 
     #[test]

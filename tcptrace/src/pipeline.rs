@@ -155,10 +155,26 @@ impl Pipeline {
         }
     }
 
-    /// Handles one raw record, appending its output lines to `out`; `Err`
-    /// when it is malformed (counted, never fatal).
+    /// Handles one raw record (a batch: each of its records), appending
+    /// its output lines to `out`; `Err` when it is malformed (counted,
+    /// never fatal; a batch's good records are still handled).
     pub fn handle(&mut self, raw: &[u8], out: &mut Vec<String>) -> Result<(), DecodeError> {
-        let record = decode::decode(raw).inspect_err(|_| self.malformed += 1)?;
+        let mut records = Vec::new();
+        let decoded = self.decode(raw, &mut records);
+        for record in records {
+            self.handle_record(record, out);
+        }
+        decoded
+    }
+
+    /// Decodes one raw record into `records` (see [`decode::decode_into`]),
+    /// counting it when it is malformed.
+    pub fn decode(&mut self, raw: &[u8], records: &mut Vec<Record>) -> Result<(), DecodeError> {
+        decode::decode_into(raw, records).inspect_err(|_| self.malformed += 1)
+    }
+
+    /// Handles one decoded record, appending its output lines to `out`.
+    pub fn handle_record(&mut self, record: Record, out: &mut Vec<String>) {
         match record {
             Record::State(change) => {
                 let t = self.tracker.on_state(change);
@@ -213,7 +229,6 @@ impl Pipeline {
                 }
             }
         }
-        Ok(())
     }
 
     /// Sockets that became leaks by `now_ns` and pass the filter.

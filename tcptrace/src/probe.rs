@@ -13,10 +13,11 @@ use crate::layout::{
 };
 use crate::privileges::NotPrivileged;
 use crate::progstats::ProgramStats;
+use crate::stage::{Flusher, StageUnavailable};
 use crate::state::TcpState;
 use tcptrace_common::{
-    probe_slot, OriginSlot, CONFIG_CW_TABLE, CONFIG_ORIGIN_MAP, ORIGINS_FULL, ORIGINS_INSERTED,
-    ORIGINS_REMOVED, SLOT_PROBES, STACKS_OVER_BUDGET, TRANSITION_STATES,
+    probe_slot, OriginSlot, CONFIG_CW_TABLE, CONFIG_ORIGIN_MAP, CONFIG_STAGE, ORIGINS_FULL,
+    ORIGINS_INSERTED, ORIGINS_REMOVED, SLOT_PROBES, STACKS_OVER_BUDGET, TRANSITION_STATES,
 };
 
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
@@ -52,6 +53,9 @@ pub struct Probes {
     pub state_program: &'static str,
     /// The tracepoints attached, as `category:name`.
     pub tracepoints: Vec<String>,
+    /// Runs `flush_stage` on every CPU, when the kernel stages short
+    /// records ([`ProbeOptions::stage`]).
+    pub flusher: Option<crate::stage::Flusher>,
 }
 
 /// The kernel's `ORIGINS` table: each live connection's origin in a slot
@@ -229,11 +233,28 @@ pub struct ProbeOptions {
     /// (see [`crate::pipeline::uses_origin_map`], [`origin_slot_bits`]);
     /// `None` sends them instead.
     pub origin_map: Option<u32>,
+    /// Stage short records in per-CPU batches ([`tcptrace_common::CONFIG_STAGE`])
+    /// where the kernel can; for streams of every transition.
+    pub stage: bool,
 }
 
 /// Loads the program and attaches every hook it supports.
 pub fn load_and_attach(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes> {
-    load_inner(layout, options).map_err(explain)
+    match load_inner(layout, options) {
+        Err(e) if options.stage && e.downcast_ref::<StageUnavailable>().is_some() => {
+            // The first line says what failed; a verifier log follows it.
+            let full = format!("{e:#}");
+            let what = full.lines().next().unwrap_or_default();
+            log::warn!("{what}; sending every record to the ring buffer on its own");
+            log::debug!("{full}");
+            let unstaged = ProbeOptions {
+                stage: false,
+                ..*options
+            };
+            load_inner(layout, &unstaged).map_err(explain)
+        }
+        loaded => loaded.map_err(explain),
+    }
 }
 
 /// Wake the agent each time the unread data passes another this-many-th
@@ -255,6 +276,9 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         config.cw_quiet_ms = u32::try_from(quiet.as_millis()).unwrap_or(u32::MAX);
         cw_slots = 1 << CW_TABLE_BITS;
     }
+    if options.stage {
+        config.flags |= CONFIG_STAGE;
+    }
     let mut origin_slots = 1;
     if let Some(max) = options.origin_map {
         config.flags |= CONFIG_ORIGIN_MAP;
@@ -268,6 +292,16 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         .map_max_entries("CLOSE_WAITS", cw_slots)
         .load(PROGRAM)
         .context("loading the eBPF program")?;
+    // Before attaching: a kernel that cannot run it gets the program again
+    // without staging (see `load_and_attach`).
+    let flusher = if options.stage {
+        Some(
+            Flusher::load(&mut ebpf)
+                .map_err(|e| anyhow::Error::new(e).context("staging records"))?,
+        )
+    } else {
+        None
+    };
 
     let mut programs = ProgramStats::default();
     let (cat, name) = STATE_TP;
@@ -355,6 +389,7 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         connect_fd,
         state_program,
         tracepoints,
+        flusher,
     })
 }
 
