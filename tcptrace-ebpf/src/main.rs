@@ -187,18 +187,22 @@ fn live_origins_add(delta: u64) {
     }
 }
 
+/// True unless [`ORIGINS_LIVE`] says no origin is kept (then no socket's
+/// CLOSE has a slot to free).
+#[inline(always)]
+fn origins_live() -> bool {
+    ORIGINS_LIVE
+        .get_ptr(0)
+        .is_none_or(|n| unsafe { core::ptr::read_volatile(n) } != 0)
+}
+
 /// Frees every slot of [`ORIGINS`] that holds `sk` (one, unless an
 /// unseen CLOSE left a stale copy). A socket's origin is kept, and counted
 /// in [`ORIGINS_LIVE`], before its CLOSE can run (both follow the socket's
-/// own state changes), so a zero count means it has none.
+/// own state changes), so a zero count means it has none: callers look
+/// at [`origins_live`] first.
 #[inline(always)]
 fn forget(sk: u64) {
-    let live = ORIGINS_LIVE
-        .get_ptr(0)
-        .map_or(1, |n| unsafe { core::ptr::read_volatile(n) });
-    if live == 0 {
-        return;
-    }
     let bits = origin_bits();
     for i in 0..SLOT_PROBES {
         let Some(slot) = slot_probe(&ORIGINS, sk, bits, i) else {
@@ -674,15 +678,21 @@ fn keep_origin<C: StackIdContext, F: Fields>(
     f: &F,
     (oldstate, newstate, _): Wanted,
 ) -> Option<()> {
-    let sk = f.skaddr()?;
+    // The socket's address only where it is needed: on the BTF program,
+    // taking it costs a round trip through a per-CPU word, and most
+    // transitions need neither branch.
     if newstate == tcp_state::CLOSE {
         // Most sockets were never inserted (listeners, sockets older than
-        // the agent): a few compares is all that costs.
-        forget(sk);
+        // the agent): with none kept, as under churn past the budget, a
+        // load is all that costs.
+        if origins_live() {
+            forget(f.skaddr()?);
+        }
     } else if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
         // Past the budget, as for accept(): an origin without its stack
         // tells the agent nothing /proc does not.
         if stack_allowed(ctx, config().stacks_per_second) {
+            let sk = f.skaddr()?;
             let now = unsafe { bpf_ktime_get_ns() };
             let fd = f.connect_fd(ctx.pid(), now);
             keep(sk, ORIGIN_CONNECT, fd, now, user_stack(ctx));
