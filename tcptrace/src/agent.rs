@@ -118,7 +118,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         },
     )?;
     let staged = flusher.is_some();
-    let mut reader = Reader::new(flusher);
+    let mut reader = Reader::new(flusher, cli.ring_buffer_size);
 
     // Text only for a person at a terminal; collectors always get JSON.
     let format =
@@ -487,9 +487,11 @@ enum Read {
     Final,
 }
 
-/// Past this many records held for reordering (a CPU whose batch could
-/// not be flushed for a long time), they go out in the order they have.
-const MAX_HELD_RECORDS: usize = 1 << 20;
+/// Records held for reordering, at most, per byte of ring buffer: twice
+/// what a full ring of batched short records (64 bytes each) holds. Past
+/// that (a CPU whose batch could not be flushed for a long time), they go
+/// out in the order they have. Some 170 bytes of memory each.
+const HELD_RECORDS_PER_RING_BYTE: f64 = 1.0 / 32.0;
 
 /// Reads the ring buffer; where the kernel stages records, flushes every
 /// CPU first and hands records on in time order (see [`crate::reorder`]).
@@ -500,15 +502,21 @@ struct Reader {
     records: Vec<crate::decode::Record>,
     /// Flushes that failed (the first is logged).
     flush_errors: u64,
+    /// Past this many held records, release them all (see
+    /// [`HELD_RECORDS_PER_RING_BYTE`]); the first time is logged.
+    max_held: usize,
+    overflows: u64,
 }
 
 impl Reader {
-    fn new(flusher: Option<crate::stage::Flusher>) -> Self {
+    fn new(flusher: Option<crate::stage::Flusher>, ring_bytes: u32) -> Self {
         Self {
             flusher,
             reorder: crate::reorder::Reorder::default(),
             records: Vec::new(),
             flush_errors: 0,
+            max_held: ((f64::from(ring_bytes) * HELD_RECORDS_PER_RING_BYTE) as usize).max(4096),
+            overflows: 0,
         }
     }
 
@@ -546,7 +554,18 @@ impl Reader {
                 self.reorder.push(record);
             }
         }
-        let watermark = if why == Read::Final || self.reorder.len() > MAX_HELD_RECORDS {
+        let overflow = self.reorder.len() > self.max_held;
+        if overflow {
+            self.overflows += 1;
+            if self.overflows == 1 {
+                log::warn!(
+                    "{} records wait for a flush that vouches for their time; releasing them \
+                     as they are (some may come out of order)",
+                    self.reorder.len()
+                );
+            }
+        }
+        let watermark = if why == Read::Final || overflow {
             u64::MAX
         } else {
             watermark.unwrap_or_else(|| self.reorder.released_to())

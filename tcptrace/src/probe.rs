@@ -23,7 +23,8 @@ use tcptrace_common::{
 /// The kernel program, built by build.rs from `tcptrace-ebpf`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
 
-/// Default ring buffer size: about 70,000 records of 120 bytes, 150 ms of
+/// Default ring buffer size: about 70,000 full records of 120 bytes (with
+/// the ring's header; most IPv4 transitions take 72, or 64 in a batch), 150 ms of
 /// every transition of a host churning 50,000 connections a second. The
 /// agent drains it every 20 ms or sooner, but shares its CPU with its own
 /// outputs and periodic work: 1 MiB (18 ms at that rate) lost records to

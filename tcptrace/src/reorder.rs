@@ -24,6 +24,13 @@ pub fn record_ts(record: &Record) -> u64 {
     }
 }
 
+/// What a released record leaves in its place until the rest is moved.
+const STAND_IN: Record = Record::Reset(crate::decode::Reset {
+    ts_ns: 0,
+    sk: 0,
+    sent: false,
+});
+
 /// Records waiting for a flush to vouch for their time.
 #[derive(Debug, Default)]
 pub struct Reorder {
@@ -77,14 +84,17 @@ impl Reorder {
             .collect();
         order.sort_unstable();
         let split = order.partition_point(|&(ts, _)| ts < watermark);
-        let mut slots: Vec<Option<Record>> = self.held.drain(..).map(Some).collect();
+        // Records are taken out in place (a heap-free stand-in left
+        // behind), so that a full ring's worth is not held twice.
+        let mut take = |i: usize| std::mem::replace(&mut self.held[i], STAND_IN);
         for &(_, i) in &order[..split] {
-            if let Some(record) = slots[i].take() {
-                out(record);
-            }
+            out(take(i));
         }
         // What stays keeps its arrival order.
-        self.held.extend(slots.into_iter().flatten());
+        let mut kept: Vec<usize> = order[split..].iter().map(|&(_, i)| i).collect();
+        kept.sort_unstable();
+        let kept: Vec<Record> = kept.into_iter().map(take).collect();
+        self.held = kept;
     }
 
     /// The watermark of the last release.
