@@ -490,7 +490,7 @@ enum Read {
 /// Records held for reordering, at most, per byte of ring buffer: twice
 /// what a full ring of batched short records (64 bytes each) holds. Past
 /// that (a CPU whose batch could not be flushed for a long time), they go
-/// out in the order they have. Some 170 bytes of memory each.
+/// out in the order they have. Some 90 bytes of memory each.
 const HELD_RECORDS_PER_RING_BYTE: f64 = 1.0 / 32.0;
 
 /// Reads the ring buffer; where the kernel stages records, flushes every
@@ -498,8 +498,6 @@ const HELD_RECORDS_PER_RING_BYTE: f64 = 1.0 / 32.0;
 struct Reader {
     flusher: Option<crate::stage::Flusher>,
     reorder: crate::reorder::Reorder,
-    /// Scratch: one raw record's decoded records, then released ones.
-    records: Vec<crate::decode::Record>,
     /// Flushes that failed (the first is logged).
     flush_errors: u64,
     /// Past this many held records, release them all (see
@@ -513,7 +511,6 @@ impl Reader {
         Self {
             flusher,
             reorder: crate::reorder::Reorder::default(),
-            records: Vec::new(),
             flush_errors: 0,
             max_held: ((f64::from(ring_bytes) * HELD_RECORDS_PER_RING_BYTE) as usize).max(4096),
             overflows: 0,
@@ -549,10 +546,12 @@ impl Reader {
             },
         };
         while let Some(item) = ring.next() {
-            log_malformed(pipeline.decode(&item, &mut self.records), pipeline);
-            for record in self.records.drain(..) {
-                self.reorder.push(record);
+            let reorder = &mut self.reorder;
+            let split = crate::decode::split_timed(&item, |ts, raw| reorder.push(ts, raw));
+            if split.is_err() {
+                pipeline.malformed += 1;
             }
+            log_malformed(split, pipeline);
         }
         let overflow = self.reorder.len() > self.max_held;
         if overflow {
@@ -570,22 +569,23 @@ impl Reader {
         } else {
             watermark.unwrap_or_else(|| self.reorder.released_to())
         };
-        let records = &mut self.records;
-        self.reorder.release(watermark, |r| records.push(r));
         let mut lines = Vec::new();
         let mut batched = 0usize;
-        for record in self.records.drain(..) {
-            pipeline.handle_record(record, &mut lines);
-            batched += lines.len();
-            for line in lines.drain(..) {
-                out.line(line)?;
+        let mut written = Ok(());
+        self.reorder.release(watermark, |raw| {
+            if written.is_err() {
+                return;
             }
+            batched += feed(pipeline, raw, &mut lines, out).unwrap_or_else(|e| {
+                written = Err(e);
+                0
+            });
             if batched >= MAX_BATCH_LINES {
-                out.flush()?;
+                written = out.flush();
                 batched = 0;
             }
-        }
-        Ok(())
+        });
+        written
     }
 }
 

@@ -181,41 +181,85 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
     }
 }
 
-/// Decodes one ring-buffer record into `out`: the record, or each record
-/// of a batch (`tcptrace_common::StateBatch`, staged short records). A
-/// batch's good records are kept even when one of them is malformed.
-pub fn decode_into(buf: &[u8], out: &mut Vec<Record>) -> Result<(), DecodeError> {
+/// Decodes one ring-buffer record and hands `each` the record, or each
+/// record of a batch (`tcptrace_common::StateBatch`, staged short
+/// records). A batch's good records are handed on even when one of them
+/// is malformed.
+pub fn decode_each(buf: &[u8], mut each: impl FnMut(Record)) -> Result<(), DecodeError> {
     if buf.len() >= 4 && (&buf[..4]).get_u32_ne() == RECORD_STATE_BATCH {
-        return decode_batch(buf, out);
+        return decode_batch(buf, each);
     }
-    out.push(decode(buf)?);
+    each(decode(buf)?);
     Ok(())
 }
 
-/// A batch: kind, count, then `count` short records.
-fn decode_batch(buf: &[u8], out: &mut Vec<Record>) -> Result<(), DecodeError> {
+/// Hands `each` the records one ring-buffer record holds, as raw bytes with
+/// their kernel times: the record itself, or each record of a batch. For
+/// holding records before decoding them (see [`crate::reorder`]): a
+/// record is decoded (and rejected if malformed) when it is handed on; a
+/// single record too short to hold a time gets time 0. `Err` only for a
+/// batch whose header does not match its length.
+pub fn split_timed(buf: &[u8], mut each: impl FnMut(u64, &[u8])) -> Result<(), DecodeError> {
+    let kind = buf.get(..4).map(|mut k| k.get_u32_ne());
+    if kind != Some(RECORD_STATE_BATCH) {
+        let at = match kind {
+            Some(RECORD_RESET) => std::mem::offset_of!(ResetRecord, ts_ns),
+            Some(RECORD_ACCEPT) => std::mem::offset_of!(AcceptRecord, ts_ns),
+            _ => std::mem::offset_of!(StateRecord, ts_ns),
+        };
+        each(time_at(buf, at), buf);
+        return Ok(());
+    }
+    let records = batch_records(buf)?;
+    for rec in records.chunks_exact(size_of::<StateRecordV4>()) {
+        each(
+            time_at(rec, std::mem::offset_of!(StateRecordV4, ts_ns)),
+            rec,
+        );
+    }
+    Ok(())
+}
+
+/// The u64 at `at` in `buf`, 0 when `buf` is too short.
+fn time_at(buf: &[u8], at: usize) -> u64 {
+    buf.get(at..at + 8).map_or(0, |mut t| t.get_u64_ne())
+}
+
+/// A batch's records, after its header (kind, count) checked against its
+/// length.
+fn batch_records(buf: &[u8]) -> Result<&[u8], DecodeError> {
     const HEAD: usize = 8;
-    const REC: usize = size_of::<StateRecordV4>();
     if buf.len() < HEAD {
         return Err(DecodeError::Truncated { len: buf.len() });
     }
-    let count = (&buf[4..HEAD]).get_u32_ne() as usize;
-    let count = count.min(STAGED_RECORDS);
-    check_len(buf, "batch", HEAD + count.max(1) * REC)?;
+    let count = ((&buf[4..HEAD]).get_u32_ne() as usize).min(STAGED_RECORDS);
+    check_len(
+        buf,
+        "batch",
+        HEAD + count.max(1) * size_of::<StateRecordV4>(),
+    )?;
+    Ok(&buf[HEAD..])
+}
+
+/// A batch: kind, count, then `count` short records.
+fn decode_batch(buf: &[u8], mut each: impl FnMut(Record)) -> Result<(), DecodeError> {
     let mut result = Ok(());
-    for rec in buf[HEAD..].chunks_exact(REC) {
-        let kind = (&rec[..4]).get_u32_ne();
-        let decoded = if kind == RECORD_STATE_V4 {
-            decode_state_v4(rec)
-        } else {
-            Err(DecodeError::UnknownKind(kind))
-        };
-        match decoded {
-            Ok(change) => out.push(Record::State(change)),
+    for rec in batch_records(buf)?.chunks_exact(size_of::<StateRecordV4>()) {
+        match decode_short(rec) {
+            Ok(change) => each(Record::State(change)),
             Err(e) => result = result.and(Err(e)),
         }
     }
     result
+}
+
+/// One record of a batch: a short state record, or an error.
+fn decode_short(rec: &[u8]) -> Result<StateChange, DecodeError> {
+    match rec.get(..4).map(|mut k| k.get_u32_ne()) {
+        Some(RECORD_STATE_V4) => decode_state_v4(rec),
+        Some(other) => Err(DecodeError::UnknownKind(other)),
+        None => Err(DecodeError::Truncated { len: rec.len() }),
+    }
 }
 
 fn check_len(buf: &[u8], kind: &'static str, expected: usize) -> Result<(), DecodeError> {
@@ -539,8 +583,8 @@ mod tests {
         SERVER_LIFE,
     };
     use super::{
-        decode, decode_into, AcceptRecord, DecodeError, Family, IpAddr, Ipv6Addr, Record,
-        StateRecord, TcpState, AF_INET6, RECORD_ACCEPT,
+        decode, decode_each, split_timed, AcceptRecord, DecodeError, Family, IpAddr, Ipv6Addr,
+        Record, StateRecord, TcpState, AF_INET6, RECORD_ACCEPT,
     };
     use tcptrace_common::tcp_state as k;
 
@@ -709,7 +753,7 @@ mod tests {
     fn a_batch_decodes_to_its_records_in_order() {
         for n in [1, 7, tcptrace_common::STAGED_RECORDS] {
             let mut out = Vec::new();
-            decode_into(&batch(&staged(n)), &mut out).expect("valid batch");
+            decode_each(&batch(&staged(n)), |r| out.push(r)).expect("valid batch");
             let times: Vec<u64> = out
                 .iter()
                 .map(|r| match r {
@@ -719,9 +763,9 @@ mod tests {
                 .collect();
             assert_eq!(times, (0..n as u64).collect::<Vec<_>>());
         }
-        // A single record goes through decode_into as one.
+        // A single record goes through decode_each as one.
         let mut out = Vec::new();
-        decode_into(&state_bytes(&sample()), &mut out).expect("valid");
+        decode_each(&state_bytes(&sample()), |r| out.push(r)).expect("valid");
         assert_eq!(out.len(), 1);
     }
 
@@ -730,17 +774,17 @@ mod tests {
         let good = batch(&staged(3));
         for len in 0..good.len() {
             let mut out = Vec::new();
-            assert!(decode_into(&good[..len], &mut out).is_err(), "length {len}");
+            assert!(
+                decode_each(&good[..len], |r| out.push(r)).is_err(),
+                "length {len}"
+            );
         }
         // A count that disagrees with the length, zero, or past the most
         // a batch holds.
         for count in [2u32, 4, 0, 1_000_000] {
             let mut bytes = good.clone();
             bytes[4..8].copy_from_slice(&count.to_ne_bytes());
-            assert!(
-                decode_into(&bytes, &mut Vec::new()).is_err(),
-                "count {count}"
-            );
+            assert!(decode_each(&bytes, |_| {}).is_err(), "count {count}");
         }
         // One bad record: the others still come out, and the batch counts
         // as malformed.
@@ -748,7 +792,7 @@ mod tests {
         records[1].newstate = 99;
         let mut out = Vec::new();
         assert_eq!(
-            decode_into(&batch(&records), &mut out),
+            decode_each(&batch(&records), |r| out.push(r)),
             Err(DecodeError::BadState(99))
         );
         assert_eq!(out.len(), 2);
@@ -756,10 +800,41 @@ mod tests {
         bytes[8..12].copy_from_slice(&RECORD_ACCEPT.to_ne_bytes());
         let mut out = Vec::new();
         assert_eq!(
-            decode_into(&bytes, &mut out),
+            decode_each(&bytes, |r| out.push(r)),
             Err(DecodeError::UnknownKind(RECORD_ACCEPT))
         );
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn split_timed_gives_each_record_with_its_time() {
+        let mut seen = Vec::new();
+        split_timed(&batch(&staged(3)), |ts, raw| seen.push((ts, raw.len()))).expect("batch");
+        assert_eq!(seen, vec![(0, 64), (1, 64), (2, 64)]);
+        let mut seen = Vec::new();
+        split_timed(&state_bytes(&sample()), |ts, raw| {
+            seen.push((ts, raw.len()))
+        })
+        .expect("single");
+        assert_eq!(seen, vec![(5_000, 112)]);
+        let reset: Vec<u8> = [
+            &tcptrace_common::RECORD_RESET.to_ne_bytes()[..],
+            &0u32.to_ne_bytes(),
+            &77u64.to_ne_bytes(),
+            &1u64.to_ne_bytes(),
+        ]
+        .concat();
+        let mut seen = Vec::new();
+        split_timed(&reset, |ts, _| seen.push(ts)).expect("reset");
+        assert_eq!(seen, vec![77]);
+        // Too short for a time: handed on at time 0, to be rejected when
+        // decoded; a batch whose header lies is rejected at once.
+        let mut seen = Vec::new();
+        split_timed(&[1, 0], |ts, raw| seen.push((ts, raw.len()))).expect("single");
+        assert_eq!(seen, vec![(0, 2)]);
+        let mut bad = batch(&staged(2));
+        bad[4..8].copy_from_slice(&5u32.to_ne_bytes());
+        assert!(split_timed(&bad, |_, _| panic!("a record of a bad batch")).is_err());
     }
 
     #[test]

@@ -159,18 +159,11 @@ impl Pipeline {
     /// its output lines to `out`; `Err` when it is malformed (counted,
     /// never fatal; a batch's good records are still handled).
     pub fn handle(&mut self, raw: &[u8], out: &mut Vec<String>) -> Result<(), DecodeError> {
-        let mut records = Vec::new();
-        let decoded = self.decode(raw, &mut records);
-        for record in records {
-            self.handle_record(record, out);
+        let decoded = decode::decode_each(raw, |r| self.handle_record(r, out));
+        if decoded.is_err() {
+            self.malformed += 1;
         }
         decoded
-    }
-
-    /// Decodes one raw record into `records` (see [`decode::decode_into`]),
-    /// counting it when it is malformed.
-    pub fn decode(&mut self, raw: &[u8], records: &mut Vec<Record>) -> Result<(), DecodeError> {
-        decode::decode_into(raw, records).inspect_err(|_| self.malformed += 1)
     }
 
     /// Handles one decoded record, appending its output lines to `out`.

@@ -13,39 +13,39 @@
 //! only come after). So records are held here until a flush vouches for
 //! their time, and released sorted by it.
 
-use crate::decode::Record;
-
-/// The kernel timestamp of a record.
-pub fn record_ts(record: &Record) -> u64 {
-    match record {
-        Record::State(c) => c.ts_ns,
-        Record::Accept(a) => a.ts_ns,
-        Record::Reset(r) => r.ts_ns,
-    }
+/// A held record: its kernel time and where its bytes are.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    ts: u64,
+    start: usize,
+    len: usize,
 }
 
-/// What a released record leaves in its place until the rest is moved.
-const STAND_IN: Record = Record::Reset(crate::decode::Reset {
-    ts_ns: 0,
-    sk: 0,
-    sent: false,
-});
-
-/// Records waiting for a flush to vouch for their time.
+/// Records waiting for a flush to vouch for their time, as the raw bytes
+/// the kernel wrote (a short record is 64 bytes; decoded, with its comm on
+/// the heap, some 170): they are decoded as they are released.
 #[derive(Debug, Default)]
 pub struct Reorder {
+    /// The held records' bytes, back to back, in arrival order.
+    bytes: Vec<u8>,
     /// Not yet released, in arrival order.
-    held: Vec<Record>,
+    held: Vec<Held>,
     /// Every record stamped before this has been released.
     released_to: u64,
 }
 
 impl Reorder {
-    /// Holds `record` until [`Reorder::release`] passes its time; a record
-    /// older than what was already released (one that was still being
-    /// written during the flush) goes out with the next release, first.
-    pub fn push(&mut self, record: Record) {
-        self.held.push(record);
+    /// Holds raw record `raw`, stamped `ts`, until [`Reorder::release`]
+    /// passes its time; a record older than what was already released (one
+    /// still being written during the flush) goes out with the next
+    /// release, first.
+    pub fn push(&mut self, ts: u64, raw: &[u8]) {
+        self.held.push(Held {
+            ts,
+            start: self.bytes.len(),
+            len: raw.len(),
+        });
+        self.bytes.extend_from_slice(raw);
     }
 
     /// Records held.
@@ -62,39 +62,37 @@ impl Reorder {
     /// moment a flush of every CPU began), oldest first; records with the
     /// same time keep their arrival order. `u64::MAX` releases everything
     /// (the agent stops).
-    pub fn release(&mut self, watermark: u64, mut out: impl FnMut(Record)) {
+    pub fn release(&mut self, watermark: u64, mut out: impl FnMut(&[u8])) {
         self.released_to = self.released_to.max(watermark);
-        if self.held.is_empty() {
-            return;
-        }
-        if self.held.is_sorted_by_key(record_ts)
-            && self.held.last().map(record_ts) < Some(watermark)
+        let bytes = |h: &Held| &self.bytes[h.start..h.start + h.len];
+        if self.held.is_sorted_by_key(|h| h.ts) && self.held.last().is_none_or(|h| h.ts < watermark)
         {
-            self.held.drain(..).for_each(out);
+            self.held.iter().for_each(|h| out(bytes(h)));
+            self.held.clear();
+            self.bytes.clear();
             return;
         }
-        // Sort (time, arrival) pairs, not the records: a record is some
-        // 150 bytes, and a sort moves each one many times. The arrival
-        // index keeps records of the same nanosecond in ring order.
-        let mut order: Vec<(u64, usize)> = self
-            .held
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (record_ts(r), i))
-            .collect();
-        order.sort_unstable();
-        let split = order.partition_point(|&(ts, _)| ts < watermark);
-        // Records are taken out in place (a heap-free stand-in left
-        // behind), so that a full ring's worth is not held twice.
-        let mut take = |i: usize| std::mem::replace(&mut self.held[i], STAND_IN);
-        for &(_, i) in &order[..split] {
-            out(take(i));
+        // Stable: a socket's transitions stamped in the same nanosecond
+        // stay in the order the ring had them.
+        let mut order: Vec<usize> = (0..self.held.len()).collect();
+        order.sort_by_key(|&i| self.held[i].ts);
+        let split = order.partition_point(|&i| self.held[i].ts < watermark);
+        for &i in &order[..split] {
+            out(bytes(&self.held[i]));
         }
-        // What stays keeps its arrival order.
-        let mut kept: Vec<usize> = order[split..].iter().map(|&(_, i)| i).collect();
+        // What stays keeps its arrival order, in storage of its own (the
+        // released bulk's is freed).
+        let mut kept = order.split_off(split);
         kept.sort_unstable();
-        let kept: Vec<Record> = kept.into_iter().map(take).collect();
-        self.held = kept;
+        let mut rest = Reorder {
+            released_to: self.released_to,
+            ..Reorder::default()
+        };
+        for i in kept {
+            let h = self.held[i];
+            rest.push(h.ts, bytes(&h));
+        }
+        *self = rest;
     }
 
     /// The watermark of the last release.
@@ -106,17 +104,21 @@ impl Reorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{self, raw};
+    use crate::decode::{self, raw, Record};
     use tcptrace_common::tcp_state as k;
 
-    fn change(sk: u64, ts: u64, old: i32, new: i32) -> Record {
+    fn hold(r: &mut Reorder, sk: u64, ts: u64, old: i32, new: i32) {
         let rec = raw::ipv4_state(sk, ts, old, new, ([127, 0, 0, 1], 1), ([127, 0, 0, 1], 2));
-        decode::decode(&raw::state_bytes(&rec)).expect("valid record")
+        let bytes = raw::state_bytes(&rec);
+        decode::split_timed(&bytes, |ts, raw| r.push(ts, raw)).expect("a single record");
     }
 
-    fn released(r: &mut Reorder, watermark: u64) -> Vec<u64> {
+    fn released(r: &mut Reorder, watermark: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
-        r.release(watermark, |rec| out.push(record_ts(&rec)));
+        r.release(watermark, |raw| match decode::decode(raw) {
+            Ok(Record::State(c)) => out.push((c.sk, c.ts_ns)),
+            other => panic!("not a state record: {other:?}"),
+        });
         out
     }
 
@@ -125,23 +127,23 @@ mod tests {
         let mut r = Reorder::default();
         // The entry into CLOSE_WAIT went into the ring at once; the
         // staged transition into ESTABLISHED came with the flush.
-        r.push(change(1, 300, k::ESTABLISHED, k::CLOSE_WAIT));
-        r.push(change(1, 100, k::SYN_RECV, k::ESTABLISHED));
-        assert_eq!(released(&mut r, 1_000), vec![100, 300]);
+        hold(&mut r, 1, 300, k::ESTABLISHED, k::CLOSE_WAIT);
+        hold(&mut r, 1, 100, k::SYN_RECV, k::ESTABLISHED);
+        assert_eq!(released(&mut r, 1_000), vec![(1, 100), (1, 300)]);
         assert!(r.is_empty());
     }
 
     #[test]
     fn records_after_the_watermark_wait_for_the_next_flush() {
         let mut r = Reorder::default();
-        r.push(change(1, 100, k::CLOSE, k::SYN_SENT));
-        r.push(change(1, 900, k::SYN_SENT, k::ESTABLISHED));
-        assert_eq!(released(&mut r, 500), vec![100]);
+        hold(&mut r, 1, 100, k::CLOSE, k::SYN_SENT);
+        hold(&mut r, 1, 900, k::SYN_SENT, k::ESTABLISHED);
+        assert_eq!(released(&mut r, 500), vec![(1, 100)]);
         assert_eq!(r.len(), 1);
         // The flush that vouches for 900 brought an older record of
         // another CPU with it.
-        r.push(change(2, 700, k::LISTEN, k::SYN_RECV));
-        assert_eq!(released(&mut r, 1_000), vec![700, 900]);
+        hold(&mut r, 2, 700, k::LISTEN, k::SYN_RECV);
+        assert_eq!(released(&mut r, 1_000), vec![(2, 700), (1, 900)]);
         assert_eq!(r.released_to(), 1_000);
     }
 
@@ -149,32 +151,35 @@ mod tests {
     fn a_late_record_goes_out_first_with_the_next_release() {
         let mut r = Reorder::default();
         assert!(released(&mut r, 500).is_empty());
-        r.push(change(1, 600, k::ESTABLISHED, k::FIN_WAIT1));
+        hold(&mut r, 1, 600, k::ESTABLISHED, k::FIN_WAIT1);
         // Stamped before the last flush, written after it.
-        r.push(change(2, 400, k::ESTABLISHED, k::CLOSE_WAIT));
-        assert_eq!(released(&mut r, 800), vec![400, 600]);
+        hold(&mut r, 2, 400, k::ESTABLISHED, k::CLOSE_WAIT);
+        assert_eq!(released(&mut r, 800), vec![(2, 400), (1, 600)]);
     }
 
     #[test]
     fn equal_times_keep_arrival_order_and_max_releases_everything() {
         let mut r = Reorder::default();
-        r.push(change(1, 5, k::FIN_WAIT1, k::FIN_WAIT2));
-        r.push(change(1, 5, k::FIN_WAIT2, k::CLOSE));
-        r.push(change(2, u64::MAX - 1, k::LISTEN, k::SYN_RECV));
-        let mut order = Vec::new();
-        r.release(u64::MAX, |rec| {
-            if let Record::State(c) = rec {
-                order.push((c.sk, c.new));
-            }
-        });
-        use crate::state::TcpState;
+        hold(&mut r, 3, 7, k::LISTEN, k::SYN_RECV);
+        hold(&mut r, 1, 5, k::FIN_WAIT1, k::FIN_WAIT2);
+        hold(&mut r, 2, 5, k::FIN_WAIT2, k::CLOSE);
+        hold(&mut r, 4, u64::MAX - 1, k::LISTEN, k::SYN_RECV);
         assert_eq!(
-            order,
-            vec![
-                (1, TcpState::FinWait2),
-                (1, TcpState::Close),
-                (2, TcpState::SynRecv)
-            ]
+            released(&mut r, u64::MAX),
+            vec![(1, 5), (2, 5), (3, 7), (4, u64::MAX - 1)]
         );
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn kept_records_survive_several_releases_whole() {
+        let mut r = Reorder::default();
+        for ts in [50, 10, 40, 20, 30] {
+            hold(&mut r, ts, ts, k::SYN_SENT, k::ESTABLISHED);
+        }
+        assert_eq!(released(&mut r, 25), vec![(10, 10), (20, 20)]);
+        assert_eq!(released(&mut r, 35), vec![(30, 30)]);
+        hold(&mut r, 5, 5, k::SYN_SENT, k::ESTABLISHED);
+        assert_eq!(released(&mut r, 100), vec![(5, 5), (40, 40), (50, 50)]);
     }
 }
