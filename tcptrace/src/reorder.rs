@@ -80,19 +80,20 @@ impl Reorder {
         for &i in &order[..split] {
             out(bytes(&self.held[i]));
         }
-        // What stays keeps its arrival order, in storage of its own (the
-        // released bulk's is freed).
+        // What stays moves to the front, in arrival order; the buffers
+        // keep their capacity for the next read. Arrival order is storage
+        // order, so each record moves down, never over one not yet moved.
         let mut kept = order.split_off(split);
         kept.sort_unstable();
-        let mut rest = Reorder {
-            released_to: self.released_to,
-            ..Reorder::default()
-        };
-        for i in kept {
+        let mut end = 0;
+        for (n, i) in kept.into_iter().enumerate() {
             let h = self.held[i];
-            rest.push(h.ts, bytes(&h));
+            self.bytes.copy_within(h.start..h.start + h.len, end);
+            self.held[n] = Held { start: end, ..h };
+            end += h.len;
         }
-        *self = rest;
+        self.held.truncate(self.held.len() - split);
+        self.bytes.truncate(end);
     }
 
     /// The watermark of the last release.
