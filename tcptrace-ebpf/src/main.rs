@@ -364,12 +364,22 @@ fn cw_leave(cfg: &KernelConfig, sk: u64) -> bool {
 /// Sends the entry kept in `slot`.
 #[inline(always)]
 fn send_kept(cfg: &KernelConfig, slot: *mut StateRecord) {
-    let Some(mut entry) = EVENTS.reserve::<StateRecord>(0) else {
+    send(cfg, |rec: *mut StateRecord| unsafe { rec.write(*slot) });
+}
+
+/// Reserves a `T` in the ring buffer, has `fill` write it in place (the
+/// BPF stack is 512 bytes), and submits it; a full ring counts a lost
+/// record. `fill` gets a pointer to the reservation and must write every
+/// field.
+#[inline(always)]
+fn send<T: 'static>(cfg: &KernelConfig, fill: impl FnOnce(*mut T)) -> Option<()> {
+    let Some(mut entry) = EVENTS.reserve::<T>(0) else {
         count_lost();
-        return;
+        return None;
     };
-    unsafe { entry.as_mut_ptr().write(*slot) };
+    fill(entry.as_mut_ptr());
     entry.submit(wakeup_flags(cfg));
+    Some(())
 }
 
 /// Sets the `kind` of a [`CLOSE_WAITS`] slot whose other fields are
@@ -1043,20 +1053,9 @@ fn emit_state<C: StackIdContext, F: Fields>(
             return Some(());
         }
         let now = unsafe { bpf_ktime_get_ns() };
-        let Some(mut entry) = EVENTS.reserve::<StateRecordV4>(0) else {
-            count_lost();
-            return None;
-        };
-        fill_state_v4(
-            entry.as_mut_ptr(),
-            cfg,
-            f,
-            (oldstate, newstate),
-            skaddr,
-            now,
-        );
-        entry.submit(wakeup_flags(cfg));
-        return Some(());
+        return send(cfg, |rec| {
+            fill_state_v4(rec, cfg, f, (oldstate, newstate), skaddr, now);
+        });
     }
     let now = unsafe { bpf_ktime_get_ns() };
     // With the origin map, the origin (and its stack) is already there.
@@ -1068,24 +1067,20 @@ fn emit_state<C: StackIdContext, F: Fields>(
         (-1, -1)
     };
 
-    let Some(mut entry) = EVENTS.reserve::<StateRecord>(0) else {
-        count_lost();
-        return None;
-    };
-    // Write straight into the reservation: the BPF stack is 512 bytes.
-    fill_state(
-        entry.as_mut_ptr(),
-        RECORD_STATE,
-        cfg,
-        f,
-        (oldstate, newstate, family),
-        skaddr,
-        now,
-        connect_fd,
-        stack_id,
-    );
-    entry.submit(wakeup_flags(cfg));
-    Some(())
+    send(cfg, |rec| {
+        let t = (oldstate, newstate, family);
+        fill_state(
+            rec,
+            RECORD_STATE,
+            cfg,
+            f,
+            t,
+            skaddr,
+            now,
+            connect_fd,
+            stack_id,
+        );
+    })
 }
 
 /// Writes transition `t` of socket `skaddr` at `now` into `rec` (a ring
@@ -1372,19 +1367,12 @@ fn on_reset(ctx: &TracePointContext, skaddr_offset: u32, direction: u32) -> Opti
         // A RST answering a segment for no socket: nothing to attribute.
         return None;
     }
-    let Some(mut entry) = EVENTS.reserve::<ResetRecord>(0) else {
-        count_lost();
-        return None;
-    };
-    let rec = entry.as_mut_ptr();
-    unsafe {
+    send(config(), |rec: *mut ResetRecord| unsafe {
         addr_of_mut!((*rec).kind).write(RECORD_RESET);
         addr_of_mut!((*rec).direction).write(direction);
         addr_of_mut!((*rec).ts_ns).write(bpf_ktime_get_ns());
         addr_of_mut!((*rec).skaddr).write(skaddr);
-    }
-    entry.submit(wakeup_flags(config()));
-    Some(())
+    })
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
@@ -1487,12 +1475,7 @@ fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
     }
     let ino = socket_ino(cfg, socket);
 
-    let Some(mut entry) = EVENTS.reserve::<AcceptRecord>(0) else {
-        count_lost();
-        return None;
-    };
-    let rec = entry.as_mut_ptr();
-    unsafe {
+    send(cfg, |rec: *mut AcceptRecord| unsafe {
         addr_of_mut!((*rec).kind).write(RECORD_ACCEPT);
         let (tgid, tid) = current_ids();
         addr_of_mut!((*rec).tgid).write(tgid);
@@ -1504,9 +1487,7 @@ fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
         addr_of_mut!((*rec).stack_id).write(stack_id);
         addr_of_mut!((*rec)._pad0).write(0);
         addr_of_mut!((*rec).ino).write(ino);
-    }
-    entry.submit(wakeup_flags(cfg));
-    Some(())
+    })
 }
 
 #[cfg(not(test))]

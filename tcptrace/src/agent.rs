@@ -437,15 +437,10 @@ fn announce_close_waits(
         return Ok(());
     }
     let fresh = announced.fresh(table.lingering(quiet_ns, WallClock::now_ns()));
-    let mut lines = Vec::new();
+    let mut feeder = Feeder::default();
     for rec in fresh {
         // The same bytes the kernel sends for an entry it did not keep.
-        feed(
-            pipeline,
-            &crate::decode::raw::state_bytes(&rec),
-            &mut lines,
-            out,
-        )?;
+        feeder.feed(pipeline, &crate::decode::raw::state_bytes(&rec), out)?;
     }
     Ok(())
 }
@@ -569,20 +564,11 @@ impl Reader {
         } else {
             watermark.unwrap_or_else(|| self.reorder.released_to())
         };
-        let mut lines = Vec::new();
-        let mut batched = 0usize;
+        let mut feeder = Feeder::default();
         let mut written = Ok(());
         self.reorder.release(watermark, |raw| {
-            if written.is_err() {
-                return;
-            }
-            batched += feed(pipeline, raw, &mut lines, out).unwrap_or_else(|e| {
-                written = Err(e);
-                0
-            });
-            if batched >= MAX_BATCH_LINES {
-                written = out.flush();
-                batched = 0;
+            if written.is_ok() {
+                written = feeder.feed(pipeline, raw, out);
             }
         });
         written
@@ -598,41 +584,46 @@ fn log_malformed(decoded: Result<(), crate::decode::DecodeError>, pipeline: &Pip
     }
 }
 
+/// Reads what the ring holds, in ring order, and hands it on.
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     pipeline: &mut Pipeline,
     out: &mut Out,
 ) -> anyhow::Result<()> {
-    let mut lines = Vec::new();
-    let mut batched = 0usize;
+    let mut feeder = Feeder::default();
     while let Some(item) = ring.next() {
-        batched += feed(pipeline, &item, &mut lines, out)?;
-        // A ring that refills as fast as it is read must not grow one
-        // endless batch.
-        if batched >= MAX_BATCH_LINES {
-            out.flush()?;
-            batched = 0;
-        }
+        feeder.feed(pipeline, &item, out)?;
     }
     Ok(())
 }
 
-/// Hands one raw record to the pipeline and its lines to the outputs;
-/// returns how many lines. A malformed record is counted and dropped (the
-/// first few logged), never fatal. `lines` is scratch space.
-fn feed(
-    pipeline: &mut Pipeline,
-    raw: &[u8],
-    lines: &mut Vec<String>,
-    out: &mut Out,
-) -> anyhow::Result<usize> {
-    let handled = pipeline.handle(raw, lines);
-    log_malformed(handled, pipeline);
-    let n = lines.len();
-    for line in lines.drain(..) {
-        out.line(line)?;
+/// Hands raw records to the pipeline and their lines to the outputs,
+/// flushing the outputs every [`MAX_BATCH_LINES`] lines: a ring that
+/// refills as fast as it is read must not grow one endless batch.
+#[derive(Default)]
+struct Feeder {
+    /// Scratch: one record's lines.
+    lines: Vec<String>,
+    /// Lines since the last flush.
+    batched: usize,
+}
+
+impl Feeder {
+    /// Hands one raw record on. A malformed record is counted and dropped
+    /// (the first few logged), never fatal.
+    fn feed(&mut self, pipeline: &mut Pipeline, raw: &[u8], out: &mut Out) -> anyhow::Result<()> {
+        let handled = pipeline.handle(raw, &mut self.lines);
+        log_malformed(handled, pipeline);
+        self.batched += self.lines.len();
+        for line in self.lines.drain(..) {
+            out.line(line)?;
+        }
+        if self.batched >= MAX_BATCH_LINES {
+            out.flush()?;
+            self.batched = 0;
+        }
+        Ok(())
     }
-    Ok(n)
 }
 
 fn report_leaks(
