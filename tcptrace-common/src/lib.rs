@@ -156,6 +156,13 @@ pub struct StateRecordV4 {
     pub comm: [u8; COMM_LEN],
 }
 
+/// True when a kernel state number fits [`StateRecordV4`]'s byte (they
+/// all do; a garbage one goes in a full record, for the agent to reject).
+#[inline(always)]
+pub const fn state_fits_byte(state: i32) -> bool {
+    state >= 0 && state <= u8::MAX as i32
+}
+
 /// An `accept()`/`accept4()` that returned a TCP socket: who now holds it.
 ///
 /// Emitted from the syscall exit tracepoint, so the context task is the

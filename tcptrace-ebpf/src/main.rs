@@ -29,14 +29,14 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use tcptrace_common::{
-    linger_bucket, probe_slot, stack_budget_slot, tcp_state, AcceptRecord, ConnectSlot,
-    KernelConfig, OriginSlot, ResetRecord, StackBudget, StateBatch, StateRecord, StateRecordV4,
-    AF_INET, AF_INET6, COMM_LEN, CONFIG_ACCEPT, CONFIG_CW_TABLE, CONFIG_INODE, CONFIG_NETNS,
-    CONFIG_ORIGIN_MAP, CONFIG_STAGE, CW_COUNT_SLOTS, CW_FULL, CW_KEPT, CW_LINGER, CW_LINGER_SUM_NS,
-    CW_QUIET, CW_SENT, FLUSH_BUSY, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED, ORIGINS_REMOVED,
-    ORIGIN_ACCEPT, ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, RECORD_ACCEPT, RECORD_RESET, RECORD_STATE,
-    RECORD_STATE_BATCH, RECORD_STATE_V4, RESET_RECEIVED, RESET_SENT, SLOT_PROBES,
-    STACKS_OVER_BUDGET, STACK_BUDGET_BITS, STAGED_RECORDS, TRANSITION_STATES,
+    linger_bucket, probe_slot, stack_budget_slot, state_fits_byte, tcp_state, AcceptRecord,
+    ConnectSlot, KernelConfig, OriginSlot, ResetRecord, StackBudget, StateBatch, StateRecord,
+    StateRecordV4, AF_INET, AF_INET6, COMM_LEN, CONFIG_ACCEPT, CONFIG_CW_TABLE, CONFIG_INODE,
+    CONFIG_NETNS, CONFIG_ORIGIN_MAP, CONFIG_STAGE, CW_COUNT_SLOTS, CW_FULL, CW_KEPT, CW_LINGER,
+    CW_LINGER_SUM_NS, CW_QUIET, CW_SENT, FLUSH_BUSY, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED,
+    ORIGINS_REMOVED, ORIGIN_ACCEPT, ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, RECORD_ACCEPT,
+    RECORD_RESET, RECORD_STATE, RECORD_STATE_BATCH, RECORD_STATE_V4, RESET_RECEIVED, RESET_SENT,
+    SLOT_PROBES, STACKS_OVER_BUDGET, STACK_BUDGET_BITS, STAGED_RECORDS, TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -1045,8 +1045,8 @@ fn emit_state<C: StackIdContext, F: Fields>(
     if family == AF_INET
         && !in_connect
         && newstate != tcp_state::CLOSE_WAIT
-        && fits_byte(oldstate)
-        && fits_byte(newstate)
+        && state_fits_byte(oldstate)
+        && state_fits_byte(newstate)
     {
         // No fd, stack or inode to carry: the short record says it all.
         if cfg.flags & CONFIG_STAGE != 0 && stage(cfg, f, (oldstate, newstate), skaddr) {
@@ -1268,13 +1268,6 @@ unsafe fn write_current_comm(dst: *mut [u8; COMM_LEN]) {
     unsafe { generated::bpf_get_current_comm(dst.cast(), COMM_LEN as u32) };
 }
 
-/// True when a kernel state number fits [`StateRecordV4`]'s byte (they
-/// all do; a garbage one goes in a full record, for the agent to reject).
-#[inline(always)]
-fn fits_byte(state: i32) -> bool {
-    (0..=i32::from(u8::MAX)).contains(&state)
-}
-
 /// The inode of the socket's network namespace, 0 when unknown.
 #[inline(always)]
 fn netns_of<F: Fields>(cfg: &KernelConfig, f: &F, skaddr: u64) -> u32 {
@@ -1307,7 +1300,7 @@ fn fill_state_v4<F: Fields>(
         addr_of_mut!((*rec).netns).write(netns);
         addr_of_mut!((*rec).ts_ns).write(now);
         addr_of_mut!((*rec).skaddr).write(skaddr);
-        // fits_byte() checked both.
+        // state_fits_byte() checked both.
         addr_of_mut!((*rec).oldstate).write(oldstate as u8);
         addr_of_mut!((*rec).newstate).write(newstate as u8);
         addr_of_mut!((*rec).sport).write(f.sport());

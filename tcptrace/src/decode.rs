@@ -494,13 +494,12 @@ pub mod raw {
     /// The bytes of `rec` as the kernel program would send them: the short
     /// record wherever it holds everything (IPv4, no fd, stack or inode).
     pub fn kernel_bytes(rec: &StateRecord) -> Vec<u8> {
-        let fits = |s: i32| (0..=i32::from(u8::MAX)).contains(&s);
         if rec.family == AF_INET
             && rec.connect_fd < 0
             && rec.stack_id < 0
             && rec.ino == 0
-            && fits(rec.oldstate)
-            && fits(rec.newstate)
+            && tcptrace_common::state_fits_byte(rec.oldstate)
+            && tcptrace_common::state_fits_byte(rec.newstate)
         {
             state_v4_bytes(&short_state(rec))
         } else {
