@@ -147,14 +147,36 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let mut leak_tick = tokio::time::interval(leak_check);
     let mut announced = crate::cwtable::Announced::default();
     let quiet_ns = origin_map.then(|| u64::try_from(leak_check.as_nanos()).unwrap_or(u64::MAX));
+    // Bound before the privileges go: a port below 1024 needs one.
+    let metrics_listener = match cli.metrics {
+        Some(addr) => Some(crate::metrics_server::bind(addr).await?),
+        None => None,
+    };
+    // Attached, bound: from here on the agent needs only /proc and
+    // sock_diag. Before any thread starts, so that every thread has the
+    // reduced sets.
+    match privileges::drop_after_attach() {
+        Ok(d) => log::info!(
+            "privileges: kept {} (bounding set {}), no_new_privs set; every other \
+             capability dropped",
+            privileges::cap_names(d.kept).join(" "),
+            if d.bounding_set {
+                "cut to match"
+            } else {
+                "unchanged: no CAP_SETPCAP"
+            }
+        ),
+        Err(e) => {
+            log::warn!("could not drop capabilities after attaching: {e}; running with all of them")
+        }
+    }
     let sinks =
         Sinks::start(&cli.outputs, cli.queue_size).context("starting the outputs (--output)")?;
     // Scrapes arrive as requests on this channel; the loop below answers them,
     // since it owns the numbers.
     let (scrape_tx, mut scrape_rx) = tokio::sync::mpsc::channel(4);
-    let mut scrapes_open = match cli.metrics {
-        Some(addr) => {
-            let listener = crate::metrics_server::bind(addr).await?;
+    let mut scrapes_open = match metrics_listener {
+        Some(listener) => {
             crate::metrics_server::spawn(listener, scrape_tx);
             true
         }

@@ -1,5 +1,7 @@
-//! Up-front capability check, so that a missing privilege is one clear
-//! sentence instead of an EPERM from deep inside the loader.
+//! Privileges: an up-front capability check, so that a missing privilege
+//! is one clear sentence instead of an EPERM from deep inside the loader,
+//! and the drop to what the agent still needs once its programs are
+//! attached ([`drop_after_attach`]).
 
 use std::fmt;
 
@@ -9,6 +11,21 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 /// CAP_BPF (Linux >= 5.8): load programs, create maps.
 const CAP_BPF: u32 = 39;
+
+/// CAP_DAC_READ_SEARCH: list other users' /proc/PID/fd and read their
+/// binaries to symbolize stacks.
+const CAP_DAC_READ_SEARCH: u32 = 2;
+/// CAP_SYS_PTRACE: read other users' fd links, maps and namespaces under
+/// /proc (the kernel's ptrace access check).
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// What the agent keeps once attached (see [`runtime_keep`]):
+/// /proc for leak owners and symbolization (SYS_PTRACE, DAC_READ_SEARCH)
+/// and sock_diag in other network namespaces (SYS_ADMIN: `setns` needs
+/// it, as does `/proc/PID/map_files`). SYS_ADMIN also passes the bpf()
+/// syscall's check, which kernels before 6.5 apply to every command (the
+/// agent reads its maps for counters) when unprivileged BPF is disabled.
+const RUNTIME_CAPS: u64 = (1 << CAP_SYS_PTRACE) | (1 << CAP_DAC_READ_SEARCH) | (1 << CAP_SYS_ADMIN);
 
 /// The agent lacks the privileges to load and attach its programs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +82,182 @@ pub fn check() -> Result<(), NotPrivileged> {
     }
 }
 
+/// The capabilities to keep after attaching, of those `permitted`:
+/// [`RUNTIME_CAPS`], plus CAP_BPF when SYS_ADMIN is not there to pass the
+/// bpf() syscall's check on older kernels.
+pub fn runtime_keep(permitted: u64) -> u64 {
+    let mut keep = RUNTIME_CAPS;
+    if permitted & (1 << CAP_SYS_ADMIN) == 0 {
+        keep |= 1 << CAP_BPF;
+    }
+    keep & permitted
+}
+
+/// Names of capabilities, for the log line that says what was kept.
+pub fn cap_names(mask: u64) -> Vec<String> {
+    const NAMES: [&str; 41] = [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    ];
+    (0..64)
+        .filter(|cap| mask & (1u64 << cap) != 0)
+        .map(|cap| match NAMES.get(cap) {
+            Some(name) => format!("CAP_{name}"),
+            None => format!("capability {cap}"),
+        })
+        .collect()
+}
+
+/// What [`drop_after_attach`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// Capabilities still effective and permitted.
+    pub kept: u64,
+    /// Whether the bounding set was cut to `kept` (needs CAP_SETPCAP; a
+    /// service manager's bounding set applies either way).
+    pub bounding_set: bool,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The calling thread's (effective, permitted) capability sets.
+fn current_caps() -> std::io::Result<(u64, u64)> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: a v3 header and the two data words it describes.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    Ok((
+        join(data[0].effective, data[1].effective),
+        join(data[0].permitted, data[1].permitted),
+    ))
+}
+
+/// Drops every capability the agent no longer needs once its programs are
+/// attached and its metrics socket bound, and sets `no_new_privs`: what
+/// is kept is [`runtime_keep`] of what the process had, also in the
+/// bounding set when CAP_SETPCAP allows it; the ambient and inheritable
+/// sets are emptied. An attacker who took over the agent through hostile
+/// input (a binary it symbolizes, a scrape) gets no more than that.
+///
+/// Capabilities and `no_new_privs` belong to a thread: this must run
+/// before the agent starts any thread (its output writers), which then
+/// inherit the reduced sets.
+pub fn drop_after_attach() -> std::io::Result<Dropped> {
+    let (_, permitted) = current_caps()?;
+    let kept = runtime_keep(permitted);
+    // The bounding set first: dropping from it needs CAP_SETPCAP, which
+    // the capset below takes away.
+    let mut bounding_set = true;
+    for cap in 0..64u32 {
+        if kept & (1u64 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                // Past the kernel's last capability.
+                Some(libc::EINVAL) => break,
+                _ => bounding_set = false,
+            }
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: kept as u32,
+            permitted: kept as u32,
+            inheritable: 0,
+        },
+        CapData {
+            effective: (kept >> 32) as u32,
+            permitted: (kept >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: a v3 header and the two data words it describes.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Dropped { kept, bounding_set })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +277,30 @@ mod tests {
         assert_eq!(parse_cap_eff(status), Some(0x1ffffffffff));
         assert_eq!(parse_cap_eff("CapEff:\tzz"), None);
         assert_eq!(parse_cap_eff(""), None);
+    }
+
+    #[test]
+    fn runtime_keeps_proc_and_namespace_access_only() {
+        let root = 0x000001ffffffffff;
+        let kept = runtime_keep(root);
+        assert_eq!(
+            cap_names(kept),
+            ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]
+        );
+        // Started with CAP_BPF and CAP_PERFMON only: CAP_BPF stays for the
+        // map reads older kernels check.
+        let kept = runtime_keep((1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_PTRACE));
+        assert_eq!(cap_names(kept), ["CAP_SYS_PTRACE", "CAP_BPF"]);
+        // Never more than the process had.
+        assert_eq!(runtime_keep(0), 0);
+    }
+
+    #[test]
+    fn names_capabilities() {
+        assert_eq!(
+            cap_names(1 << 40 | 1 << 63),
+            ["CAP_CHECKPOINT_RESTORE", "capability 63"]
+        );
     }
 
     #[test]
