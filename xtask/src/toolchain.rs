@@ -297,6 +297,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("rsyslogd", "rsyslog"),
     ("systemd-analyze", "systemd"),
     ("promtool", "prometheus"),
+    ("bpftool", "bpftool"),
 ];
 
 /// Makes sure every command of [`TEST_TOOLS`] exists, installing the
