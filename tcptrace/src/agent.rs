@@ -83,7 +83,11 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     privileges::check()?;
     raise_memlock_limit();
     let tracefs = tracefs::locate_or_mount()?;
-    let layout = layout::resolve(&tracefs)?;
+    let plan = crate::support::plan(&crate::support::probe(&tracefs))?;
+    for line in &plan.without {
+        log::warn!("{line}");
+    }
+    let layout = layout::resolve(&tracefs, &plan)?;
     let events: crate::cli::EventSet = cli.events.iter().copied().collect();
     let filter = cli.filter();
     let origin_map = crate::pipeline::uses_origin_map(&events, &filter);

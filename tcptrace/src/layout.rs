@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use tcptrace_common::{KernelConfig, CONFIG_ACCEPT, CONFIG_INODE, CONFIG_NETNS};
 
 use crate::btf::Btf;
+use crate::support::Plan;
 use crate::tracefs::{self, TracefsError};
 
 /// The main tracepoint.
@@ -179,8 +180,10 @@ fn btf_accept_offsets(btf: &Btf, cfg: &mut KernelConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves everything; fails only when the main tracepoint is unusable.
-pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
+/// Resolves everything `plan` uses; fails only when the main tracepoint
+/// is unusable. What the plan goes without was said already: only a
+/// feature that is there but cannot be used is logged here.
+pub fn resolve(tracefs: &Path, plan: &Plan) -> anyhow::Result<Layout> {
     let mut cfg = KernelConfig::ZERO;
     state_tp_offsets(tracefs, &mut cfg)?;
 
@@ -197,9 +200,14 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
         }
     };
 
-    let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux");
+    let btf = if plan.btf {
+        Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")
+    } else {
+        Err(anyhow::anyhow!("not there"))
+    };
     let btf = match btf {
         Ok(btf) => Some(btf),
+        Err(_) if !plan.btf => None,
         Err(e) => {
             log::warn!(
                 "no kernel BTF ({e:#}): network namespaces and owners of accepted sockets \
@@ -230,6 +238,7 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
     let accept = syscall_offset(tracefs, "sys_exit_accept4", "ret")
         .and_then(|r4| syscall_offset(tracefs, "sys_exit_accept", "ret").map(|r| (r4, r)));
     let accept_hooks = match (accept, &btf) {
+        _ if !plan.accept_hooks => false,
         (Ok((r4, r)), Some(btf)) => match btf_accept_offsets(btf, &mut cfg) {
             Ok(()) => {
                 cfg.exit_accept4_ret = r4;
@@ -257,6 +266,7 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
                 .map(|send| (recv, send))
         });
     let reset_hooks = match resets {
+        _ if !plan.reset_hooks => false,
         Ok((recv, send)) => {
             cfg.rst_recv_skaddr = recv;
             cfg.rst_send_skaddr = send;
@@ -347,7 +357,13 @@ mod tests {
         let Ok(tracefs) = crate::tracefs::locate_or_mount() else {
             return;
         };
-        let Ok(layout) = resolve(&tracefs) else {
+        let everything = Plan {
+            btf: true,
+            accept_hooks: true,
+            reset_hooks: true,
+            without: Vec::new(),
+        };
+        let Ok(layout) = resolve(&tracefs, &everything) else {
             return;
         };
         let fixed = has_fixed_state_layout(&layout.config);

@@ -39,6 +39,7 @@ pub mod sinks;
 pub mod sockdiag;
 pub mod stage;
 pub mod state;
+pub mod support;
 pub mod symbolize;
 pub mod syslog;
 pub mod timewait;

@@ -101,7 +101,7 @@ fn missing_tracepoint_is_named() {
         code,
         &stderr,
         1,
-        "tracepoint sock:inet_sock_set_state not found",
+        "this kernel cannot run tcptrace: no tracepoint sock:inet_sock_set_state (Linux >= 4.16)",
     );
 }
 
