@@ -10,7 +10,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::{Cli, EventKind};
 use crate::sinks::Sinks;
-use aya::maps::{MapData, StackTraceMap};
+use aya::maps::{MapData, RingBuf, StackTraceMap};
 
 use crate::clock::WallClock;
 use crate::groups::LeakGroups;
@@ -288,7 +288,9 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 out.flush()?;
             }
             _ = tick.tick() => {
-                report_lost(lost.counts()?, &mut lost_seen, &pipeline, &mut out)?;
+                if report_lost(lost.counts()?, &mut lost_seen, &pipeline, &mut out)? {
+                    reconcile_after_loss(&mut reader, ring.get_mut(), &mut pipeline, &mut out)?;
+                }
                 pipeline.clock.resync();
             }
             _ = pressure_tick.tick() => {
@@ -328,7 +330,8 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
 
     // Whatever the kernel wrote before the signal still goes out.
     reader.read(ring.get_mut(), Read::Final, &mut pipeline, &mut out)?;
-    report_lost(lost.counts()?, &mut lost_seen, &pipeline, &mut out)?;
+    // Lost at the end: nothing to mend any more.
+    let _ = report_lost(lost.counts()?, &mut lost_seen, &pipeline, &mut out)?;
     out.flush()?;
     state.remove();
     out.sinks.shutdown(Duration::from_secs(5));
@@ -542,7 +545,7 @@ impl Reader {
     /// `out`.
     fn read(
         &mut self,
-        ring: &mut aya::maps::RingBuf<MapData>,
+        ring: &mut RingBuf<MapData>,
         why: Read,
         pipeline: &mut Pipeline,
         out: &mut Out,
@@ -612,7 +615,7 @@ fn log_malformed(decoded: Result<(), crate::decode::DecodeError>, pipeline: &Pip
 
 /// Reads what the ring holds, in ring order, and hands it on.
 fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    ring: &mut RingBuf<MapData>,
     pipeline: &mut Pipeline,
     out: &mut Out,
 ) -> anyhow::Result<()> {
@@ -827,13 +830,15 @@ impl StateFile {
     }
 }
 
+/// Reports records lost since the last look; true when there were some.
 fn report_lost(
     now: LostCounts,
     seen: &mut LostCounts,
     pipeline: &Pipeline,
     out: &mut Out,
-) -> anyhow::Result<()> {
-    if now.total() > seen.total() {
+) -> anyhow::Result<bool> {
+    let new_loss = now.total() > seen.total();
+    if new_loss {
         let lost = Lost {
             lost: now.total() - seen.total(),
             lost_total: now.total(),
@@ -852,6 +857,32 @@ fn report_lost(
         out.line(pipeline.lost_line(lost))?;
         out.flush()?;
     }
+    Ok(new_loss)
+}
+
+/// After lost records, the sockets in CLOSE_WAIT as the kernel has them
+/// (sock_diag in every namespace) replace what the lost records left
+/// wrong: a socket whose exit was lost would become a leak whose age grows
+/// forever, one whose entry was lost would never be reported. The dump
+/// comes first, then the ring is drained, so that every record sent
+/// before the dump is handled when the two are compared.
+fn reconcile_after_loss(
+    reader: &mut Reader,
+    ring: &mut RingBuf<MapData>,
+    pipeline: &mut Pipeline,
+    out: &mut Out,
+) -> anyhow::Result<()> {
+    let dump_ns = WallClock::now_ns();
+    let (listed, spaces) = crate::inventory::take(dump_ns);
+    reader.read(ring, Read::Poll, pipeline, out)?;
+    let r = pipeline.reconcile_close_waits(listed, dump_ns);
+    log::info!(
+        "records were lost: CLOSE_WAIT reconciled with sock_diag in {spaces} network \
+         namespaces: {} sockets had left it unseen (forgotten, no duration), {} had entered \
+         it unseen (their age estimated)",
+        r.gone,
+        r.found
+    );
     Ok(())
 }
 

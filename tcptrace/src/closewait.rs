@@ -48,6 +48,15 @@ fn tuple_of(t: &Transition) -> TupleKey {
     (c.netns, c.laddr, c.lport, c.raddr, c.rport)
 }
 
+/// What [`CloseWaitDetector::reconcile`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Remembered sockets no longer in CLOSE_WAIT: their exit was lost.
+    pub gone: usize,
+    /// Sockets in CLOSE_WAIT the detector did not know: their entry was lost.
+    pub found: usize,
+}
+
 /// Inventory sockets get keys from this range, which no kernel address uses.
 const SEED_KEY_BASE: u64 = 1;
 
@@ -293,6 +302,68 @@ impl CloseWaitDetector {
         end
     }
 
+    /// After lost records: makes the remembered sockets agree with
+    /// `listed`, the sockets (as [`crate::inventory::Found`]) a sock_diag
+    /// dump that began at `dump_ns` found in CLOSE_WAIT, once every record
+    /// sent before the dump has been handled.
+    ///
+    /// A remembered socket that entered before the dump and is not listed
+    /// left CLOSE_WAIT unseen: it is forgotten with no end reported (its
+    /// duration is unknown), where it would have become a leak growing
+    /// forever; its four-tuple is returned so that the caller forgets it as
+    /// a current leak too. A listed socket not remembered entered unseen:
+    /// it is remembered as the inventory's are, with an estimated age, where
+    /// its leak would have gone unreported. Without a namespace on either
+    /// side (no BTF), the four-tuple alone matches.
+    pub fn reconcile(
+        &mut self,
+        listed: Vec<crate::inventory::Found>,
+        dump_ns: u64,
+    ) -> (Reconciled, Vec<TupleKey>) {
+        let bare = |k: &TupleKey| (k.1, k.2, k.3, k.4);
+        let listed_keys: std::collections::HashSet<TupleKey> =
+            listed.iter().map(|f| tuple_of(&f.entered)).collect();
+        let listed_bare: std::collections::HashSet<_> = listed_keys.iter().map(bare).collect();
+        let is_listed = |k: &TupleKey| {
+            listed_keys.contains(k) || (k.0.is_none() && listed_bare.contains(&bare(k)))
+        };
+        let gone: Vec<(u64, TupleKey)> = self
+            .lingering
+            .iter()
+            .filter(|(_, l)| l.since_ns < dump_ns)
+            .map(|(key, l)| (*key, tuple_of(&l.entered)))
+            .filter(|(_, tuple)| !is_listed(tuple))
+            .collect();
+        for (key, tuple) in &gone {
+            self.lingering.remove(key);
+            if self.seeded.get(tuple) == Some(key) {
+                self.seeded.remove(tuple);
+            }
+        }
+        let remembered: std::collections::HashSet<TupleKey> = self
+            .lingering
+            .values()
+            .map(|l| tuple_of(&l.entered))
+            .collect();
+        let remembered_bare: std::collections::HashSet<_> = remembered.iter().map(bare).collect();
+        let mut found = 0;
+        for f in listed {
+            let tuple = tuple_of(&f.entered);
+            let known = remembered.contains(&tuple)
+                || remembered.contains(&(None, tuple.1, tuple.2, tuple.3, tuple.4))
+                || (tuple.0.is_none() && remembered_bare.contains(&bare(&tuple)));
+            if !known {
+                self.seed(f.entered, f.since_ns);
+                found += 1;
+            }
+        }
+        let report = Reconciled {
+            gone: gone.len(),
+            found,
+        };
+        (report, gone.into_iter().map(|(_, tuple)| tuple).collect())
+    }
+
     /// Learns what the tracker learned after the socket entered CLOSE_WAIT
     /// (an `accept()` that came later names the owner and origin).
     pub fn refresh(&mut self, sk: u64, known: &Known) {
@@ -450,6 +521,80 @@ mod tests {
         assert_eq!(end.close_wait_ms, 7_000.0);
         // A later entry of the same address is a new stay.
         feed(&mut tr, &mut d, change(1, 8_000, Established, CloseWait));
+        assert_eq!(d.lingering(), 1);
+    }
+
+    /// `sk`'s socket as a sock_diag dump lists it (no kernel address),
+    /// in CLOSE_WAIT since `since_ms`, in namespace `netns`.
+    fn listed(sk: u64, since_ms: u64, netns: Option<u32>) -> crate::inventory::Found {
+        let mut c = change(sk, since_ms, Established, CloseWait);
+        c.sk = 0;
+        c.netns = netns;
+        crate::inventory::Found {
+            entered: Tracker::default().on_state(c),
+            since_ns: since_ms * MS,
+        }
+    }
+
+    #[test]
+    fn reconcile_forgets_a_socket_whose_exit_was_lost() {
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(1_000 * MS));
+        feed(&mut tr, &mut d, change(1, 0, Established, CloseWait));
+        feed(&mut tr, &mut d, change(2, 0, Established, CloseWait));
+        // Socket 1's exit was lost: the dump at 500 ms lists only socket 2.
+        let (r, gone) = d.reconcile(vec![listed(2, 0, Some(1))], 500 * MS);
+        assert_eq!(r, Reconciled { gone: 1, found: 0 });
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].4, 40001, "socket 1's four-tuple");
+        // Only socket 2 becomes a leak: no leak growing forever for 1.
+        let due = d.due(60_000 * MS);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].entered.change.sk, 2);
+        // Socket 2's real exit still has its true duration.
+        let (_, end) = feed(&mut tr, &mut d, change(2, 70_000, CloseWait, LastAck));
+        assert_eq!(end.expect("end").close_wait_ms, 70_000.0);
+    }
+
+    #[test]
+    fn reconcile_keeps_a_socket_that_entered_after_the_dump_began() {
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(1_000 * MS));
+        feed(&mut tr, &mut d, change(1, 600, Established, CloseWait));
+        let (r, _) = d.reconcile(Vec::new(), 500 * MS);
+        assert_eq!(r, Reconciled::default());
+        assert_eq!(d.lingering(), 1);
+    }
+
+    #[test]
+    fn reconcile_remembers_a_socket_whose_entry_was_lost() {
+        // (Kernel addresses, never the small keys inventory sockets get.)
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(1_000 * MS));
+        feed(&mut tr, &mut d, change(11, 0, Established, CloseWait));
+        let (r, gone) = d.reconcile(
+            vec![listed(11, 0, Some(1)), listed(13, 100, Some(1))],
+            500 * MS,
+        );
+        assert_eq!(r, Reconciled { gone: 0, found: 1 });
+        assert!(gone.is_empty());
+        let due = d.due(2_000 * MS);
+        assert_eq!(due.len(), 2);
+        let found = due.iter().find(|c| c.entered.change.rport == 40013);
+        assert!(found.is_some_and(|c| c.estimated), "{due:?}");
+        // Its exit, when it comes, is matched by four-tuple.
+        let (_, end) = feed(&mut tr, &mut d, change(13, 3_000, CloseWait, LastAck));
+        assert!(end.is_some_and(|e| e.was_leak));
+        // A second reconcile with the same dump changes nothing more.
+        let (r, _) = d.reconcile(vec![listed(11, 0, Some(1))], 3_500 * MS);
+        assert_eq!(r, Reconciled::default());
+    }
+
+    #[test]
+    fn reconcile_without_namespaces_matches_the_four_tuple() {
+        let (mut tr, mut d) = (Tracker::default(), CloseWaitDetector::new(1_000 * MS));
+        let mut c = change(1, 0, Established, CloseWait);
+        c.netns = None;
+        feed(&mut tr, &mut d, c);
+        let (r, _) = d.reconcile(vec![listed(1, 0, Some(7))], 500 * MS);
+        assert_eq!(r, Reconciled::default(), "the same socket");
         assert_eq!(d.lingering(), 1);
     }
 

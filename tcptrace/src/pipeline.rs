@@ -224,6 +224,22 @@ impl Pipeline {
         }
     }
 
+    /// After lost records: the CLOSE_WAIT detector made to agree with a
+    /// sock_diag dump (see [`crate::closewait::CloseWaitDetector::reconcile`]);
+    /// a socket whose exit was lost stops being a current leak.
+    pub fn reconcile_close_waits(
+        &mut self,
+        listed: Vec<crate::inventory::Found>,
+        dump_ns: u64,
+    ) -> crate::closewait::Reconciled {
+        let (reconciled, gone) = self.closewait.reconcile(listed, dump_ns);
+        for key in &gone {
+            self.groups.on_end(key);
+            self.current_leaks.remove(key);
+        }
+        reconciled
+    }
+
     /// Sockets that became leaks by `now_ns` and pass the filter.
     pub fn due_leaks(&mut self, now_ns: u64) -> Vec<LeakCandidate> {
         let filter = &self.filter;
