@@ -212,6 +212,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     );
     let mut summary = SummaryState::new();
     let mut lost_seen = LostCounts::default();
+    let mut mend = Mend::default();
 
     // After attaching, so a socket entering CLOSE_WAIT now is seen live
     // (the live record then replaces its inventory record).
@@ -288,7 +289,8 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 out.flush()?;
             }
             _ = tick.tick() => {
-                if report_lost(lost.counts()?, &mut lost_seen, &pipeline, &mut out)? {
+                mend.pending |= report_lost(lost.counts()?, &mut lost_seen, &pipeline, &mut out)?;
+                if mend.due() {
                     reconcile_after_loss(&mut reader, ring.get_mut(), &mut pipeline, &mut out)?;
                 }
                 pipeline.clock.resync();
@@ -858,6 +860,35 @@ fn report_lost(
         out.flush()?;
     }
     Ok(new_loss)
+}
+
+/// A sock_diag dump of every namespace costs a /proc walk: under a
+/// sustained loss, once in this long.
+const MEND_EVERY: Duration = Duration::from_secs(10);
+
+/// When [`reconcile_after_loss`] runs: soon after a loss, at most once per
+/// [`MEND_EVERY`].
+#[derive(Default)]
+struct Mend {
+    /// Records were lost since the last run.
+    pending: bool,
+    last: Option<std::time::Instant>,
+}
+
+impl Mend {
+    /// True (and the run counted) when one is pending and allowed now.
+    fn due(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let allowed = self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= MEND_EVERY);
+        if self.pending && allowed {
+            self.pending = false;
+            self.last = Some(now);
+            return true;
+        }
+        false
+    }
 }
 
 /// After lost records, the sockets in CLOSE_WAIT as the kernel has them
