@@ -114,6 +114,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
             interest,
             state_program: cli.state_program,
             stacks_per_second: cli.stacks_per_second,
+            max_stacks: cli.max_stacks,
             origin_map: origin_map.then(|| u32::try_from(cli.max_sockets).unwrap_or(u32::MAX)),
             close_wait_quiet: origin_map.then_some(leak_check),
             // A stream of every transition: batches halve what a record
@@ -132,6 +133,8 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     pipeline.forget_after_close_wait =
         origin_map && interest.0 & (1 << tcptrace_common::tcp_state::CLOSE) == 0;
     pipeline.tracker = crate::tracker::Tracker::new(cli.max_sockets);
+    pipeline.closewait =
+        crate::closewait::CloseWaitDetector::with_capacity(leak_after_ns, cli.max_close_wait);
     pipeline.groups = LeakGroups::new(
         cli.leak_lines_per_group,
         LEAK_LINE_WINDOW_NS,

@@ -140,6 +140,19 @@ pub struct Cli {
           value_parser = parse_max_sockets)]
     pub max_sockets: usize,
 
+    /// Sockets in CLOSE_WAIT the agent remembers at once (a few hundred bytes each); past that,
+    /// new ones are not watched (counted as dropped in the summary). The kernel's own table of
+    /// them has 32768 slots; past those, entries travel as records.
+    #[arg(long, value_name = "N", default_value_t = crate::closewait::DEFAULT_MAX_LINGERING,
+          value_parser = parse_max_sockets)]
+    pub max_close_wait: usize,
+
+    /// Distinct user stacks the kernel keeps at once (origins of connect() and accept()),
+    /// about 1 KiB of kernel memory each; a stack whose slot another holds is not kept.
+    #[arg(long, value_name = "N", default_value_t = crate::probe::DEFAULT_MAX_STACKS,
+          value_parser = parse_max_stacks)]
+    pub max_stacks: u32,
+
     /// User stacks walked at connect()/accept() per process per second on each CPU, at most
     /// (0: every one). A walk, and the kernel's lookup of an accepted socket, cost a few
     /// hundred nanoseconds per connection; under the limit every connection gets its origin
@@ -293,6 +306,16 @@ pub fn parse_max_sockets(s: &str) -> Result<usize, String> {
         Ok(n) if (1..=1 << 26).contains(&n) => Ok(n),
         _ => Err(format!(
             "{s:?} is not a number of sockets from 1 to 67108864"
+        )),
+    }
+}
+
+/// Parses `--max-stacks`: 64 to 1 M.
+pub fn parse_max_stacks(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if (64..=1 << 20).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a number of stacks from 64 to 1048576"
         )),
     }
 }

@@ -66,6 +66,11 @@ pub struct Snapshot {
     pub outputs: Vec<(String, u64, u64)>,
     /// Sockets the tracker remembers.
     pub tracked_sockets: u64,
+    /// Sockets the tracker forgot because it was full (`--max-sockets`).
+    pub tracker_evicted: u64,
+    /// Sockets in CLOSE_WAIT not watched because the detector was full
+    /// (`--max-close-wait`).
+    pub close_wait_dropped: u64,
     /// Connections whose origin the kernel keeps for the agent (leak-only
     /// mode), and origins it could not keep because its map was full.
     pub kernel_origins: crate::probe::OriginCounts,
@@ -315,6 +320,16 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             &mut e,
+            "tcptrace_table_full",
+            "Sockets a full table of the agent's could not hold: table=\"tracker\" forgot the least recently active ones (raise --max-sockets), table=\"close_wait\" did not watch new ones (raise --max-close-wait).",
+            None,
+            [
+                (vec![("table", "tracker".to_string())], counter(s.tracker_evicted)),
+                (vec![("table", "close_wait".to_string())], counter(s.close_wait_dropped)),
+            ],
+        )?;
+        family(
+            &mut e,
             "tcptrace_kernel_origins",
             "Live connections whose origin (process, fd, stack) the kernel keeps for leak reports, when no line needs every owner.",
             None,
@@ -514,6 +529,8 @@ mod tests {
             malformed_total: 0,
             outputs: vec![("tcp://127.0.0.1:9000".into(), 100, 3)],
             tracked_sockets: 9,
+            tracker_evicted: 5,
+            close_wait_dropped: 7,
             kernel_origins: crate::probe::OriginCounts {
                 live: 6,
                 full: 2,
@@ -555,6 +572,8 @@ mod tests {
             "tcptrace_ring_buffer_lost_records_total{cause=\"ring_full\"} 4",
             "tcptrace_ring_buffer_lost_records_total{cause=\"missed\"} 1",
             "tcptrace_output_dropped_lines_total{output=\"tcp://127.0.0.1:9000\"} 3",
+            "tcptrace_table_full_total{table=\"tracker\"} 5",
+            "tcptrace_table_full_total{table=\"close_wait\"} 7",
             "tcptrace_kernel_origins 6",
             "tcptrace_kernel_origins_dropped_total 2",
             "tcptrace_origin_stacks_skipped_total 3",

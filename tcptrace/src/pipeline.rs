@@ -151,6 +151,8 @@ impl Pipeline {
             time_wait: self.pressure.counts(),
             malformed_total: self.malformed,
             tracked_sockets: self.tracker.len() as u64,
+            tracker_evicted: self.tracker.evicted(),
+            close_wait_dropped: self.closewait.dropped,
             ..Default::default()
         }
     }

@@ -69,6 +69,12 @@ pub struct OriginMap {
     counts: PerCpuArray<MapData, u64>,
 }
 
+/// Entries of the kernel's `STACKS` map by default: distinct user stacks
+/// of connect()/accept() kept at once, about 1 KiB of kernel memory each
+/// (127 frames). It is a hash table that never grows: a stack whose bucket
+/// another holds is not kept (that origin goes without its stack).
+pub const DEFAULT_MAX_STACKS: u32 = 16384;
+
 /// log2 of the slots of the `CLOSE_WAITS` table: 32768 sockets in
 /// CLOSE_WAIT at once (3.5 MiB of kernel memory); past that, entries are
 /// sent as records, as without the table.
@@ -226,6 +232,8 @@ pub struct ProbeOptions {
     pub state_program: crate::cli::StateProgram,
     /// User stack walks per process per second (0: all).
     pub stacks_per_second: u32,
+    /// Entries of the kernel's `STACKS` map ([`DEFAULT_MAX_STACKS`]).
+    pub max_stacks: u32,
     /// Keep sockets that enter CLOSE_WAIT in the kernel's `CLOSE_WAITS`
     /// table (see [`tcptrace_common::CONFIG_CW_TABLE`]) instead of sending
     /// them; send only those that stay at least this long.
@@ -291,6 +299,7 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         .map_max_entries("EVENTS", ring_bytes)
         .map_max_entries("ORIGINS", origin_slots)
         .map_max_entries("CLOSE_WAITS", cw_slots)
+        .map_max_entries("STACKS", options.max_stacks)
         .load(PROGRAM)
         .context("loading the eBPF program")?;
     // Before attaching: a kernel that cannot run it gets the program again

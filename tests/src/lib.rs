@@ -604,6 +604,13 @@ pub struct NetnsPair {
     pub addr_b: String,
 }
 
+/// A namespace of its own (loopback up), named uniquely for this process
+/// and call.
+pub fn netns() -> Netns {
+    let n = NETNS_SEQ.fetch_add(1, Ordering::SeqCst);
+    Netns::create(format!("tt{}{n}s", std::process::id() % 100_000))
+}
+
 /// Creates a [`NetnsPair`] with names unique to this process and call.
 pub fn netns_pair() -> NetnsPair {
     let n = NETNS_SEQ.fetch_add(1, Ordering::SeqCst);

@@ -293,3 +293,29 @@ fn leak_only_mode_counts_quick_close_waits_in_the_kernel() {
         "no leak from a churn that closes: {leaks:?}"
     );
 }
+
+#[test]
+fn a_full_close_wait_table_is_counted_not_silent() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // Room for one socket in CLOSE_WAIT; the fixture leaves three there.
+    let agent = Agent::start(&["--metrics", &addr, "--max-close-wait", "1"]);
+    let leaked = leaky_server(peer_bin!(), None, None, "127.0.0.1", 3, None);
+    let series = "tcptrace_table_full_total{table=\"close_wait\"}";
+    let dropped = poll(
+        "the full CLOSE_WAIT table in the metrics",
+        TIMEOUT,
+        || value(&scrape(port), series).filter(|n| *n >= 2.0),
+        || scrape(port),
+    );
+    assert!(dropped >= 2.0, "{dropped}");
+    let text = scrape(port);
+    assert!(
+        value(&text, "tcptrace_table_full_total{table=\"tracker\"}").is_some(),
+        "{text}"
+    );
+    promtool_check(&text);
+    drop(leaked);
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}

@@ -2,9 +2,11 @@
 //! many open connections for the scale run.
 //!
 //! ```text
-//! tcptrace-churn churn --seconds S [--addr IP] [--cpu N]
+//! tcptrace-churn churn --seconds S [--count N] [--progress K] [--addr IP] [--cpu N]
 //!     one thread: connect, accept, the client closes, then the server
-//!     (about 10 transitions per connection), for S seconds; prints
+//!     (about 10 transitions per connection), for S seconds or N
+//!     connections, whichever comes first (with --progress, a line
+//!     `{"progress":M}` after every K connections, flushed); prints
 //!     `{"connections":N,"seconds":T,"per_second":R,"slice_p90":P}`, P the
 //!     90th percentile of the rates of its 100 ms slices. With --cpu, pinned to
 //!     that CPU: an unpinned thread that the scheduler moves between CPUs
@@ -25,7 +27,8 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tcptrace-churn churn --seconds S [--addr IP] [--cpu N] | hold --count N [--addr IP] [--ports P]"
+        "usage: tcptrace-churn churn --seconds S [--count N] [--progress K] [--addr IP] [--cpu N] \
+         | hold --count N [--addr IP] [--ports P]"
     );
     std::process::exit(2)
 }
@@ -42,8 +45,14 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addr: IpAddr = value(&args, "--addr").unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let result = match args.first().map(String::as_str) {
-        Some("churn") => pin(value(&args, "--cpu"))
-            .and_then(|()| churn(addr, value(&args, "--seconds").unwrap_or(5.0))),
+        Some("churn") => pin(value(&args, "--cpu")).and_then(|()| {
+            churn(
+                addr,
+                value(&args, "--seconds").unwrap_or(5.0),
+                value(&args, "--count").unwrap_or(u64::MAX),
+                value(&args, "--progress").unwrap_or(0),
+            )
+        }),
         Some("hold") if args.iter().any(|a| a == "--max") => {
             println!("{}", nofile_hard_limit().saturating_sub(64) / 2);
             Ok(())
@@ -95,7 +104,7 @@ fn listen(addr: IpAddr, n: usize) -> std::io::Result<(Vec<TcpListener>, Vec<Sock
 /// ephemeral ports, so that TIME_WAIT never makes the port range the limit.
 const CHURN_LISTENERS: usize = 16;
 
-fn churn(addr: IpAddr, seconds: f64) -> std::io::Result<()> {
+fn churn(addr: IpAddr, seconds: f64, count: u64, progress: u64) -> std::io::Result<()> {
     let (listeners, targets) = listen(addr, CHURN_LISTENERS)?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
@@ -114,6 +123,13 @@ fn churn(addr: IpAddr, seconds: f64) -> std::io::Result<()> {
             if now >= deadline {
                 break;
             }
+        }
+        if n >= count {
+            break;
+        }
+        if progress > 0 && n > 0 && n.is_multiple_of(progress) {
+            println!("{{\"progress\":{n}}}");
+            std::io::stdout().flush()?;
         }
         let i = n as usize % CHURN_LISTENERS;
         let client = TcpStream::connect(targets[i])?;
