@@ -64,8 +64,7 @@ fn without_btf_the_classic_program_runs_and_says_so() {
 
 #[test]
 fn without_syscall_tracepoints_there_are_no_accept_hooks() {
-    let (code, stderr) =
-        agent_without("mount -t tmpfs none /sys/kernel/tracing/events/syscalls");
+    let (code, stderr) = agent_without("mount -t tmpfs none /sys/kernel/tracing/events/syscalls");
     assert_eq!(code, Some(0), "{stderr}");
     assert_says_once(&stderr, "no accept() tracepoints");
     let ready = ready_line(&stderr);
