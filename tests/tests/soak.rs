@@ -32,9 +32,9 @@ fn soak(agent: &Agent) -> (u64, u64) {
         "netns",
         "exec",
         &ns.name,
-        "sysctl",
-        "-q",
-        "net.ipv4.tcp_max_tw_buckets=20000",
+        "sh",
+        "-c",
+        "echo 20000 > /proc/sys/net/ipv4/tcp_max_tw_buckets",
     ]));
     assert_eq!(code, Some(0), "{err}");
     let mut churn = Command::new("ip")
