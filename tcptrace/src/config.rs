@@ -74,7 +74,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Setting>, ConfigError> {
         line,
         reason,
     };
-    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    // Counted in bytes: an offset inside a char (or past the end) cannot
+    // panic here.
+    let line_of = |offset: usize| {
+        let before = text.as_bytes().get(..offset).unwrap_or(text.as_bytes());
+        before.iter().filter(|&&b| b == b'\n').count() + 1
+    };
     let table: BTreeMap<Spanned<String>, Spanned<Value>> = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(s.start));
         err(line, format!("not valid TOML: {}", e.message().trim()))
@@ -295,6 +300,24 @@ mod tests {
             assert_eq!(e.line, line, "{text:?}: {e}");
             assert!(e.to_string().contains(needle), "{text:?}: {e}");
             assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn errors_after_text_of_several_bytes_per_char_name_their_line() {
+        // The line is counted in bytes up to the error's offset: no offset
+        // can split a char there and panic (defensive; the fuzz target
+        // found none).
+        for (text, line) in [
+            (
+                "leak-after = \"10s\" # \u{e9}t\u{e9}\nport = \"\u{fc}\"\n",
+                2,
+            ),
+            ("# \u{1f600}\n\u{1f600} = 1\n", 2),
+            ("\u{e9}\u{e9}\u{e9}", 1),
+        ] {
+            let e = check(text).expect_err(text);
+            assert_eq!(e.line, Some(line), "{text:?}: {e}");
         }
     }
 

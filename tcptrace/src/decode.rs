@@ -168,10 +168,9 @@ impl std::error::Error for DecodeError {}
 
 /// Decodes one ring-buffer record.
 pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
-    if buf.len() < 4 {
+    let Some(kind) = kind_of(buf) else {
         return Err(DecodeError::Truncated { len: buf.len() });
-    }
-    let kind = (&buf[..4]).get_u32_ne();
+    };
     match kind {
         RECORD_STATE => decode_state(buf).map(Record::State),
         RECORD_STATE_V4 => decode_state_v4(buf).map(Record::State),
@@ -186,7 +185,7 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
 /// records). A batch's good records are handed on even when one of them
 /// is malformed.
 pub fn decode_each(buf: &[u8], mut each: impl FnMut(Record)) -> Result<(), DecodeError> {
-    if buf.len() >= 4 && (&buf[..4]).get_u32_ne() == RECORD_STATE_BATCH {
+    if kind_of(buf) == Some(RECORD_STATE_BATCH) {
         return decode_batch(buf, each);
     }
     each(decode(buf)?);
@@ -198,9 +197,12 @@ pub fn decode_each(buf: &[u8], mut each: impl FnMut(Record)) -> Result<(), Decod
 /// holding records before decoding them (see [`crate::reorder`]): a
 /// record is decoded (and rejected if malformed) when it is handed on; a
 /// single record too short to hold a time gets time 0. `Err` only for a
-/// batch whose header does not match its length.
+/// batch whose header does not match its length, or that holds a record of
+/// another kind than a short state record: such a record is not handed on
+/// (the others are), so that decoding the pieces later gives what
+/// [`decode_each`] gives at once.
 pub fn split_timed(buf: &[u8], mut each: impl FnMut(u64, &[u8])) -> Result<(), DecodeError> {
-    let kind = buf.get(..4).map(|mut k| k.get_u32_ne());
+    let kind = kind_of(buf);
     if kind != Some(RECORD_STATE_BATCH) {
         let at = match kind {
             Some(RECORD_RESET) => std::mem::offset_of!(ResetRecord, ts_ns),
@@ -210,14 +212,22 @@ pub fn split_timed(buf: &[u8], mut each: impl FnMut(u64, &[u8])) -> Result<(), D
         each(time_at(buf, at), buf);
         return Ok(());
     }
-    let records = batch_records(buf)?;
-    for rec in records.chunks_exact(size_of::<StateRecordV4>()) {
-        each(
-            time_at(rec, std::mem::offset_of!(StateRecordV4, ts_ns)),
-            rec,
-        );
+    let mut result = Ok(());
+    for rec in batch_records(buf)?.chunks_exact(size_of::<StateRecordV4>()) {
+        match short_kind(rec) {
+            Ok(()) => each(
+                time_at(rec, std::mem::offset_of!(StateRecordV4, ts_ns)),
+                rec,
+            ),
+            Err(e) => result = result.and(Err(e)),
+        }
     }
-    Ok(())
+    result
+}
+
+/// The kind tag a record starts with; `None` when it is shorter than one.
+fn kind_of(buf: &[u8]) -> Option<u32> {
+    buf.get(..4).map(|mut k| k.get_u32_ne())
 }
 
 /// The u64 at `at` in `buf`, 0 when `buf` is too short.
@@ -229,16 +239,16 @@ fn time_at(buf: &[u8], at: usize) -> u64 {
 /// length.
 fn batch_records(buf: &[u8]) -> Result<&[u8], DecodeError> {
     const HEAD: usize = 8;
-    if buf.len() < HEAD {
+    let (Some(mut count), Some(records)) = (buf.get(4..HEAD), buf.get(HEAD..)) else {
         return Err(DecodeError::Truncated { len: buf.len() });
-    }
-    let count = ((&buf[4..HEAD]).get_u32_ne() as usize).min(STAGED_RECORDS);
+    };
+    let count = (count.get_u32_ne() as usize).min(STAGED_RECORDS);
     check_len(
         buf,
         "batch",
         HEAD + count.max(1) * size_of::<StateRecordV4>(),
     )?;
-    Ok(&buf[HEAD..])
+    Ok(records)
 }
 
 /// A batch: kind, count, then `count` short records.
@@ -255,8 +265,15 @@ fn decode_batch(buf: &[u8], mut each: impl FnMut(Record)) -> Result<(), DecodeEr
 
 /// One record of a batch: a short state record, or an error.
 fn decode_short(rec: &[u8]) -> Result<StateChange, DecodeError> {
-    match rec.get(..4).map(|mut k| k.get_u32_ne()) {
-        Some(RECORD_STATE_V4) => decode_state_v4(rec),
+    short_kind(rec)?;
+    decode_state_v4(rec)
+}
+
+/// Ok when `rec` is tagged as a short state record, the only kind a batch
+/// holds (an accept record has the same length: its tag tells them apart).
+fn short_kind(rec: &[u8]) -> Result<(), DecodeError> {
+    match kind_of(rec) {
+        Some(RECORD_STATE_V4) => Ok(()),
         Some(other) => Err(DecodeError::UnknownKind(other)),
         None => Err(DecodeError::Truncated { len: rec.len() }),
     }
@@ -275,8 +292,8 @@ fn check_len(buf: &[u8], kind: &'static str, expected: usize) -> Result<(), Deco
 }
 
 pub(crate) fn comm(raw: &[u8]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    let name = raw.split(|&b| b == 0).next().unwrap_or(raw);
+    String::from_utf8_lossy(name).into_owned()
 }
 
 fn addr(family: Family, raw: [u8; 16]) -> IpAddr {
@@ -834,6 +851,37 @@ mod tests {
         let mut bad = batch(&staged(2));
         bad[4..8].copy_from_slice(&5u32.to_ne_bytes());
         assert!(split_timed(&bad, |_, _| panic!("a record of a bad batch")).is_err());
+    }
+
+    #[test]
+    fn a_batch_holding_another_kind_splits_as_it_decodes() {
+        // Found by the decode fuzz target: an accept record is as long as
+        // a short state record, so one inside a batch was rejected by
+        // decode_each but handed on by split_timed, and the reorder path
+        // then decoded it as an accept.
+        let mut bytes = batch(&staged(4));
+        let third = 8 + 2 * 64;
+        bytes[third..third + 4].copy_from_slice(&RECORD_ACCEPT.to_ne_bytes());
+        let mut direct = Vec::new();
+        assert_eq!(
+            decode_each(&bytes, |r| direct.push(r)),
+            Err(DecodeError::UnknownKind(RECORD_ACCEPT))
+        );
+        assert_eq!(direct.len(), 3);
+        let mut held = Vec::new();
+        assert_eq!(
+            split_timed(&bytes, |ts, raw| held.push((ts, raw.to_vec()))),
+            Err(DecodeError::UnknownKind(RECORD_ACCEPT))
+        );
+        assert_eq!(
+            held.iter().map(|(ts, _)| *ts).collect::<Vec<_>>(),
+            [0, 1, 3]
+        );
+        let later: Vec<Record> = held
+            .iter()
+            .map(|(_, raw)| decode(raw).expect("a short state record"))
+            .collect();
+        assert_eq!(later, direct);
     }
 
     #[test]

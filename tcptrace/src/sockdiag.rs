@@ -134,19 +134,19 @@ fn addr(family: u8, raw: &[u8]) -> Option<IpAddr> {
 }
 
 fn parse_diag_msg(payload: &[u8]) -> Option<DiagSocket> {
-    if payload.len() < DIAG_MSG_LEN {
+    let msg = payload.get(..DIAG_MSG_LEN)?;
+    let &[family, state, timer, _retrans, ..] = msg else {
         return None;
-    }
-    let family = payload[0];
+    };
     // Ports are big endian on the wire.
-    let lport = u16::from_be_bytes([payload[4], payload[5]]);
-    let rport = u16::from_be_bytes([payload[6], payload[7]]);
+    let lport = u16::from_be(u16_at(msg, 4)?);
+    let rport = u16::from_be(u16_at(msg, 6)?);
     let mut sock = DiagSocket {
-        state: payload[1],
-        timer: payload[2],
-        laddr: addr(family, &payload[8..24])?,
+        state,
+        timer,
+        laddr: addr(family, msg.get(8..24)?)?,
         lport,
-        raddr: addr(family, &payload[24..40])?,
+        raddr: addr(family, msg.get(24..40)?)?,
         rport,
         rqueue: u32_at(payload, 56)?,
         inode: u32_at(payload, 68)?,
@@ -155,14 +155,13 @@ fn parse_diag_msg(payload: &[u8]) -> Option<DiagSocket> {
     };
     // Attributes: struct rtattr { u16 len; u16 type; } + data, 4-aligned.
     let mut at = DIAG_MSG_LEN;
-    while at + 4 <= payload.len() {
-        let len = usize::from(u16_at(payload, at)?);
-        let kind = u16_at(payload, at + 2)?;
-        if len < 4 || at + len > payload.len() {
-            break;
-        }
+    while let (Some(len), Some(kind)) = (u16_at(payload, at), u16_at(payload, at + 2)) {
+        let len = usize::from(len);
+        let Some(data) = payload.get(at..at + len).and_then(|attr| attr.get(4..)) else {
+            break; // shorter than its header, or past the message
+        };
         if kind == INET_DIAG_INFO {
-            sock.last_data_recv_ms = u32_at(&payload[at + 4..at + len], TCPI_LAST_DATA_RECV);
+            sock.last_data_recv_ms = u32_at(data, TCPI_LAST_DATA_RECV);
         }
         at += (len + 3) & !3;
     }
@@ -177,16 +176,24 @@ pub fn parse_messages(buf: &[u8]) -> Result<(Vec<DiagSocket>, bool), DiagError> 
     while at + NLMSG_HDR_LEN <= buf.len() {
         let len = u32_at(buf, at).ok_or(DiagError::Malformed("header"))? as usize;
         let kind = u16_at(buf, at + 4).ok_or(DiagError::Malformed("header"))?;
-        if len < NLMSG_HDR_LEN || at + len > buf.len() {
+        if len < NLMSG_HDR_LEN {
             return Err(DiagError::Malformed("message length"));
         }
-        let payload = &buf[at + NLMSG_HDR_LEN..at + len];
+        let payload = at
+            .checked_add(len)
+            .and_then(|end| buf.get(at + NLMSG_HDR_LEN..end))
+            .ok_or(DiagError::Malformed("message length"))?;
         match kind {
             NLMSG_DONE => return Ok((out, true)),
             NLMSG_ERROR => {
-                let errno = u32_at(payload, 0).ok_or(DiagError::Malformed("error"))? as i32;
-                if errno != 0 {
-                    return Err(DiagError::Kernel(io::Error::from_raw_os_error(-errno)));
+                // A negative errno; 0 acknowledges.
+                let error = u32_at(payload, 0).ok_or(DiagError::Malformed("error"))? as i32;
+                match error.checked_neg() {
+                    Some(0) => {}
+                    Some(errno) if errno > 0 => {
+                        return Err(DiagError::Kernel(io::Error::from_raw_os_error(errno)))
+                    }
+                    _ => return Err(DiagError::Malformed("error code")),
                 }
             }
             SOCK_DIAG_BY_FAMILY => {
@@ -415,6 +422,47 @@ mod tests {
         let mut bad = good.clone();
         bad[0..4].copy_from_slice(&9999u32.to_ne_bytes());
         assert!(parse_messages(&bad).is_err());
+    }
+
+    #[test]
+    fn an_error_code_that_is_no_errno_is_malformed_not_a_panic() {
+        // Found by the sockdiag fuzz target: negating i32::MIN overflowed.
+        for code in [i32::MIN, 1, 4096] {
+            let msg = nlmsg(NLMSG_ERROR, &code.to_ne_bytes());
+            assert!(
+                matches!(
+                    parse_messages(&msg),
+                    Err(DiagError::Malformed("error code"))
+                ),
+                "{code}"
+            );
+        }
+        let ack = nlmsg(NLMSG_ERROR, &0i32.to_ne_bytes());
+        assert!(matches!(parse_messages(&ack), Ok((socks, false)) if socks.is_empty()));
+        let eperm = nlmsg(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes());
+        match parse_messages(&eperm) {
+            Err(DiagError::Kernel(e)) => assert_eq!(e.raw_os_error(), Some(libc::EPERM)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn attributes_cut_short_or_overlong_are_skipped() {
+        let good = diag_msg(8, 45346, 99, Some(61_000));
+        // The INET_DIAG_INFO attribute claims more bytes than there are, or
+        // fewer than its own header: the socket stays, without the time.
+        for attr_len in [u16::MAX, 3, 0] {
+            let mut p = good.clone();
+            p[DIAG_MSG_LEN..DIAG_MSG_LEN + 2].copy_from_slice(&attr_len.to_ne_bytes());
+            let (socks, _) = parse_messages(&nlmsg(SOCK_DIAG_BY_FAMILY, &p)).expect("valid");
+            assert_eq!(socks.len(), 1, "{attr_len}");
+            assert_eq!(socks[0].last_data_recv_ms, None, "{attr_len}");
+        }
+        // Cut inside the attribute's header: the same.
+        let cut = &good[..DIAG_MSG_LEN + 3];
+        let (socks, _) = parse_messages(&nlmsg(SOCK_DIAG_BY_FAMILY, cut)).expect("valid");
+        assert_eq!(socks[0].last_data_recv_ms, None);
+        assert_eq!(socks[0].lport, 45346);
     }
 
     #[test]

@@ -143,7 +143,9 @@ fn start_time(pid: u32) -> Option<u64> {
     parse_start_time(&stat)
 }
 
-fn parse_start_time(stat: &str) -> Option<u64> {
+/// The start time (field 22) from the text of `/proc/PID/stat`; public for
+/// the fuzz target of the /proc parsers.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
     // The command name (field 2) may hold spaces and parentheses: skip past
     // its last closing parenthesis; field 3 is then the first, so field 22
     // is the 20th.

@@ -9,7 +9,9 @@
 //!
 //! - `build`: build the agent;
 //! - `run`: build it and run it as root, passing its exit code through;
-//! - `test`: build it and run the test suite (as root) against that binary.
+//! - `test`: build it and run the test suite (as root) against that binary;
+//! - `fuzz`: run the cargo-fuzz targets of `tcptrace/fuzz`, each for a
+//!   bounded time (installing cargo-fuzz when missing).
 //!
 //! Modules: [`toolchain`] checks and installs the build and test tools,
 //! [`apt`] installs Debian packages, [`cargo`] drives the nested cargo, and
@@ -19,6 +21,7 @@
 mod apt;
 mod bench;
 mod cargo;
+mod fuzz;
 mod run;
 mod toolchain;
 
@@ -102,6 +105,17 @@ enum Cmd {
     /// connections and the tracker's memory with 1 000 000 sockets. The
     /// table is recorded in BENCHMARKS.md.
     Bench(bench::BenchOpts),
+    /// Fuzz the parsers of untrusted input, each target for a bounded time.
+    ///
+    /// Runs the cargo-fuzz targets of `tcptrace/fuzz` in turn (decode,
+    /// sockdiag, tracefs_format, procfs, config, btf) with their committed
+    /// seeds, on the stable toolchain (`--sanitizer none
+    /// --debug-assertions`), and prints one line per target. Installs
+    /// cargo-fuzz (`cargo install cargo-fuzz --locked`) and the agent's build
+    /// tools when missing. Fails naming each target that crashed, its
+    /// input (under `tcptrace/fuzz/artifacts/`) and how to reproduce it.
+    /// Example: `cargo xtask fuzz --seconds 60 --target decode`.
+    Fuzz(fuzz::FuzzOpts),
 }
 
 fn main() {
@@ -135,6 +149,11 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             let tools = toolchain::ensure_build_tools(&mut apt)?;
             toolchain::ensure_bench_tools(&mut apt);
             bench::bench(&tools, &opts)
+        }
+        Cmd::Fuzz(opts) => {
+            let mut apt = apt::Apt::new();
+            let tools = toolchain::ensure_build_tools(&mut apt)?;
+            fuzz::fuzz(&mut apt, &tools, &opts)
         }
     }
 }
@@ -258,5 +277,34 @@ mod tests {
             Cmd::Test { args } => assert_eq!(args, ["-p", "t", "--", "--nocapture"]),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn fuzz_takes_seconds_and_known_targets() {
+        let cli = Cli::try_parse_from(["x", "fuzz"]).expect("parses");
+        match cli.command {
+            Cmd::Fuzz(opts) => assert_eq!((opts.seconds, opts.targets.len()), (20, 0)),
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "x",
+            "fuzz",
+            "--seconds",
+            "5",
+            "--target",
+            "btf",
+            "--target",
+            "decode",
+        ])
+        .expect("parses");
+        match cli.command {
+            Cmd::Fuzz(opts) => {
+                assert_eq!(opts.seconds, 5);
+                assert_eq!(opts.targets, ["btf", "decode"]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["x", "fuzz", "--target", "nope"]).is_err());
+        assert!(Cli::try_parse_from(["x", "fuzz", "--seconds", "0"]).is_err());
     }
 }
