@@ -164,8 +164,8 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     // reduced sets.
     match privileges::drop_after_attach() {
         Ok(d) => log::info!(
-            "privileges: kept {} (bounding set {}), no_new_privs set; every other \
-             capability dropped",
+            "privileges: kept {} (bounding set {}), no_new_privs set, exec forbidden \
+             (seccomp); every other capability dropped",
             privileges::cap_names(d.kept).join(" "),
             if d.bounding_set {
                 "cut to match"

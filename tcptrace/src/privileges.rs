@@ -255,7 +255,62 @@ pub fn drop_after_attach() -> std::io::Result<Dropped> {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    forbid_exec()?;
     Ok(Dropped { kept, bounding_set })
+}
+
+/// `AUDIT_ARCH_*` of the syscalls this build makes (`seccomp_data.arch`).
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xC000_003E;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xC000_00B7;
+
+/// x86_64's x32 syscalls carry this bit in their number.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// The agent never executes a program: a seccomp filter makes `execve`
+/// and `execveat` fail with EPERM for this thread and every thread it
+/// starts later, as do syscalls of another ABI (i386, x32), which the
+/// agent never makes and which would otherwise get around the check. Needs
+/// `no_new_privs` (or CAP_SYS_ADMIN).
+pub fn forbid_exec() -> std::io::Result<()> {
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let deny = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    // seccomp_data: the syscall number at 0, the architecture at 4.
+    let program = [
+        op(LD_W_ABS, 0, 0, 4),
+        op(JEQ_K, 1, 0, AUDIT_ARCH),
+        op(RET_K, 0, 0, deny),
+        op(LD_W_ABS, 0, 0, 0),
+        op(JGE_K, 3, 0, X32_SYSCALL_BIT),
+        op(JEQ_K, 2, 0, libc::SYS_execve as u32),
+        op(JEQ_K, 1, 0, libc::SYS_execveat as u32),
+        op(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+        op(RET_K, 0, 0, deny),
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: a valid filter program that outlives the call (the kernel
+    // copies it).
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &fprog as *const libc::sock_fprog,
+            0,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -293,6 +348,28 @@ mod tests {
         assert_eq!(cap_names(kept), ["CAP_SYS_PTRACE", "CAP_BPF"]);
         // Never more than the process had.
         assert_eq!(runtime_keep(0), 0);
+    }
+
+    #[test]
+    fn after_forbid_exec_no_program_runs() {
+        use std::os::unix::process::CommandExt as _;
+        // The filter goes on in the child between fork and exec: the exec
+        // itself must fail. no_new_privs first, as the agent sets it.
+        let mut cmd = std::process::Command::new("/bin/true");
+        // SAFETY: prctl and the filter install are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                forbid_exec()
+            });
+        }
+        let err = cmd.status().expect_err("exec must be refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+        // Without the filter the same command runs.
+        let ok = std::process::Command::new("/bin/true").status();
+        assert!(ok.is_ok_and(|s| s.success()));
     }
 
     #[test]

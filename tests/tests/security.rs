@@ -1,5 +1,6 @@
 //! Least privilege: once attached, the agent keeps only what /proc and
-//! sock_diag need, in every thread, with `no_new_privs` set, and still
+//! sock_diag need, in every thread, with `no_new_privs` set and a seccomp
+//! filter that refuses to execute anything, and still
 //! names the owner and the stack of a leak held by another user in
 //! another network namespace.
 
@@ -45,6 +46,8 @@ fn every_thread_keeps_only_proc_and_namespace_capabilities() {
         assert_eq!(hex(&status_field(&status, "CapInh")), 0, "{status}");
         assert_eq!(hex(&status_field(&status, "CapAmb")), 0, "{status}");
         assert_eq!(status_field(&status, "NoNewPrivs"), "1", "{status}");
+        // The filter that refuses execve.
+        assert_eq!(status_field(&status, "Seccomp"), "2", "{status}");
         threads += 1;
     }
     // The main thread and the two output writers at least.
@@ -52,7 +55,7 @@ fn every_thread_keeps_only_proc_and_namespace_capabilities() {
     let stopped = agent.stop();
     assert!(stopped.status.success());
     let said = "privileges: kept CAP_DAC_READ_SEARCH CAP_SYS_PTRACE CAP_SYS_ADMIN (bounding \
-                set cut to match), no_new_privs set";
+                set cut to match), no_new_privs set, exec forbidden (seccomp)";
     assert!(
         stopped.stderr.iter().any(|l| l.contains(said)),
         "{:?}",
