@@ -121,3 +121,108 @@ fn a_leak_of_another_user_in_another_namespace_is_named_after_the_drop() {
     let stopped = agent.stop();
     assert!(stopped.status.success());
 }
+
+/// Every syscall that could write, create, move or remove a file, or run
+/// a program, as `strace` names them.
+const WRITING_SYSCALLS: &str = "trace=execve,execveat,open,openat,openat2,creat,rename,renameat,\
+                                renameat2,unlink,unlinkat,mkdir,mkdirat,rmdir,truncate,link,\
+                                linkat,symlink,symlinkat,chmod,fchmodat,chown,fchownat,lchown,\
+                                mknod,mknodat,mount,umount2";
+
+/// Under `strace`, through a leak, a SIGHUP (outputs reopened) and a
+/// SIGTERM: the agent executes nothing after its own start, and every
+/// file it writes, creates, moves or removes is one of its configured
+/// outputs.
+#[test]
+fn writes_only_its_configured_outputs_and_executes_nothing() {
+    let dir = tcptrace_tests::TempDir::new("writes");
+    let trace = dir.0.join("strace.log");
+    let out = dir.0.join("out.json");
+    let state = dir.0.join("state.json");
+    let err = dir.0.join("agent.err");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-s", "4096", "-e", WRITING_SYSCALLS])
+        .args(["-e", "status=successful", "-e", "signal=none", "-o"])
+        .arg(&trace)
+        .arg(tcptrace_tests::agent_bin())
+        .arg("--output")
+        .arg(format!("file:{}", out.display()))
+        .arg("--state-file")
+        .arg(&state)
+        .args(["--leak-after", "500ms", "--format", "json"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .spawn()
+        .expect("run strace (apt-get install strace)");
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    tcptrace_tests::poll(
+        "the agent's ready line",
+        tcptrace_tests::TIMEOUT,
+        || read(&err).contains("ready:").then_some(()),
+        || read(&err),
+    );
+    // The agent is the process strace started: the pid of its execve.
+    let pid: u32 = read(&trace)
+        .lines()
+        .find(|l| l.contains(" execve("))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .expect("the agent's pid in the strace log");
+    let leaked = tcptrace_tests::leaky_server(peer_bin!(), None, None, "127.0.0.1", 1, None);
+    tcptrace_tests::poll(
+        "the leak in the output file",
+        tcptrace_tests::TIMEOUT,
+        || {
+            read(&out)
+                .contains(&format!("\"lport\":{}", leaked.port))
+                .then_some(())
+        },
+        || read(&out),
+    );
+    tcptrace_tests::kill(pid, libc::SIGHUP);
+    tcptrace_tests::poll(
+        "the outputs reopened",
+        tcptrace_tests::TIMEOUT,
+        || read(&err).contains("SIGHUP").then_some(()),
+        || read(&err),
+    );
+    tcptrace_tests::kill(pid, libc::SIGTERM);
+    let status = strace.wait().expect("strace exit");
+    assert!(status.success(), "{status:?}\n{}", read(&err));
+    drop(leaked);
+
+    let log = std::fs::read_to_string(&trace).expect("strace log");
+    let execs: Vec<&str> = log.lines().filter(|l| l.contains(" execve")).collect();
+    assert_eq!(execs.len(), 1, "only strace starting the agent: {execs:?}");
+    let allowed = |path: &str| path.starts_with(&format!("{}/", dir.0.display()));
+    let mut writes = 0;
+    for line in log.lines() {
+        let call = line.split_once(' ').map_or(line, |(_, rest)| rest);
+        // A call another thread interrupted shows its arguments on its
+        // "unfinished" line; the "resumed" line has none.
+        if call.starts_with("<...") || call.starts_with("+++") || call.starts_with("---") {
+            continue;
+        }
+        let writes_file = if call.starts_with("open") || call.starts_with("creat") {
+            call.starts_with("creat")
+                || ["O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC"]
+                    .iter()
+                    .any(|f| call.contains(f))
+        } else {
+            !call.starts_with("execve")
+        };
+        if !writes_file {
+            continue;
+        }
+        writes += 1;
+        let paths: Vec<&str> = call.split('"').skip(1).step_by(2).collect();
+        assert!(
+            !paths.is_empty() && paths.iter().all(|p| allowed(p)),
+            "a write outside the configured outputs: {call}\n{log}"
+        );
+    }
+    assert!(
+        writes >= 3,
+        "the output, the state file and its rename: {log}"
+    );
+}

@@ -298,6 +298,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("promtool", "prometheus"),
     ("bpftool", "bpftool"),
+    ("strace", "strace"),
 ];
 
 /// Makes sure every command of [`TEST_TOOLS`] exists, installing the
