@@ -417,6 +417,19 @@ mod tests {
     }
 
     #[test]
+    fn metrics_are_off_by_default_and_on_loopback_when_asked_without_an_address() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.metrics);
+        assert_eq!(parse(&["tcptrace"]).ok(), Some(None));
+        let bare = parse(&["tcptrace", "--metrics"]).ok().flatten();
+        assert_eq!(bare, "127.0.0.1:9464".parse().ok());
+        assert!(bare.is_some_and(|a| a.ip().is_loopback()));
+        let told = parse(&["tcptrace", "--metrics", "0.0.0.0:9100"])
+            .ok()
+            .flatten();
+        assert_eq!(told, "0.0.0.0:9100".parse().ok());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(
             parse_duration("500ms"),
