@@ -115,6 +115,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
             state_program: cli.state_program,
             stacks_per_second: cli.stacks_per_second,
             max_stacks: cli.max_stacks,
+            max_close_wait: cli.max_close_wait,
             origin_map: origin_map.then(|| u32::try_from(cli.max_sockets).unwrap_or(u32::MAX)),
             close_wait_quiet: origin_map.then_some(leak_check),
             // A stream of every transition: batches halve what a record

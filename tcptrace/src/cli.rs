@@ -141,8 +141,9 @@ pub struct Cli {
     pub max_sockets: usize,
 
     /// Sockets in CLOSE_WAIT the agent remembers at once (a few hundred bytes each); past that,
-    /// new ones are not watched (counted as dropped in the summary). The kernel's own table of
-    /// them has 32768 slots; past those, entries travel as records.
+    /// new ones are not watched (counted: `tcptrace_table_full_total`). The kernel's own table
+    /// of them has an eighth as many slots (112 bytes each); past those, entries travel as
+    /// records.
     #[arg(long, value_name = "N", default_value_t = crate::closewait::DEFAULT_MAX_LINGERING,
           value_parser = parse_max_sockets)]
     pub max_close_wait: usize,

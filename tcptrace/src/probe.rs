@@ -75,10 +75,19 @@ pub struct OriginMap {
 /// another holds is not kept (that origin goes without its stack).
 pub const DEFAULT_MAX_STACKS: u32 = 16384;
 
-/// log2 of the slots of the `CLOSE_WAITS` table: 32768 sockets in
-/// CLOSE_WAIT at once (3.5 MiB of kernel memory); past that, entries are
-/// sent as records, as without the table.
-pub const CW_TABLE_BITS: u32 = 15;
+/// log2 of the slots of the `CLOSE_WAITS` table for an agent that
+/// watches at most `max_close_wait` sockets in CLOSE_WAIT: an eighth of
+/// that, as a power of two from 16 to 1 M slots (112 bytes each; 32768,
+/// 3.5 MiB, at the default `--max-close-wait`). Past that, entries are
+/// sent as records, as without the table: most stays are quiet and leave
+/// the table within the leak check's interval.
+pub fn cw_table_bits(max_close_wait: usize) -> u32 {
+    let eighth = u32::try_from(max_close_wait / 8).unwrap_or(u32::MAX);
+    eighth
+        .clamp(16, 1 << 20)
+        .next_power_of_two()
+        .trailing_zeros()
+}
 
 /// Slots of the `ORIGINS` table for at most `max` origins: the next power
 /// of two (a lookup masks the slot number), at least 16. Returns log2.
@@ -234,6 +243,9 @@ pub struct ProbeOptions {
     pub stacks_per_second: u32,
     /// Entries of the kernel's `STACKS` map ([`DEFAULT_MAX_STACKS`]).
     pub max_stacks: u32,
+    /// Sockets in CLOSE_WAIT the agent watches: sizes the kernel's
+    /// `CLOSE_WAITS` table ([`cw_table_bits`]).
+    pub max_close_wait: usize,
     /// Keep sockets that enter CLOSE_WAIT in the kernel's `CLOSE_WAITS`
     /// table (see [`tcptrace_common::CONFIG_CW_TABLE`]) instead of sending
     /// them; send only those that stay at least this long.
@@ -281,9 +293,9 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     let mut cw_slots = 1;
     if let Some(quiet) = options.close_wait_quiet {
         config.flags |= CONFIG_CW_TABLE;
-        config.cw_slot_bits = CW_TABLE_BITS;
+        config.cw_slot_bits = cw_table_bits(options.max_close_wait);
         config.cw_quiet_ms = u32::try_from(quiet.as_millis()).unwrap_or(u32::MAX);
-        cw_slots = 1 << CW_TABLE_BITS;
+        cw_slots = 1 << config.cw_slot_bits;
     }
     if options.stage {
         config.flags |= CONFIG_STAGE;
@@ -637,6 +649,14 @@ mod tests {
         assert_eq!(chain(true, true, Fixed), [FIXED_STATE_PROGRAM]);
         assert_eq!(chain(true, true, Offsets), [OFFSETS_STATE_PROGRAM]);
         assert_eq!(chain(false, false, Btf), [BTF_STATE_PROGRAM]);
+    }
+
+    #[test]
+    fn the_close_wait_table_is_an_eighth_of_what_the_agent_watches() {
+        assert_eq!(cw_table_bits(crate::closewait::DEFAULT_MAX_LINGERING), 15);
+        assert_eq!(cw_table_bits(1), 4, "16 slots at least");
+        assert_eq!(cw_table_bits(8 * 1000), 10);
+        assert_eq!(cw_table_bits(usize::MAX), 20, "1 M slots at most");
     }
 
     #[test]
