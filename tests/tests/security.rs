@@ -123,16 +123,57 @@ fn a_leak_of_another_user_in_another_namespace_is_named_after_the_drop() {
 }
 
 /// Every syscall that could write, create, move or remove a file, or run
-/// a program, as `strace` names them.
-const WRITING_SYSCALLS: &str = "trace=execve,execveat,open,openat,openat2,creat,rename,renameat,\
-                                renameat2,unlink,unlinkat,mkdir,mkdirat,rmdir,truncate,link,\
-                                linkat,symlink,symlinkat,chmod,fchmodat,chown,fchownat,lchown,\
-                                mknod,mknodat,mount,umount2";
+/// a program, and those that follow a path or read a link, as `strace`
+/// names them.
+const TRACED_SYSCALLS: &str = "trace=execve,execveat,open,openat,openat2,creat,rename,renameat,\
+                               renameat2,unlink,unlinkat,mkdir,mkdirat,rmdir,truncate,link,\
+                               linkat,symlink,symlinkat,chmod,fchmodat,chown,fchownat,lchown,\
+                               mknod,mknodat,mount,umount2,stat,lstat,newfstatat,statx,\
+                               readlink,readlinkat";
+
+/// /proc paths the agent may open or stat (following their links), with
+/// every run of digits as `N`: its own process, the few files it reads
+/// of others, their namespaces (to enter them) and their mapped files
+/// (to symbolize); anything else, like a process's `cwd` or `root`, it
+/// may only read as a link. `map_files/` entries are checked apart.
+const PROC_FOLLOWED: &[&str] = &[
+    "/proc",
+    "/proc/N/fd",
+    "/proc/N/ns/net",
+    "/proc/N/stat",
+    "/proc/N/status",
+    "/proc/N/comm",
+    "/proc/N/task/N/comm",
+    "/proc/N/cgroup",
+    "/proc/N/maps",
+    "/proc/N/net/tcp",
+    "/proc/N/net/tcpN",
+    "/proc/sys/net/ipvN/ip_local_port_range",
+    "/proc/sys/net/ipvN/tcp_tw_reuse",
+    "/proc/sys/kernel/osrelease",
+];
+
+/// Whether the agent may follow `path` (see [`PROC_FOLLOWED`]).
+fn may_follow(path: &str) -> bool {
+    if !path.starts_with("/proc") || path.starts_with("/proc/self/") {
+        return true;
+    }
+    let mut shape = String::new();
+    for c in path.chars() {
+        if !c.is_ascii_digit() {
+            shape.push(c);
+        } else if !shape.ends_with('N') {
+            shape.push('N');
+        }
+    }
+    PROC_FOLLOWED.contains(&shape.as_str()) || shape.starts_with("/proc/N/map_files/")
+}
 
 /// Under `strace`, through a leak, a SIGHUP (outputs reopened) and a
-/// SIGTERM: the agent executes nothing after its own start, and every
-/// file it writes, creates, moves or removes is one of its configured
-/// outputs.
+/// SIGTERM: the agent executes nothing after its own start, every file it
+/// writes, creates, moves or removes is one of its configured outputs,
+/// and under /proc it follows only the links it reads (namespaces, mapped
+/// files), reading the others (fds, exe) as links.
 #[test]
 fn writes_only_its_configured_outputs_and_executes_nothing() {
     let dir = tcptrace_tests::TempDir::new("writes");
@@ -141,7 +182,7 @@ fn writes_only_its_configured_outputs_and_executes_nothing() {
     let state = dir.0.join("state.json");
     let err = dir.0.join("agent.err");
     let mut strace = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-s", "4096", "-e", WRITING_SYSCALLS])
+        .args(["-f", "-qq", "-s", "4096", "-e", TRACED_SYSCALLS])
         .args(["-e", "status=successful", "-e", "signal=none", "-o"])
         .arg(&trace)
         .arg(tcptrace_tests::agent_bin())
@@ -189,6 +230,7 @@ fn writes_only_its_configured_outputs_and_executes_nothing() {
     tcptrace_tests::kill(pid, libc::SIGTERM);
     let status = strace.wait().expect("strace exit");
     assert!(status.success(), "{status:?}\n{}", read(&err));
+    let leaked_pid = leaked.server.pid();
     drop(leaked);
 
     let log = std::fs::read_to_string(&trace).expect("strace log");
@@ -203,6 +245,23 @@ fn writes_only_its_configured_outputs_and_executes_nothing() {
         if call.starts_with("<...") || call.starts_with("+++") || call.starts_with("---") {
             continue;
         }
+        let paths: Vec<&str> = call.split('"').skip(1).step_by(2).collect();
+        if call.starts_with("readlink") {
+            // A link read, not followed: fine anywhere.
+            continue;
+        }
+        let is_stat = ["stat(", "lstat(", "newfstatat(", "statx("]
+            .iter()
+            .any(|c| call.starts_with(c));
+        if call.starts_with("open") || is_stat {
+            assert!(
+                paths.first().is_none_or(|p| may_follow(p)),
+                "follows a /proc link it has no business in: {call}"
+            );
+        }
+        if is_stat {
+            continue;
+        }
         let writes_file = if call.starts_with("open") || call.starts_with("creat") {
             call.starts_with("creat")
                 || ["O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC"]
@@ -215,7 +274,6 @@ fn writes_only_its_configured_outputs_and_executes_nothing() {
             continue;
         }
         writes += 1;
-        let paths: Vec<&str> = call.split('"').skip(1).step_by(2).collect();
         assert!(
             !paths.is_empty() && paths.iter().all(|p| allowed(p)),
             "a write outside the configured outputs: {call}\n{log}"
@@ -224,5 +282,16 @@ fn writes_only_its_configured_outputs_and_executes_nothing() {
     assert!(
         writes >= 3,
         "the output, the state file and its rename: {log}"
+    );
+    // The leak's owner was looked for, and its stack symbolized.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("readlink(\"/proc/") && l.contains("/fd/")),
+        "no fd link read: {log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("/proc/{}/maps", leaked_pid))),
+        "the leaking process's maps were not read: {log}"
     );
 }
