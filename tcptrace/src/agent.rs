@@ -82,6 +82,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     privileges::check()?;
     raise_memlock_limit();
+    // First, while the agent has one thread and nothing open: the helper
+    // that lets it give up CAP_SYS_ADMIN once attached.
+    match crate::nshelper::start() {
+        Ok(pid) => log::debug!("namespace helper: pid {pid}"),
+        Err(e) => log::warn!(
+            "cannot start the namespace helper ({e}); the agent keeps CAP_SYS_ADMIN to enter \
+             network namespaces"
+        ),
+    }
     let tracefs = tracefs::locate_or_mount()?;
     let plan = crate::support::plan(&crate::support::probe(&tracefs))?;
     for line in &plan.without {

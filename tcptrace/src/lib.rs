@@ -24,6 +24,7 @@ pub mod layout;
 pub mod leak;
 pub mod metrics;
 pub mod metrics_server;
+pub mod nshelper;
 
 pub mod output;
 pub mod pipeline;

@@ -3,6 +3,7 @@
 //! from a thread inside each namespace.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd as _;
 
 use crate::sockdiag::{self, TCP_FIN_WAIT2, TCP_TIME_WAIT};
 use crate::timewait::{Dest, PortRange, DEFAULT_RANGE};
@@ -17,10 +18,16 @@ pub struct NamespaceView {
     pub range: PortRange,
 }
 
-fn read_range() -> std::io::Result<PortRange> {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
-    let reuse = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_tw_reuse").unwrap_or_default();
-    Ok(PortRange::parse(&range, &reuse).unwrap_or(DEFAULT_RANGE))
+/// The port range from the namespace's sysctl files, the default where
+/// they could not be read.
+fn read_range(entered: crate::nshelper::Entered) -> PortRange {
+    let text = |f: Option<std::fs::File>| {
+        f.and_then(|f| std::io::read_to_string(f).ok())
+            .unwrap_or_default()
+    };
+    let range = text(entered.port_range);
+    let reuse = text(entered.tw_reuse);
+    PortRange::parse(&range, &reuse).unwrap_or(DEFAULT_RANGE)
 }
 
 /// Reads every namespace a process lives in; namespaces that cannot be
@@ -28,10 +35,13 @@ fn read_range() -> std::io::Result<PortRange> {
 pub fn sweep() -> Vec<NamespaceView> {
     let mut out = Vec::new();
     for (netns, path) in crate::inventory::namespaces() {
-        let view = sockdiag::in_netns(&path, || {
+        let view = crate::nshelper::enter(&path).and_then(|entered| {
             // A bucket whose peer has not closed yet reports FIN_WAIT2.
-            let socks = sockdiag::dump(1 << TCP_TIME_WAIT | 1 << TCP_FIN_WAIT2)?;
-            Ok((socks, read_range()?))
+            let socks = sockdiag::dump_on(
+                entered.netlink.as_fd(),
+                1 << TCP_TIME_WAIT | 1 << TCP_FIN_WAIT2,
+            )?;
+            Ok((socks, read_range(entered)))
         });
         match view {
             Ok((socks, range)) => out.push(NamespaceView {

@@ -6,7 +6,7 @@
 use std::fmt;
 
 /// CAP_SYS_ADMIN: implies everything below on any kernel.
-const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_SYS_ADMIN: u32 = 21;
 /// CAP_PERFMON (Linux >= 5.8): attach tracepoints, read kernel memory.
 const CAP_PERFMON: u32 = 38;
 /// CAP_BPF (Linux >= 5.8): load programs, create maps.
@@ -19,13 +19,12 @@ const CAP_DAC_READ_SEARCH: u32 = 2;
 /// /proc (the kernel's ptrace access check).
 const CAP_SYS_PTRACE: u32 = 19;
 
-/// What the agent keeps once attached (see [`runtime_keep`]):
-/// /proc for leak owners and symbolization (SYS_PTRACE, DAC_READ_SEARCH)
-/// and sock_diag in other network namespaces (SYS_ADMIN: `setns` needs
-/// it, as does `/proc/PID/map_files`). SYS_ADMIN also passes the bpf()
-/// syscall's check, which kernels before 6.5 apply to every command (the
-/// agent reads its maps for counters) when unprivileged BPF is disabled.
-const RUNTIME_CAPS: u64 = (1 << CAP_SYS_PTRACE) | (1 << CAP_DAC_READ_SEARCH) | (1 << CAP_SYS_ADMIN);
+/// CAP_CHECKPOINT_RESTORE (Linux >= 5.9): open `/proc/PID/map_files/`.
+const CAP_CHECKPOINT_RESTORE: u32 = 40;
+
+/// What the agent keeps once attached, whatever else (see
+/// [`runtime_keep`]): /proc for leak owners and symbolization.
+const PROC_CAPS: u64 = (1 << CAP_SYS_PTRACE) | (1 << CAP_DAC_READ_SEARCH);
 
 /// The agent lacks the privileges to load and attach its programs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,14 +82,37 @@ pub fn check() -> Result<(), NotPrivileged> {
 }
 
 /// The capabilities to keep after attaching, of those `permitted`:
-/// [`RUNTIME_CAPS`], plus CAP_BPF when SYS_ADMIN is not there to pass the
-/// bpf() syscall's check on older kernels.
-pub fn runtime_keep(permitted: u64) -> u64 {
-    let mut keep = RUNTIME_CAPS;
-    if permitted & (1 << CAP_SYS_ADMIN) == 0 {
+/// [`PROC_CAPS`], and
+/// - with the namespace helper ([`crate::nshelper`]) entering namespaces
+///   for it, CAP_CHECKPOINT_RESTORE for `/proc/PID/map_files/` (where
+///   symbolization finds binaries of other mount namespaces);
+/// - without it, CAP_SYS_ADMIN for `setns` (and `map_files`);
+/// - CAP_BPF when `bpf_syscall_checks` (kernels before 6.5 check every
+///   bpf() command, the agent's map reads included, when unprivileged BPF
+///   is disabled) and SYS_ADMIN, which passes that check too, is not kept.
+pub fn runtime_keep(permitted: u64, helper: bool, bpf_syscall_checks: bool) -> u64 {
+    let mut keep = PROC_CAPS;
+    if helper {
+        keep |= 1 << CAP_CHECKPOINT_RESTORE;
+    } else {
+        keep |= 1 << CAP_SYS_ADMIN;
+    }
+    if bpf_syscall_checks && keep & permitted & (1 << CAP_SYS_ADMIN) == 0 {
         keep |= 1 << CAP_BPF;
     }
     keep & permitted
+}
+
+/// Whether this kernel's bpf() checks capabilities on every command
+/// (before 6.5); true when the release cannot be read.
+pub fn bpf_syscall_checks() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']);
+    let number = |p: Option<&str>| p.and_then(|n| n.parse::<u32>().ok());
+    match (number(parts.next()), number(parts.next())) {
+        (Some(major), Some(minor)) => (major, minor) < (6, 5),
+        _ => true,
+    }
 }
 
 /// Names of capabilities, for the log line that says what was kept.
@@ -204,7 +226,18 @@ fn current_caps() -> std::io::Result<(u64, u64)> {
 /// inherit the reduced sets.
 pub fn drop_after_attach() -> std::io::Result<Dropped> {
     let (_, permitted) = current_caps()?;
-    let kept = runtime_keep(permitted);
+    drop_to(runtime_keep(
+        permitted,
+        crate::nshelper::running(),
+        bpf_syscall_checks(),
+    ))
+}
+
+/// Keeps `keep` (of what the thread has) and drops the rest, as
+/// [`drop_after_attach`] describes; also for the namespace helper.
+pub fn drop_to(keep: u64) -> std::io::Result<Dropped> {
+    let (_, permitted) = current_caps()?;
+    let kept = keep & permitted;
     // The bounding set first: dropping from it needs CAP_SETPCAP, which
     // the capset below takes away.
     let mut bounding_set = true;
@@ -337,17 +370,38 @@ mod tests {
     #[test]
     fn runtime_keeps_proc_and_namespace_access_only() {
         let root = 0x000001ffffffffff;
-        let kept = runtime_keep(root);
+        // The helper enters namespaces: no SYS_ADMIN.
         assert_eq!(
-            cap_names(kept),
+            cap_names(runtime_keep(root, true, false)),
+            [
+                "CAP_DAC_READ_SEARCH",
+                "CAP_SYS_PTRACE",
+                "CAP_CHECKPOINT_RESTORE"
+            ]
+        );
+        // ... and on a kernel that checks every bpf() command, CAP_BPF.
+        assert_eq!(
+            cap_names(runtime_keep(root, true, true)),
+            [
+                "CAP_DAC_READ_SEARCH",
+                "CAP_SYS_PTRACE",
+                "CAP_BPF",
+                "CAP_CHECKPOINT_RESTORE"
+            ]
+        );
+        // No helper: SYS_ADMIN for setns, which passes bpf()'s check too.
+        assert_eq!(
+            cap_names(runtime_keep(root, false, true)),
             ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]
         );
-        // Started with CAP_BPF and CAP_PERFMON only: CAP_BPF stays for the
-        // map reads older kernels check.
-        let kept = runtime_keep((1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_PTRACE));
-        assert_eq!(cap_names(kept), ["CAP_SYS_PTRACE", "CAP_BPF"]);
+        // Started with CAP_BPF and CAP_PERFMON only.
+        let some = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_PTRACE);
+        assert_eq!(
+            cap_names(runtime_keep(some, false, true)),
+            ["CAP_SYS_PTRACE", "CAP_BPF"]
+        );
         // Never more than the process had.
-        assert_eq!(runtime_keep(0), 0);
+        assert_eq!(runtime_keep(0, true, true), 0);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::Path;
 
 /// `SOCK_DIAG_BY_FAMILY`.
@@ -206,9 +206,9 @@ pub fn parse_messages(buf: &[u8]) -> Result<(Vec<DiagSocket>, bool), DiagError> 
     Ok((out, false))
 }
 
-/// Dumps the TCP sockets in the states of mask `states`, both families, in
-/// the calling thread's network namespace.
-pub fn dump(states: u32) -> io::Result<Vec<DiagSocket>> {
+/// A NETLINK_SOCK_DIAG socket: it answers for the network namespace of
+/// the thread that makes it.
+pub fn socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned right away.
     let fd = unsafe {
         libc::socket(
@@ -221,7 +221,17 @@ pub fn dump(states: u32) -> io::Result<Vec<DiagSocket>> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh, valid descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Dumps the TCP sockets in the states of mask `states`, both families, in
+/// the calling thread's network namespace.
+pub fn dump(states: u32) -> io::Result<Vec<DiagSocket>> {
+    dump_on(socket()?.as_fd(), states)
+}
+
+/// [`dump`] through `fd`, a [`socket`] (made in the namespace to dump).
+pub fn dump_on(fd: std::os::fd::BorrowedFd<'_>, states: u32) -> io::Result<Vec<DiagSocket>> {
     let mut all = Vec::new();
     for (seq, family) in [(1u32, libc::AF_INET as u8), (2, libc::AF_INET6 as u8)] {
         let req = build_request(family, states, seq);
@@ -259,28 +269,11 @@ pub fn dump(states: u32) -> io::Result<Vec<DiagSocket>> {
     Ok(all)
 }
 
-/// Runs `f` inside the network namespace at `netns` (e.g.
-/// `/proc/PID/ns/net`), in a short-lived thread: `setns` changes only the
-/// calling thread. A netlink socket answers for the namespace it was
-/// created in, and /proc/sys/net shows the reader's namespace.
-pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-    let file = std::fs::File::open(netns)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: a valid namespace fd; affects only this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            f()
-        })
-        .join()
-        .map_err(|_| io::Error::other("namespace thread panicked"))?
-    })
-}
-
-/// [`dump`] inside the network namespace at `netns`.
+/// [`dump`] inside the network namespace at `netns` (through
+/// [`crate::nshelper`]).
 pub fn dump_in(netns: &Path, states: u32) -> io::Result<Vec<DiagSocket>> {
-    in_netns(netns, || dump(states))
+    let entered = crate::nshelper::enter(netns)?;
+    dump_on(entered.netlink.as_fd(), states)
 }
 
 #[cfg(test)]

@@ -91,6 +91,11 @@ fn sigkill_leaves_nothing_attached_and_the_next_agent_reports_the_same_leaks() {
         .iter()
         .all(|(pid, _, _)| *pid == u64::from(server.pid())));
 
+    let helper = std::fs::read_to_string(format!(
+        "/proc/{pid}/task/{pid}/children",
+        pid = first.pid()
+    ))
+    .expect("children");
     kill(first.pid(), libc::SIGKILL);
     // The kernel frees what a dead process held once its files are closed
     // (maps after an RCU grace period): give it a moment.
@@ -107,6 +112,15 @@ fn sigkill_leaves_nothing_attached_and_the_next_agent_reports_the_same_leaks() {
         },
     );
     drop(first);
+    // Its namespace helper died with it.
+    for pid in helper.split_whitespace() {
+        poll(
+            "the namespace helper to die with the agent",
+            Duration::from_secs(5),
+            || (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()),
+            || std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(),
+        );
+    }
     // Nothing pinned either.
     if let Ok(pinned) = std::fs::read_dir("/sys/fs/bpf") {
         let names: Vec<_> = pinned.flatten().map(|e| e.file_name()).collect();

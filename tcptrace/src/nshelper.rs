@@ -1,0 +1,369 @@
+//! A helper process that enters network namespaces for the agent, so that
+//! the agent need not keep CAP_SYS_ADMIN (which `setns` needs) once its
+//! programs are attached.
+//!
+//! [`start`] forks it before anything is loaded or any thread runs. It
+//! keeps CAP_SYS_ADMIN alone (with `no_new_privs` and no exec), and serves
+//! one request over a socket pair: given a namespace's fd, it enters the
+//! namespace and hands back a sock_diag netlink socket and the port-range
+//! sysctl files, opened there (a netlink socket answers for the namespace
+//! it was made in, a /proc/sys/net file for the one it was opened in). It
+//! parses nothing: the agent dumps and parses with what it got. It exits
+//! when the agent closes the socket or dies (`PR_SET_PDEATHSIG`).
+//!
+//! Without the helper (it could not start), [`enter`] does the same in a
+//! short-lived thread of the agent's, which then needs CAP_SYS_ADMIN.
+
+use std::fs::File;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+/// What [`enter`] hands back, opened inside the namespace.
+pub struct Entered {
+    /// A NETLINK_SOCK_DIAG socket (see [`crate::sockdiag::dump_on`]).
+    pub netlink: OwnedFd,
+    /// `/proc/sys/net/ipv4/ip_local_port_range`, if it could be opened.
+    pub port_range: Option<File>,
+    /// `/proc/sys/net/ipv4/tcp_tw_reuse`, if it could be opened.
+    pub tw_reuse: Option<File>,
+}
+
+/// The agent's end of the socket pair, once the helper runs.
+static HELPER: OnceLock<Mutex<OwnedFd>> = OnceLock::new();
+
+/// Whether the helper's exit was logged (once is enough).
+static GONE_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the helper runs (the agent may then give up CAP_SYS_ADMIN).
+pub fn running() -> bool {
+    HELPER.get().is_some()
+}
+
+/// Forks the helper; returns its pid. Must run while the process has one
+/// thread (a fork copies only the calling thread, and the child must not
+/// find a lock some other thread held) and before anything the child
+/// should not hold (BPF programs, outputs) is opened.
+pub fn start() -> io::Result<u32> {
+    if threads() != Some(1) {
+        return Err(io::Error::other(
+            "the agent already runs several threads; cannot fork safely",
+        ));
+    }
+    let (ours, theirs) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    // SAFETY: getpid cannot fail.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the process has one thread (checked above), so the child
+    // finds no lock held; it runs `serve`, which never returns.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        drop(ours);
+        child(parent, theirs);
+    }
+    drop(theirs);
+    HELPER
+        .set(Mutex::new(ours))
+        .map_err(|_| io::Error::other("the namespace helper was started twice"))?;
+    Ok(pid as u32)
+}
+
+/// `Threads:` of /proc/self/status.
+fn threads() -> Option<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// Enters the network namespace at `netns` (`/proc/PID/ns/net`, a
+/// `/run/netns` name) and opens what the agent reads there.
+pub fn enter(netns: &Path) -> io::Result<Entered> {
+    let ns = File::open(netns)?;
+    match HELPER.get() {
+        Some(helper) => {
+            let sock = helper
+                .lock()
+                .map_err(|_| io::Error::other("namespace helper lock poisoned"))?;
+            let answer = ask(sock.as_fd(), ns.as_fd());
+            if let Err(e) = &answer {
+                // A namespace that vanished answers ENOENT or EINVAL; a
+                // helper that is gone answers nothing ever again.
+                let gone = e.raw_os_error() == Some(libc::EPIPE)
+                    || e.raw_os_error() == Some(libc::ECONNRESET)
+                    || e.to_string().contains("is gone");
+                if gone && !GONE_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    log::warn!(
+                        "the namespace helper exited ({e}): sockets in other network \
+                         namespaces can no longer be listed (leak owners there, port \
+                         pressure); restart the agent"
+                    );
+                }
+            }
+            answer
+        }
+        None => in_thread(ns.as_fd()),
+    }
+}
+
+/// [`open_in`] in a thread of its own, which enters the namespace and
+/// ends: one thread that entered namespace after namespace found, under
+/// /proc/sys/net, now and then the files of one it had been in before
+/// (seen on Linux 6.18; the port-pressure test caught it).
+fn in_thread(ns: BorrowedFd<'_>) -> io::Result<Entered> {
+    std::thread::scope(|s| {
+        s.spawn(|| open_in(ns))
+            .join()
+            .map_err(|_| io::Error::other("namespace thread panicked"))?
+    })
+}
+
+/// Sends `ns` to the helper and takes its answer.
+fn ask(sock: BorrowedFd<'_>, ns: BorrowedFd<'_>) -> io::Result<Entered> {
+    let fds = [ns];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut out = SendAncillaryBuffer::new(&mut space);
+    out.push(SendAncillaryMessage::ScmRights(&fds));
+    rustix::net::sendmsg(sock, &[IoSlice::new(&[1])], &mut out, SendFlags::NOSIGNAL)?;
+
+    let mut reply = [0u8; 5];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut back = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut reply)],
+        &mut back,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in back.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = message {
+            fds.extend(rights);
+        }
+    }
+    if got.bytes != reply.len() {
+        return Err(io::Error::other("the namespace helper is gone"));
+    }
+    let [e0, e1, e2, e3, present] = reply;
+    let errno = i32::from_ne_bytes([e0, e1, e2, e3]);
+    if errno != 0 {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    let mut fds = fds.into_iter();
+    let netlink = fds
+        .next()
+        .ok_or_else(|| io::Error::other("the namespace helper sent no socket"))?;
+    let mut file = |bit: u8| {
+        if present & bit != 0 {
+            fds.next().map(File::from)
+        } else {
+            None
+        }
+    };
+    let port_range = file(1);
+    let tw_reuse = file(2);
+    Ok(Entered {
+        netlink,
+        port_range,
+        tw_reuse,
+    })
+}
+
+/// Enters `ns` (this thread only) and opens a netlink socket and the
+/// sysctl files there.
+fn open_in(ns: BorrowedFd<'_>) -> io::Result<Entered> {
+    // SAFETY: a valid namespace fd; affects only the calling thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Entered {
+        netlink: crate::sockdiag::socket()?,
+        port_range: File::open("/proc/sys/net/ipv4/ip_local_port_range").ok(),
+        tw_reuse: File::open("/proc/sys/net/ipv4/tcp_tw_reuse").ok(),
+    })
+}
+
+/// The helper's life: set up, then serve until the agent goes.
+fn child(parent: libc::pid_t, sock: OwnedFd) -> ! {
+    // SAFETY: prctl, getppid and signal with plain arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if libc::getppid() != parent {
+            libc::_exit(0);
+        }
+        // The agent's signals are the agent's: SIGINT from a terminal,
+        // SIGHUP from logrotate, SIGTERM from a service manager that
+        // signals the whole group. The helper ends with the agent.
+        for sig in [libc::SIGINT, libc::SIGHUP, libc::SIGTERM, libc::SIGPIPE] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
+    close_all_but(sock.as_raw_fd());
+    let keep = 1u64 << crate::privileges::CAP_SYS_ADMIN;
+    if crate::privileges::drop_to(keep).is_err() {
+        // SAFETY: ends this process without running the agent's exit code.
+        unsafe { libc::_exit(1) };
+    }
+    serve(sock.as_fd());
+    // SAFETY: as above.
+    unsafe { libc::_exit(0) }
+}
+
+/// Closes every fd but `keep`: the helper holds nothing of the agent's.
+fn close_all_but(keep: i32) {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds.into_iter().filter(|fd| *fd != keep) {
+        // SAFETY: closing a descriptor nothing in this process uses any
+        // more (the helper only runs `serve` from here on).
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Answers requests until the agent closes its end.
+fn serve(sock: BorrowedFd<'_>) {
+    loop {
+        let mut request = [0u8; 1];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut anc = RecvAncillaryBuffer::new(&mut space);
+        match rustix::net::recvmsg(
+            sock,
+            &mut [IoSliceMut::new(&mut request)],
+            &mut anc,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(got) if got.bytes > 0 => {}
+            // The agent closed its end, or is gone.
+            _ => return,
+        }
+        let mut ns: Option<OwnedFd> = None;
+        for message in anc.drain() {
+            if let RecvAncillaryMessage::ScmRights(rights) = message {
+                // Keep the first; any other is closed as it drops.
+                for fd in rights {
+                    ns.get_or_insert(fd);
+                }
+            }
+        }
+        let answer = match &ns {
+            Some(ns) => in_thread(ns.as_fd()),
+            None => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        };
+        if reply(sock, answer).is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends an answer: the errno (0) and which files follow, then the fds.
+fn reply(sock: BorrowedFd<'_>, answer: io::Result<Entered>) -> io::Result<()> {
+    let (errno, present, fds): (i32, u8, Vec<OwnedFd>) = match answer {
+        Ok(e) => {
+            let mut present = 0;
+            let mut fds = vec![e.netlink];
+            if let Some(f) = e.port_range {
+                present |= 1;
+                fds.push(f.into());
+            }
+            if let Some(f) = e.tw_reuse {
+                present |= 2;
+                fds.push(f.into());
+            }
+            (0, present, fds)
+        }
+        Err(e) => (e.raw_os_error().unwrap_or(libc::EIO), 0, Vec::new()),
+    };
+    let mut message = [0u8; 5];
+    message[..4].copy_from_slice(&errno.to_ne_bytes());
+    message[4] = present;
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut out = SendAncillaryBuffer::new(&mut space);
+    if !borrowed.is_empty() {
+        out.push(SendAncillaryMessage::ScmRights(&borrowed));
+    }
+    rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(&message)],
+        &mut out,
+        SendFlags::NOSIGNAL,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_helpers_protocol_round_trips_an_answer_and_an_error() {
+        let (a, b) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socketpair");
+        // The helper's side, here in a thread: answers with files of this
+        // namespace (as if entered), then with an error.
+        let helper = std::thread::spawn(move || {
+            for answer in [
+                Ok(Entered {
+                    netlink: crate::sockdiag::socket().expect("netlink"),
+                    port_range: File::open("/proc/sys/net/ipv4/ip_local_port_range").ok(),
+                    tw_reuse: None,
+                }),
+                Err(io::Error::from_raw_os_error(libc::EPERM)),
+            ] {
+                let mut request = [0u8; 1];
+                let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                let mut anc = RecvAncillaryBuffer::new(&mut space);
+                rustix::net::recvmsg(
+                    &b,
+                    &mut [IoSliceMut::new(&mut request)],
+                    &mut anc,
+                    RecvFlags::CMSG_CLOEXEC,
+                )
+                .expect("request");
+                reply(b.as_fd(), answer).expect("reply");
+            }
+        });
+        let ns = File::open("/proc/self/ns/net").expect("own namespace");
+        let entered = ask(a.as_fd(), ns.as_fd()).expect("an answer");
+        assert!(entered.tw_reuse.is_none());
+        let range = std::io::read_to_string(entered.port_range.expect("port range file"))
+            .expect("read the range");
+        assert!(
+            crate::timewait::PortRange::parse(&range, "").is_some(),
+            "{range}"
+        );
+        let socks = crate::sockdiag::dump_on(entered.netlink.as_fd(), 1 << 8);
+        assert!(socks.is_ok(), "{socks:?}");
+        let err = ask(a.as_fd(), ns.as_fd()).err().expect("the error");
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        helper.join().expect("helper thread");
+        // The helper gone, the agent's side says so.
+        let err = ask(a.as_fd(), ns.as_fd()).err().expect("gone");
+        assert!(err.to_string().contains("gone") || err.raw_os_error().is_some());
+    }
+}
