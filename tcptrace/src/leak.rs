@@ -65,7 +65,8 @@ pub struct Leak {
     pub candidate: LeakCandidate,
     /// Every process holding an fd for the socket now.
     pub owners: Vec<Holder>,
-    /// Receive queue, from a holder's view of /proc/net/tcp.
+    /// Receive queue, from sock_diag (a holder's view of /proc/net/tcp
+    /// when the dump has not the socket).
     pub recv_q: Option<u64>,
     /// Why it leaks.
     pub reason: Reason,
@@ -208,22 +209,27 @@ pub struct Enricher {
     stacks: HashMap<(u32, u32), Vec<Frame>>,
 }
 
-/// Finds the inode of candidates the kernel could not read it for (no BTF
-/// offsets, or no socket file at that moment) the way `ss` does: a
-/// NETLINK_SOCK_DIAG dump of CLOSE_WAIT sockets in the candidate's network
-/// namespace, matched by four-tuple. One dump per namespace per batch.
-fn fill_missing_inodes(candidates: &mut [LeakCandidate]) {
-    let wanted: HashSet<Option<u32>> = candidates
-        .iter()
-        .filter(|c| c.entered.ino.is_none())
-        .map(|c| c.entered.change.netns)
-        .collect();
+/// What a sock_diag dump of CLOSE_WAIT sockets tells about candidates.
+#[derive(Default)]
+struct CloseWaitDiag {
+    /// Inode by namespace and four-tuple.
+    by_tuple: HashMap<crate::pipeline::TupleKey, u64>,
+    /// Receive queue by inode: what the owner has not read (a FIN not
+    /// read counts one), as `ss` shows it.
+    rqueue: HashMap<u64, u64>,
+}
+
+/// One NETLINK_SOCK_DIAG dump of CLOSE_WAIT sockets per namespace of the
+/// candidates (every namespace when one's is unknown). Where /proc/PID/
+/// net/tcp lists every socket of the namespace as text (a busy host's
+/// TIME_WAIT sockets among them), this lists only those in CLOSE_WAIT.
+fn close_wait_diag(candidates: &[LeakCandidate]) -> CloseWaitDiag {
+    let wanted: HashSet<Option<u32>> = candidates.iter().map(|c| c.entered.change.netns).collect();
+    let mut diag = CloseWaitDiag::default();
     if wanted.is_empty() {
-        return;
+        return diag;
     }
-    let spaces = crate::inventory::namespaces();
-    let mut by_tuple: HashMap<crate::pipeline::TupleKey, u64> = HashMap::new();
-    for (netns, path) in spaces {
+    for (netns, path) in crate::inventory::namespaces() {
         if !wanted.contains(&Some(netns)) && !wanted.contains(&None) {
             continue;
         }
@@ -232,12 +238,20 @@ fn fill_missing_inodes(candidates: &mut [LeakCandidate]) {
             continue;
         };
         for s in socks.into_iter().filter(|s| s.inode != 0) {
-            by_tuple.insert(
-                (Some(netns), s.laddr, s.lport, s.raddr, s.rport),
-                u64::from(s.inode),
-            );
+            let ino = u64::from(s.inode);
+            diag.by_tuple
+                .insert((Some(netns), s.laddr, s.lport, s.raddr, s.rport), ino);
+            diag.rqueue.insert(ino, u64::from(s.rqueue));
         }
     }
+    diag
+}
+
+/// Finds the inode of candidates the kernel could not read it for (no BTF
+/// offsets, or no socket file at that moment) the way `ss` does: by
+/// four-tuple in `diag`.
+fn fill_missing_inodes(candidates: &mut [LeakCandidate], diag: &CloseWaitDiag) {
+    let by_tuple = &diag.by_tuple;
     for c in candidates.iter_mut().filter(|c| c.entered.ino.is_none()) {
         let t = &c.entered.change;
         let found = by_tuple
@@ -333,7 +347,8 @@ impl Enricher {
         stack_of: impl Fn(u32) -> Option<Vec<u64>>,
     ) -> Vec<Leak> {
         let mut candidates = candidates;
-        fill_missing_inodes(&mut candidates);
+        let diag = close_wait_diag(&candidates);
+        fill_missing_inodes(&mut candidates, &diag);
         let inodes: HashSet<u64> = candidates.iter().filter_map(|c| c.entered.ino).collect();
         let mut holders = procfs::holders(&inodes);
         // Receive queues by holder pid, each /proc/PID/net/tcp{,6} read once.
@@ -347,12 +362,17 @@ impl Enricher {
                 let ino = candidate.entered.ino;
                 let owners = ino.and_then(|ino| holders.remove(&ino)).unwrap_or_default();
                 let recv_q = ino.and_then(|ino| {
-                    owners.iter().find_map(|h| {
-                        queues
-                            .entry(h.pid)
-                            .or_insert_with(|| procfs::recv_queues(h.pid))
-                            .get(&ino)
-                            .copied()
+                    diag.rqueue.get(&ino).copied().or_else(|| {
+                        // Not in the dump (it could not be taken, or the
+                        // socket left CLOSE_WAIT meanwhile): as the owner
+                        // sees it in /proc.
+                        owners.iter().find_map(|h| {
+                            queues
+                                .entry(h.pid)
+                                .or_insert_with(|| procfs::recv_queues(h.pid))
+                                .get(&ino)
+                                .copied()
+                        })
                     })
                 });
                 let stack = match candidate
@@ -446,7 +466,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_inode_is_found_through_sock_diag() {
+    fn missing_inode_and_receive_queue_come_from_sock_diag() {
         use std::os::fd::AsRawFd as _;
         use std::os::unix::fs::MetadataExt as _;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -473,10 +493,18 @@ mod tests {
         let mut candidates = vec![l.candidate];
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while candidates[0].entered.ino.is_none() && std::time::Instant::now() < deadline {
-            fill_missing_inodes(&mut candidates);
+            let diag = close_wait_diag(&candidates);
+            fill_missing_inodes(&mut candidates, &diag);
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(candidates[0].entered.ino, Some(ino));
+        // The same dump gives its receive queue: the FIN, not read yet.
+        let diag = close_wait_diag(&candidates);
+        assert_eq!(diag.rqueue.get(&ino), Some(&1));
+        let mut eof = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &server, &mut eof).ok(), Some(0));
+        let diag = close_wait_diag(&candidates);
+        assert_eq!(diag.rqueue.get(&ino), Some(&0), "EOF read");
     }
 
     #[test]
