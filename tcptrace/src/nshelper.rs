@@ -5,10 +5,10 @@
 //! [`start`] forks it before anything is loaded or any thread runs. It
 //! keeps CAP_SYS_ADMIN alone (with `no_new_privs` and no exec), and serves
 //! one request over a socket pair: given a namespace's fd, it enters the
-//! namespace and hands back a sock_diag netlink socket and the port-range
-//! sysctl files, opened there (a netlink socket answers for the namespace
-//! it was made in, a /proc/sys/net file for the one it was opened in). It
-//! parses nothing: the agent dumps and parses with what it got. It exits
+//! namespace and hands back a sock_diag netlink socket made there (it
+//! answers for the namespace it was made in) and the text of the two
+//! port-range sysctls, read there. It parses nothing: the agent dumps and
+//! parses with what it got. It exits
 //! when the agent closes the socket or dies (`PR_SET_PDEATHSIG`).
 //!
 //! Without the helper (it could not start), [`enter`] does the same in a
@@ -30,10 +30,12 @@ use rustix::net::{
 pub struct Entered {
     /// A NETLINK_SOCK_DIAG socket (see [`crate::sockdiag::dump_on`]).
     pub netlink: OwnedFd,
-    /// `/proc/sys/net/ipv4/ip_local_port_range`, if it could be opened.
-    pub port_range: Option<File>,
-    /// `/proc/sys/net/ipv4/tcp_tw_reuse`, if it could be opened.
-    pub tw_reuse: Option<File>,
+    /// `/proc/sys/net/ipv4/ip_local_port_range`, read there (empty when
+    /// it could not be).
+    pub port_range: String,
+    /// `/proc/sys/net/ipv4/tcp_tw_reuse`, read there (empty when it could
+    /// not be).
+    pub tw_reuse: String,
 }
 
 /// The agent's end of the socket pair, once the helper runs.
@@ -141,8 +143,8 @@ fn ask(sock: BorrowedFd<'_>, ns: BorrowedFd<'_>) -> io::Result<Entered> {
     out.push(SendAncillaryMessage::ScmRights(&fds));
     rustix::net::sendmsg(sock, &[IoSlice::new(&[1])], &mut out, SendFlags::NOSIGNAL)?;
 
-    let mut reply = [0u8; 5];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut reply = [0u8; REPLY_LEN];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut back = RecvAncillaryBuffer::new(&mut space);
     let got = rustix::net::recvmsg(
         sock,
@@ -159,29 +161,41 @@ fn ask(sock: BorrowedFd<'_>, ns: BorrowedFd<'_>) -> io::Result<Entered> {
     if got.bytes != reply.len() {
         return Err(io::Error::other("the namespace helper is gone"));
     }
-    let [e0, e1, e2, e3, present] = reply;
-    let errno = i32::from_ne_bytes([e0, e1, e2, e3]);
+    let (errno, texts) = reply.split_at(4);
+    let errno = i32::from_ne_bytes([errno[0], errno[1], errno[2], errno[3]]);
     if errno != 0 {
         return Err(io::Error::from_raw_os_error(errno));
     }
-    let mut fds = fds.into_iter();
     let netlink = fds
+        .into_iter()
         .next()
         .ok_or_else(|| io::Error::other("the namespace helper sent no socket"))?;
-    let mut file = |bit: u8| {
-        if present & bit != 0 {
-            fds.next().map(File::from)
-        } else {
-            None
-        }
-    };
-    let port_range = file(1);
-    let tw_reuse = file(2);
+    let (range, reuse) = texts.split_at(SYSCTL_TEXT);
     Ok(Entered {
         netlink,
-        port_range,
-        tw_reuse,
+        port_range: text_of(range),
+        tw_reuse: text_of(reuse),
     })
+}
+
+/// Room for each sysctl's text in a reply ("60999\t60999\n" is 12 bytes).
+const SYSCTL_TEXT: usize = 64;
+/// A reply: the errno (0 for an answer), then both sysctls' text, NUL
+/// padded; the netlink socket travels as SCM_RIGHTS.
+const REPLY_LEN: usize = 4 + 2 * SYSCTL_TEXT;
+
+/// The text in a NUL-padded field.
+fn text_of(field: &[u8]) -> String {
+    let text = field.split(|&b| b == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(text).into_owned()
+}
+
+/// A sysctl of the current thread's namespace, read now (empty when it
+/// cannot be). Read in the namespace, not just opened there: a file opened
+/// in a namespace and read elsewhere gave another namespace's value now
+/// and then (Linux 6.18; the port-pressure test caught it).
+fn sysctl(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// Enters `ns` (this thread only) and opens a netlink socket and the
@@ -193,8 +207,8 @@ fn open_in(ns: BorrowedFd<'_>) -> io::Result<Entered> {
     }
     Ok(Entered {
         netlink: crate::sockdiag::socket()?,
-        port_range: File::open("/proc/sys/net/ipv4/ip_local_port_range").ok(),
-        tw_reuse: File::open("/proc/sys/net/ipv4/tcp_tw_reuse").ok(),
+        port_range: sysctl("/proc/sys/net/ipv4/ip_local_port_range"),
+        tw_reuse: sysctl("/proc/sys/net/ipv4/tcp_tw_reuse"),
     })
 }
 
@@ -275,29 +289,27 @@ fn serve(sock: BorrowedFd<'_>) {
     }
 }
 
-/// Sends an answer: the errno (0) and which files follow, then the fds.
+/// Sends an answer (see [`REPLY_LEN`]).
 fn reply(sock: BorrowedFd<'_>, answer: io::Result<Entered>) -> io::Result<()> {
-    let (errno, present, fds): (i32, u8, Vec<OwnedFd>) = match answer {
+    let mut message = [0u8; REPLY_LEN];
+    let fds: Vec<OwnedFd> = match answer {
         Ok(e) => {
-            let mut present = 0;
-            let mut fds = vec![e.netlink];
-            if let Some(f) = e.port_range {
-                present |= 1;
-                fds.push(f.into());
+            let (range, reuse) = message[4..].split_at_mut(SYSCTL_TEXT);
+            for (field, text) in [(range, &e.port_range), (reuse, &e.tw_reuse)] {
+                // One byte stays NUL: the text's end.
+                let n = text.len().min(SYSCTL_TEXT - 1);
+                field[..n].copy_from_slice(&text.as_bytes()[..n]);
             }
-            if let Some(f) = e.tw_reuse {
-                present |= 2;
-                fds.push(f.into());
-            }
-            (0, present, fds)
+            vec![e.netlink]
         }
-        Err(e) => (e.raw_os_error().unwrap_or(libc::EIO), 0, Vec::new()),
+        Err(e) => {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            message[..4].copy_from_slice(&errno.to_ne_bytes());
+            Vec::new()
+        }
     };
-    let mut message = [0u8; 5];
-    message[..4].copy_from_slice(&errno.to_ne_bytes());
-    message[4] = present;
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut out = SendAncillaryBuffer::new(&mut space);
     if !borrowed.is_empty() {
         out.push(SendAncillaryMessage::ScmRights(&borrowed));
@@ -330,8 +342,8 @@ mod tests {
             for answer in [
                 Ok(Entered {
                     netlink: crate::sockdiag::socket().expect("netlink"),
-                    port_range: File::open("/proc/sys/net/ipv4/ip_local_port_range").ok(),
-                    tw_reuse: None,
+                    port_range: sysctl("/proc/sys/net/ipv4/ip_local_port_range"),
+                    tw_reuse: String::new(),
                 }),
                 Err(io::Error::from_raw_os_error(libc::EPERM)),
             ] {
@@ -350,9 +362,8 @@ mod tests {
         });
         let ns = File::open("/proc/self/ns/net").expect("own namespace");
         let entered = ask(a.as_fd(), ns.as_fd()).expect("an answer");
-        assert!(entered.tw_reuse.is_none());
-        let range = std::io::read_to_string(entered.port_range.expect("port range file"))
-            .expect("read the range");
+        assert!(entered.tw_reuse.is_empty());
+        let range = entered.port_range;
         assert!(
             crate::timewait::PortRange::parse(&range, "").is_some(),
             "{range}"

@@ -18,16 +18,10 @@ pub struct NamespaceView {
     pub range: PortRange,
 }
 
-/// The port range from the namespace's sysctl files, the default where
-/// they could not be read.
-fn read_range(entered: crate::nshelper::Entered) -> PortRange {
-    let text = |f: Option<std::fs::File>| {
-        f.and_then(|f| std::io::read_to_string(f).ok())
-            .unwrap_or_default()
-    };
-    let range = text(entered.port_range);
-    let reuse = text(entered.tw_reuse);
-    PortRange::parse(&range, &reuse).unwrap_or(DEFAULT_RANGE)
+/// The port range from the namespace's sysctls, the default where they
+/// could not be read.
+fn read_range(entered: &crate::nshelper::Entered) -> PortRange {
+    PortRange::parse(&entered.port_range, &entered.tw_reuse).unwrap_or(DEFAULT_RANGE)
 }
 
 /// Reads every namespace a process lives in; namespaces that cannot be
@@ -41,7 +35,7 @@ pub fn sweep() -> Vec<NamespaceView> {
                 entered.netlink.as_fd(),
                 1 << TCP_TIME_WAIT | 1 << TCP_FIN_WAIT2,
             )?;
-            Ok((socks, read_range(entered)))
+            Ok((socks, read_range(&entered)))
         });
         match view {
             Ok((socks, range)) => out.push(NamespaceView {
