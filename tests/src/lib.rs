@@ -942,6 +942,15 @@ impl Drop for Redis {
     }
 }
 
+/// The `leak` lines of sockets with local port `port`.
+pub fn leaks_on_port(events: &[Value], port: u16) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "leak" && e["lport"] == port)
+        .cloned()
+        .collect()
+}
+
 /// A `leaky_server` (in `server_ns`, on `host`) after `n` clients (in
 /// `client_ns`) connected and hung up: its process and port, and the
 /// client process (exited, or still there for its pid).

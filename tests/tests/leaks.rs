@@ -3,17 +3,9 @@
 
 use serde_json::Value;
 use tcptrace_tests::{
-    agent_bin, endpoint, fixture, fixture_cmd, netns_pair, own_netns, peer_bin, peer_cmd,
-    run_to_end, ss_close_wait, ss_users, Agent, Leaked, Netns, Peer, Redis,
+    agent_bin, endpoint, fixture, fixture_cmd, leaks_on_port, netns_pair, own_netns, peer_bin,
+    peer_cmd, run_to_end, ss_close_wait, ss_users, Agent, Leaked, Netns, Peer, Redis,
 };
-
-fn leaks_on_port(events: &[Value], port: u16) -> Vec<Value> {
-    events
-        .iter()
-        .filter(|e| e["event"] == "leak" && e["lport"] == port)
-        .cloned()
-        .collect()
-}
 
 fn stack_functions(leak: &Value) -> Vec<String> {
     leak["origin"]["stack"]

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use tcptrace_tests::{kill, leaky_server, peer_bin, poll, Agent, Leaked};
+use tcptrace_tests::{kill, leaks_on_port, leaky_server, peer_bin, poll, Agent, Leaked};
 
 /// The BPF objects the process holds, as ("prog" | "map" | "link", id),
 /// from the fdinfo of its BPF file descriptors.
@@ -42,14 +42,6 @@ fn exists(kind: &str, id: u64) -> bool {
         .expect("run bpftool (apt-get install bpftool)")
         .status
         .success()
-}
-
-fn leaks_on_port(events: &[Value], port: u16) -> Vec<Value> {
-    events
-        .iter()
-        .filter(|e| e["event"] == "leak" && e["lport"] == port)
-        .cloned()
-        .collect()
 }
 
 /// (owner pid, fd, remote port) of each leak, sorted.
