@@ -9,6 +9,7 @@
 //! [`LeakEnd`] follows if it ever closes.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use crate::decode::Task;
 use crate::state::TcpState;
@@ -41,11 +42,34 @@ pub struct LeakCandidate {
 /// Identity of a socket without its kernel address: sock_diag does not
 /// give one, so inventory sockets are matched to later transitions by
 /// namespace and four-tuple (unique within a namespace).
-type TupleKey = (Option<u32>, std::net::IpAddr, u16, std::net::IpAddr, u16);
+type TupleKey = (Option<u32>, IpAddr, u16, IpAddr, u16);
 
 fn tuple_of(t: &Transition) -> TupleKey {
     let c = &t.change;
     (c.netns, c.laddr, c.lport, c.raddr, c.rport)
+}
+
+/// Four-tuples with their namespace, for [`CloseWaitDetector::reconcile`]'s
+/// matching: the same socket when the keys are equal, or when one side
+/// does not know the namespace (no BTF) and the four-tuples are equal.
+struct TupleIndex {
+    keys: std::collections::HashSet<TupleKey>,
+    /// The four-tuples alone, of every key.
+    bare: std::collections::HashSet<(IpAddr, u16, IpAddr, u16)>,
+}
+
+impl TupleIndex {
+    fn new(keys: impl Iterator<Item = TupleKey>) -> Self {
+        let keys: std::collections::HashSet<TupleKey> = keys.collect();
+        let bare = keys.iter().map(|k| (k.1, k.2, k.3, k.4)).collect();
+        Self { keys, bare }
+    }
+
+    fn contains(&self, k: &TupleKey) -> bool {
+        self.keys.contains(k)
+            || self.keys.contains(&(None, k.1, k.2, k.3, k.4))
+            || (k.0.is_none() && self.bare.contains(&(k.1, k.2, k.3, k.4)))
+    }
 }
 
 /// What [`CloseWaitDetector::reconcile`] changed.
@@ -320,19 +344,13 @@ impl CloseWaitDetector {
         listed: Vec<crate::inventory::Found>,
         dump_ns: u64,
     ) -> (Reconciled, Vec<TupleKey>) {
-        let bare = |k: &TupleKey| (k.1, k.2, k.3, k.4);
-        let listed_keys: std::collections::HashSet<TupleKey> =
-            listed.iter().map(|f| tuple_of(&f.entered)).collect();
-        let listed_bare: std::collections::HashSet<_> = listed_keys.iter().map(bare).collect();
-        let is_listed = |k: &TupleKey| {
-            listed_keys.contains(k) || (k.0.is_none() && listed_bare.contains(&bare(k)))
-        };
+        let listed_index = TupleIndex::new(listed.iter().map(|f| tuple_of(&f.entered)));
         let gone: Vec<(u64, TupleKey)> = self
             .lingering
             .iter()
             .filter(|(_, l)| l.since_ns < dump_ns)
             .map(|(key, l)| (*key, tuple_of(&l.entered)))
-            .filter(|(_, tuple)| !is_listed(tuple))
+            .filter(|(_, tuple)| !listed_index.contains(tuple))
             .collect();
         for (key, tuple) in &gone {
             self.lingering.remove(key);
@@ -340,19 +358,10 @@ impl CloseWaitDetector {
                 self.seeded.remove(tuple);
             }
         }
-        let remembered: std::collections::HashSet<TupleKey> = self
-            .lingering
-            .values()
-            .map(|l| tuple_of(&l.entered))
-            .collect();
-        let remembered_bare: std::collections::HashSet<_> = remembered.iter().map(bare).collect();
+        let remembered = TupleIndex::new(self.lingering.values().map(|l| tuple_of(&l.entered)));
         let mut found = 0;
         for f in listed {
-            let tuple = tuple_of(&f.entered);
-            let known = remembered.contains(&tuple)
-                || remembered.contains(&(None, tuple.1, tuple.2, tuple.3, tuple.4))
-                || (tuple.0.is_none() && remembered_bare.contains(&bare(&tuple)));
-            if !known {
+            if !remembered.contains(&tuple_of(&f.entered)) {
                 self.seed(f.entered, f.since_ns);
                 found += 1;
             }
