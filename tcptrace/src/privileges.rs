@@ -196,8 +196,8 @@ struct CapData {
     inheritable: u32,
 }
 
-/// The calling thread's (effective, permitted) capability sets.
-fn current_caps() -> std::io::Result<(u64, u64)> {
+/// The calling thread's permitted capability set.
+fn permitted_caps() -> std::io::Result<u64> {
     let mut header = CapHeader {
         version: CAPABILITY_VERSION_3,
         pid: 0,
@@ -207,11 +207,7 @@ fn current_caps() -> std::io::Result<(u64, u64)> {
     if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
-    Ok((
-        join(data[0].effective, data[1].effective),
-        join(data[0].permitted, data[1].permitted),
-    ))
+    Ok(u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32))
 }
 
 /// Drops every capability the agent no longer needs once its programs are
@@ -225,9 +221,8 @@ fn current_caps() -> std::io::Result<(u64, u64)> {
 /// before the agent starts any thread (its output writers), which then
 /// inherit the reduced sets.
 pub fn drop_after_attach() -> std::io::Result<Dropped> {
-    let (_, permitted) = current_caps()?;
     drop_to(runtime_keep(
-        permitted,
+        permitted_caps()?,
         crate::nshelper::running(),
         bpf_syscall_checks(),
     ))
@@ -236,8 +231,7 @@ pub fn drop_after_attach() -> std::io::Result<Dropped> {
 /// Keeps `keep` (of what the thread has) and drops the rest, as
 /// [`drop_after_attach`] describes; also for the namespace helper.
 pub fn drop_to(keep: u64) -> std::io::Result<Dropped> {
-    let (_, permitted) = current_caps()?;
-    let kept = keep & permitted;
+    let kept = keep & permitted_caps()?;
     // The bounding set first: dropping from it needs CAP_SETPCAP, which
     // the capset below takes away.
     let mut bounding_set = true;
