@@ -721,9 +721,15 @@ fn reconcile_port_space(
     ranges: &mut std::collections::HashMap<u32, crate::timewait::PortRange>,
 ) {
     let now_ns = WallClock::now_ns();
-    let views = crate::portspace::sweep();
-    *ranges = crate::portspace::ranges(&views);
-    for v in &views {
+    let sweep = crate::portspace::sweep();
+    *ranges = crate::portspace::ranges(&sweep, ranges);
+    for v in &sweep.views {
+        log::debug!(
+            "port space of netns {}: {} sockets in TIME_WAIT, ports {:?}",
+            v.netns,
+            v.time_wait.len(),
+            ranges.get(&v.netns)
+        );
         pipeline
             .pressure
             .reconcile(Some(v.netns), &v.time_wait, now_ns);

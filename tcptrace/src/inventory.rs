@@ -62,7 +62,7 @@ pub fn take(now_ns: u64) -> (Vec<Found>, usize) {
     let spaces = namespaces();
     let mut found = Vec::new();
     for (netns, path) in &spaces {
-        let socks = match sockdiag::dump_in(path, 1 << TCP_CLOSE_WAIT) {
+        let socks = match sockdiag::dump_in(path, *netns, 1 << TCP_CLOSE_WAIT) {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("inventory of {}: {e}", path.display());

@@ -233,7 +233,8 @@ fn close_wait_diag(candidates: &[LeakCandidate]) -> CloseWaitDiag {
         if !wanted.contains(&Some(netns)) && !wanted.contains(&None) {
             continue;
         }
-        let Ok(socks) = crate::sockdiag::dump_in(&path, 1 << crate::sockdiag::TCP_CLOSE_WAIT)
+        let Ok(socks) =
+            crate::sockdiag::dump_in(&path, netns, 1 << crate::sockdiag::TCP_CLOSE_WAIT)
         else {
             continue;
         };

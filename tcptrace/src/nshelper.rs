@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
@@ -28,6 +29,9 @@ use rustix::net::{
 
 /// What [`enter`] hands back, opened inside the namespace.
 pub struct Entered {
+    /// The inode of the namespace these were made in (checked by
+    /// [`enter`] against the one asked for).
+    pub netns: u64,
     /// A NETLINK_SOCK_DIAG socket (see [`crate::sockdiag::dump_on`]).
     pub netlink: OwnedFd,
     /// `/proc/sys/net/ipv4/ip_local_port_range`, read there (empty when
@@ -93,11 +97,25 @@ fn threads() -> Option<u32> {
         .and_then(|n| n.trim().parse().ok())
 }
 
-/// Enters the network namespace at `netns` (`/proc/PID/ns/net`, a
-/// `/run/netns` name) and opens what the agent reads there.
-pub fn enter(netns: &Path) -> io::Result<Entered> {
+/// Enters network namespace `inode`, found at `netns` (`/proc/PID/ns/net`,
+/// a `/run/netns` name), and opens what the agent reads there. Fails when
+/// the path now names another namespace (its process exited and the pid
+/// was reused), or when the answer was made in another namespace than
+/// the one asked for: an answer is never labelled with the wrong
+/// namespace.
+pub fn enter(netns: &Path, inode: u32) -> io::Result<Entered> {
     let ns = File::open(netns)?;
-    match HELPER.get() {
+    let opened = ns.metadata()?.ino();
+    if opened != u64::from(inode) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} is namespace {opened} now, not {inode} (its process is gone)",
+                netns.display()
+            ),
+        ));
+    }
+    let entered = match HELPER.get() {
         Some(helper) => {
             let sock = helper
                 .lock()
@@ -120,7 +138,14 @@ pub fn enter(netns: &Path) -> io::Result<Entered> {
             answer
         }
         None => in_thread(ns.as_fd()),
+    }?;
+    if entered.netns != opened {
+        return Err(io::Error::other(format!(
+            "the answer for namespace {opened} was made in namespace {}",
+            entered.netns
+        )));
     }
+    Ok(entered)
 }
 
 /// [`open_in`] in a thread of its own, which enters the namespace and
@@ -141,17 +166,34 @@ fn ask(sock: BorrowedFd<'_>, ns: BorrowedFd<'_>) -> io::Result<Entered> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut out = SendAncillaryBuffer::new(&mut space);
     out.push(SendAncillaryMessage::ScmRights(&fds));
-    rustix::net::sendmsg(sock, &[IoSlice::new(&[1])], &mut out, SendFlags::NOSIGNAL)?;
+    // A signal may interrupt either call; both are retried, so that every
+    // request is sent once and its answer taken once (a request whose
+    // answer were left in the socket would pair every later request with
+    // the answer before it).
+    loop {
+        match rustix::net::sendmsg(sock, &[IoSlice::new(&[1])], &mut out, SendFlags::NOSIGNAL) {
+            Err(rustix::io::Errno::INTR) => continue,
+            sent => {
+                sent?;
+                break;
+            }
+        }
+    }
 
     let mut reply = [0u8; REPLY_LEN];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut back = RecvAncillaryBuffer::new(&mut space);
-    let got = rustix::net::recvmsg(
-        sock,
-        &mut [IoSliceMut::new(&mut reply)],
-        &mut back,
-        RecvFlags::CMSG_CLOEXEC,
-    )?;
+    let got = loop {
+        match rustix::net::recvmsg(
+            sock,
+            &mut [IoSliceMut::new(&mut reply)],
+            &mut back,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            got => break got?,
+        }
+    };
     let mut fds: Vec<OwnedFd> = Vec::new();
     for message in back.drain() {
         if let RecvAncillaryMessage::ScmRights(rights) = message {
@@ -161,17 +203,21 @@ fn ask(sock: BorrowedFd<'_>, ns: BorrowedFd<'_>) -> io::Result<Entered> {
     if got.bytes != reply.len() {
         return Err(io::Error::other("the namespace helper is gone"));
     }
-    let (errno, texts) = reply.split_at(4);
+    let (errno, rest) = reply.split_at(4);
     let errno = i32::from_ne_bytes([errno[0], errno[1], errno[2], errno[3]]);
     if errno != 0 {
         return Err(io::Error::from_raw_os_error(errno));
     }
+    let (netns, texts) = rest.split_at(8);
+    let mut inode = [0u8; 8];
+    inode.copy_from_slice(netns);
     let netlink = fds
         .into_iter()
         .next()
         .ok_or_else(|| io::Error::other("the namespace helper sent no socket"))?;
     let (range, reuse) = texts.split_at(SYSCTL_TEXT);
     Ok(Entered {
+        netns: u64::from_ne_bytes(inode),
         netlink,
         port_range: text_of(range),
         tw_reuse: text_of(reuse),
@@ -180,9 +226,10 @@ fn ask(sock: BorrowedFd<'_>, ns: BorrowedFd<'_>) -> io::Result<Entered> {
 
 /// Room for each sysctl's text in a reply ("60999\t60999\n" is 12 bytes).
 const SYSCTL_TEXT: usize = 64;
-/// A reply: the errno (0 for an answer), then both sysctls' text, NUL
-/// padded; the netlink socket travels as SCM_RIGHTS.
-const REPLY_LEN: usize = 4 + 2 * SYSCTL_TEXT;
+/// A reply: the errno (0 for an answer), the inode of the namespace the
+/// answer was made in, then both sysctls' text, NUL padded; the netlink
+/// socket travels as SCM_RIGHTS.
+const REPLY_LEN: usize = 4 + 8 + 2 * SYSCTL_TEXT;
 
 /// The text in a NUL-padded field.
 fn text_of(field: &[u8]) -> String {
@@ -206,6 +253,8 @@ fn open_in(ns: BorrowedFd<'_>) -> io::Result<Entered> {
         return Err(io::Error::last_os_error());
     }
     Ok(Entered {
+        // This thread's namespace, as the kernel sees it now.
+        netns: std::fs::metadata("/proc/thread-self/ns/net")?.ino(),
         netlink: crate::sockdiag::socket()?,
         port_range: sysctl("/proc/sys/net/ipv4/ip_local_port_range"),
         tw_reuse: sysctl("/proc/sys/net/ipv4/tcp_tw_reuse"),
@@ -294,7 +343,8 @@ fn reply(sock: BorrowedFd<'_>, answer: io::Result<Entered>) -> io::Result<()> {
     let mut message = [0u8; REPLY_LEN];
     let fds: Vec<OwnedFd> = match answer {
         Ok(e) => {
-            let (range, reuse) = message[4..].split_at_mut(SYSCTL_TEXT);
+            message[4..12].copy_from_slice(&e.netns.to_ne_bytes());
+            let (range, reuse) = message[12..].split_at_mut(SYSCTL_TEXT);
             for (field, text) in [(range, &e.port_range), (reuse, &e.tw_reuse)] {
                 // One byte stays NUL: the text's end.
                 let n = text.len().min(SYSCTL_TEXT - 1);
@@ -341,6 +391,7 @@ mod tests {
         let helper = std::thread::spawn(move || {
             for answer in [
                 Ok(Entered {
+                    netns: 7,
                     netlink: crate::sockdiag::socket().expect("netlink"),
                     port_range: sysctl("/proc/sys/net/ipv4/ip_local_port_range"),
                     tw_reuse: String::new(),
@@ -362,6 +413,7 @@ mod tests {
         });
         let ns = File::open("/proc/self/ns/net").expect("own namespace");
         let entered = ask(a.as_fd(), ns.as_fd()).expect("an answer");
+        assert_eq!(entered.netns, 7);
         assert!(entered.tw_reuse.is_empty());
         let range = entered.port_range;
         assert!(

@@ -80,13 +80,13 @@ fn live(older_than: Duration) -> Snapshot {
 
 /// TIME_WAIT counts of every namespace now, from the kernel.
 fn live_time_wait() -> Snapshot {
-    let views = crate::portspace::sweep();
+    let sweep = crate::portspace::sweep();
     let mut pressure = crate::timewait::PortPressure::new();
     let now_ns = WallClock::now_ns();
-    for v in &views {
+    for v in &sweep.views {
         pressure.reconcile(Some(v.netns), &v.time_wait, now_ns);
     }
-    let ranges = crate::portspace::ranges(&views);
+    let ranges = crate::portspace::ranges(&sweep, &HashMap::new());
     Snapshot {
         schema: SNAPSHOT_SCHEMA,
         agent_pid: 0,

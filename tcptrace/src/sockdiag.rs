@@ -269,10 +269,10 @@ pub fn dump_on(fd: std::os::fd::BorrowedFd<'_>, states: u32) -> io::Result<Vec<D
     Ok(all)
 }
 
-/// [`dump`] inside the network namespace at `netns` (through
-/// [`crate::nshelper`]).
-pub fn dump_in(netns: &Path, states: u32) -> io::Result<Vec<DiagSocket>> {
-    let entered = crate::nshelper::enter(netns)?;
+/// [`dump`] inside network namespace `inode`, found at `netns` (through
+/// [`crate::nshelper::enter`]).
+pub fn dump_in(netns: &Path, inode: u32, states: u32) -> io::Result<Vec<DiagSocket>> {
+    let entered = crate::nshelper::enter(netns, inode)?;
     dump_on(entered.netlink.as_fd(), states)
 }
 
@@ -470,7 +470,14 @@ mod tests {
         assert_eq!(s.state, TCP_CLOSE_WAIT);
         assert!(s.inode > 0);
         assert!(s.last_data_recv_ms.is_some());
-        let via_ns = dump_in(Path::new("/proc/self/ns/net"), 1 << TCP_CLOSE_WAIT).expect("dump_in");
+        let own = Path::new("/proc/self/ns/net");
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(own).expect("netns"));
+        let inode = u32::try_from(inode).expect("a namespace inode");
+        let via_ns = dump_in(own, inode, 1 << TCP_CLOSE_WAIT).expect("dump_in");
         assert!(via_ns.iter().any(|s| s.lport == port));
+        // A path that names another namespace than the one asked for (a
+        // process gone, its pid reused) is refused, not dumped.
+        let err = dump_in(own, inode.wrapping_add(1), 1 << TCP_CLOSE_WAIT).expect_err("refused");
+        assert!(err.to_string().contains("not"), "{err}");
     }
 }

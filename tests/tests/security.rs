@@ -179,6 +179,8 @@ const PROC_FOLLOWED: &[&str] = &[
     "/proc/sys/net/ipvN/ip_local_port_range",
     "/proc/sys/net/ipvN/tcp_tw_reuse",
     "/proc/sys/kernel/osrelease",
+    // The namespace helper checks which namespace it entered.
+    "/proc/thread-self/ns/net",
 ];
 
 /// Whether the agent may follow `path` (see [`PROC_FOLLOWED`]).
