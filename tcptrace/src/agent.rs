@@ -539,6 +539,10 @@ struct Reader {
     reorder: crate::reorder::Reorder,
     /// Flushes that failed (the first is logged).
     flush_errors: u64,
+    /// Since when every flush found some CPU's batch busy (monotonic ns).
+    busy_since: Option<u64>,
+    /// Times a batch stayed busy past [`MAX_BUSY_NS`] (the first is logged).
+    busy_stalls: u64,
     /// Past this many held records, release them all (see
     /// [`HELD_RECORDS_PER_RING_BYTE`]); the first time is logged.
     max_held: usize,
@@ -551,6 +555,8 @@ impl Reader {
             flusher,
             reorder: crate::reorder::Reorder::default(),
             flush_errors: 0,
+            busy_since: None,
+            busy_stalls: 0,
             max_held: ((f64::from(ring_bytes) * HELD_RECORDS_PER_RING_BYTE) as usize).max(4096),
             overflows: 0,
         }
@@ -571,7 +577,11 @@ impl Reader {
         let watermark = match why {
             Read::Wakeup => None,
             Read::Poll | Read::Final => match flusher.flush() {
-                Ok(flushed) => flushed,
+                Ok(Some(began)) => {
+                    self.busy_since = None;
+                    Some(began)
+                }
+                Ok(None) => self.busy_watermark(),
                 Err(e) => {
                     self.flush_errors += 1;
                     if self.flush_errors == 1 {
@@ -618,6 +628,34 @@ impl Reader {
         written
     }
 }
+
+impl Reader {
+    /// The watermark after a flush that found a CPU's batch busy through
+    /// every try: none (records wait for the next flush), unless flushes
+    /// have found it busy for [`MAX_BUSY_NS`]; then the clock, so that no
+    /// record is held for ever behind a batch that never comes free.
+    fn busy_watermark(&mut self) -> Option<u64> {
+        let now = WallClock::now_ns();
+        let since = *self.busy_since.get_or_insert(now);
+        if now.saturating_sub(since) < MAX_BUSY_NS {
+            return None;
+        }
+        self.busy_stalls += 1;
+        if self.busy_stalls == 1 {
+            log::warn!(
+                "a CPU's staged records stayed busy through every flush for {} ms; \
+                 records are released by the clock and may come slightly out of order",
+                now.saturating_sub(since) / 1_000_000
+            );
+        }
+        Some(now)
+    }
+}
+
+/// How long flushes may find a CPU's batch busy before records are
+/// released by the clock instead (a batch is busy for well under a
+/// microsecond at a time).
+const MAX_BUSY_NS: u64 = 1_000_000_000;
 
 /// Logs a malformed record, the first few only (each is counted).
 fn log_malformed(decoded: Result<(), crate::decode::DecodeError>, pipeline: &Pipeline) {
