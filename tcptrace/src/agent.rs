@@ -581,7 +581,7 @@ impl Reader {
                     self.busy_since = None;
                     Some(began)
                 }
-                Ok(None) => self.busy_watermark(),
+                Ok(None) => self.busy_watermark(WallClock::now_ns()),
                 Err(e) => {
                     self.flush_errors += 1;
                     if self.flush_errors == 1 {
@@ -634,8 +634,7 @@ impl Reader {
     /// every try: none (records wait for the next flush), unless flushes
     /// have found it busy for [`MAX_BUSY_NS`]; then the clock, so that no
     /// record is held for ever behind a batch that never comes free.
-    fn busy_watermark(&mut self) -> Option<u64> {
-        let now = WallClock::now_ns();
+    fn busy_watermark(&mut self, now: u64) -> Option<u64> {
         let since = *self.busy_since.get_or_insert(now);
         if now.saturating_sub(since) < MAX_BUSY_NS {
             return None;
@@ -986,5 +985,23 @@ fn raise_memlock_limit() {
             "could not raise RLIMIT_MEMLOCK: {}",
             io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_busy_for_a_second_gives_way_to_the_clock() {
+        let mut reader = Reader::new(None, 4096);
+        let s = 1_000_000_000;
+        assert_eq!(reader.busy_watermark(10 * s), None);
+        assert_eq!(reader.busy_watermark(10 * s + s / 2), None);
+        assert_eq!(reader.busy_watermark(11 * s), Some(11 * s));
+        assert_eq!(reader.busy_watermark(11 * s + 1), Some(11 * s + 1));
+        // A complete flush starts the count again.
+        reader.busy_since = None;
+        assert_eq!(reader.busy_watermark(12 * s), None);
     }
 }
