@@ -149,9 +149,9 @@ pub fn enter(netns: &Path, inode: u32) -> io::Result<Entered> {
 }
 
 /// [`open_in`] in a thread of its own, which enters the namespace and
-/// ends: one thread that entered namespace after namespace found, under
-/// /proc/sys/net, now and then the files of one it had been in before
-/// (seen on Linux 6.18; the port-pressure test caught it).
+/// ends: the calling thread never changes namespace, so a `setns` that
+/// fails, or a request that stops half-way, leaves nothing behind for the
+/// next one.
 fn in_thread(ns: BorrowedFd<'_>) -> io::Result<Entered> {
     std::thread::scope(|s| {
         s.spawn(|| open_in(ns))
@@ -238,9 +238,8 @@ fn text_of(field: &[u8]) -> String {
 }
 
 /// A sysctl of the current thread's namespace, read now (empty when it
-/// cannot be). Read in the namespace, not just opened there: a file opened
-/// in a namespace and read elsewhere gave another namespace's value now
-/// and then (Linux 6.18; the port-pressure test caught it).
+/// cannot be): the helper sends text, which the agent parses, and no
+/// file crosses over.
 fn sysctl(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
