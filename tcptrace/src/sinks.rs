@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Default queue length per sink, in lines.
 pub const DEFAULT_QUEUE: usize = 65_536;
@@ -338,9 +338,11 @@ trait Writer: Send {
 }
 
 fn run_writer(mut writer: Box<dyn Writer>, queue: &LineQueue, stats: &SinkStats) {
+    let mut flushed_at = Instant::now();
     while let Some(batches) = queue.take(FLUSH_IDLE) {
         if batches.is_empty() {
             writer.flush();
+            flushed_at = Instant::now();
             continue;
         }
         for (batch, range) in batches {
@@ -361,9 +363,28 @@ fn run_writer(mut writer: Box<dyn Writer>, queue: &LineQueue, stats: &SinkStats)
                 stats.written.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // Lines that keep coming never leave the queue idle: without this,
+        // they would wait until the buffer fills (1 MiB for a file: minutes
+        // at a few lines a second).
+        let now = Instant::now();
+        if flush_due(flushed_at, now) {
+            writer.flush();
+            flushed_at = now;
+        }
     }
     writer.flush();
 }
+
+/// Whether buffered lines have waited long enough since the last flush
+/// (see [`FLUSH_MAX_DELAY`]).
+fn flush_due(flushed_at: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(flushed_at) >= FLUSH_MAX_DELAY
+}
+
+/// Longest a written line waits in a sink's buffer while lines keep
+/// coming; an idle queue flushes sooner ([`FLUSH_IDLE`]). Under load this
+/// costs two flushes a second: writes stay large.
+const FLUSH_MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// Pause after a failed write before the next try.
 const WRITE_RETRY: Duration = Duration::from_millis(100);
@@ -733,6 +754,68 @@ mod tests {
         ] {
             assert!(bad.parse::<SinkSpec>().is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// A writer that records what reached its destination: lines are
+    /// buffered until a flush.
+    struct Recorder {
+        buffered: Vec<String>,
+        flushed: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Writer for Recorder {
+        fn write(&mut self, line: &str) -> io::Result<()> {
+            self.buffered.push(line.to_string());
+            Ok(())
+        }
+        fn ready(&mut self) -> bool {
+            true
+        }
+        fn flush(&mut self) {
+            let mut out = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
+            out.append(&mut self.buffered);
+        }
+    }
+
+    #[test]
+    fn a_steady_stream_is_flushed_at_least_every_half_second() {
+        let queue = Arc::new(LineQueue::new(1024));
+        let stats = Arc::new(SinkStats::default());
+        let flushed = Arc::new(Mutex::new(Vec::new()));
+        let writer = Recorder {
+            buffered: Vec::new(),
+            flushed: flushed.clone(),
+        };
+        let thread = {
+            let (queue, stats) = (queue.clone(), stats.clone());
+            std::thread::spawn(move || run_writer(Box::new(writer), &queue, &stats))
+        };
+        // A line every 10 ms: the queue is never idle for FLUSH_IDLE.
+        let start = Instant::now();
+        let mut n = 0;
+        while start.elapsed() < Duration::from_millis(1500) {
+            queue.push(&Arc::new(vec![format!("line {n}")]));
+            n += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let seen = flushed.lock().unwrap_or_else(|e| e.into_inner()).len();
+        queue.close();
+        thread.join().expect("writer thread");
+        // Flushed at 0.5 s and 1 s at least: lines written before 1 s are
+        // out; without the bound, none would be before the close.
+        assert!(seen >= 50, "{seen} of {n} lines out after 1.5 s");
+        let all = flushed.lock().unwrap_or_else(|e| e.into_inner()).len();
+        assert_eq!(all, n, "every line out after the close");
+    }
+
+    #[test]
+    fn flushes_fall_due_half_a_second_after_the_last() {
+        let t = Instant::now();
+        assert!(!flush_due(t, t));
+        assert!(!flush_due(t, t + Duration::from_millis(499)));
+        assert!(flush_due(t, t + FLUSH_MAX_DELAY));
+        // A clock read before the flush is never due.
+        assert!(!flush_due(t + Duration::from_secs(1), t));
     }
 
     #[test]
