@@ -627,9 +627,7 @@ impl Reader {
         });
         written
     }
-}
 
-impl Reader {
     /// The watermark after a flush that found a CPU's batch busy through
     /// every try: none (records wait for the next flush), unless flushes
     /// have found it busy for [`MAX_BUSY_NS`]; then the clock, so that no
