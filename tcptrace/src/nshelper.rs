@@ -126,7 +126,7 @@ pub fn enter(netns: &Path, inode: u32) -> io::Result<Entered> {
                 // helper that is gone answers nothing ever again.
                 let gone = e.raw_os_error() == Some(libc::EPIPE)
                     || e.raw_os_error() == Some(libc::ECONNRESET)
-                    || e.to_string().contains("is gone");
+                    || e.kind() == io::ErrorKind::UnexpectedEof;
                 if gone && !GONE_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     log::warn!(
                         "the namespace helper exited ({e}): sockets in other network \
@@ -201,7 +201,11 @@ fn ask(sock: BorrowedFd<'_>, ns: BorrowedFd<'_>) -> io::Result<Entered> {
         }
     }
     if got.bytes != reply.len() {
-        return Err(io::Error::other("the namespace helper is gone"));
+        // Its end closed: a short or empty read (see [`enter`]).
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the namespace helper is gone",
+        ));
     }
     let (errno, rest) = reply.split_at(4);
     let errno = i32::from_ne_bytes([errno[0], errno[1], errno[2], errno[3]]);
