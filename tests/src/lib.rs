@@ -62,6 +62,16 @@ pub fn poll<T>(
     }
 }
 
+/// The children of `pid`'s main thread (the agent's: its namespace
+/// helper), from /proc.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .expect("children")
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
 /// Sends `sig` to `pid`.
 pub fn kill(pid: u32, sig: i32) {
     if let Ok(pid) = i32::try_from(pid) {

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use tcptrace_tests::{kill, leaks_on_port, leaky_server, peer_bin, poll, Agent, Leaked};
+use tcptrace_tests::{children, kill, leaks_on_port, leaky_server, peer_bin, poll, Agent, Leaked};
 
 /// The BPF objects the process holds, as ("prog" | "map" | "link", id),
 /// from the fdinfo of its BPF file descriptors.
@@ -83,11 +83,7 @@ fn sigkill_leaves_nothing_attached_and_the_next_agent_reports_the_same_leaks() {
         .iter()
         .all(|(pid, _, _)| *pid == u64::from(server.pid())));
 
-    let helper = std::fs::read_to_string(format!(
-        "/proc/{pid}/task/{pid}/children",
-        pid = first.pid()
-    ))
-    .expect("children");
+    let helper = children(first.pid());
     kill(first.pid(), libc::SIGKILL);
     // The kernel frees what a dead process held once its files are closed
     // (maps after an RCU grace period): give it a moment.
@@ -105,7 +101,7 @@ fn sigkill_leaves_nothing_attached_and_the_next_agent_reports_the_same_leaks() {
     );
     drop(first);
     // Its namespace helper died with it.
-    for pid in helper.split_whitespace() {
+    for pid in helper {
         poll(
             "the namespace helper to die with the agent",
             Duration::from_secs(5),

@@ -59,13 +59,8 @@ fn every_thread_keeps_only_proc_and_namespace_capabilities() {
     assert!(threads >= 3, "{threads} threads");
     // The namespace helper: a child with CAP_SYS_ADMIN alone, no exec,
     // and nothing of the agent's open.
-    let children = std::fs::read_to_string(format!(
-        "/proc/{pid}/task/{pid}/children",
-        pid = agent.pid()
-    ))
-    .expect("children");
-    let helpers: Vec<&str> = children.split_whitespace().collect();
-    assert_eq!(helpers.len(), 1, "one helper: {children:?}");
+    let helpers = tcptrace_tests::children(agent.pid());
+    assert_eq!(helpers.len(), 1, "one helper: {helpers:?}");
     let helper = helpers[0];
     let status = std::fs::read_to_string(format!("/proc/{helper}/status")).expect("status");
     for set in ["CapEff", "CapPrm", "CapBnd"] {
