@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Bumped whenever a record layout below changes.
-pub const RECORD_LAYOUT_VERSION: u32 = 4;
+pub const RECORD_LAYOUT_VERSION: u32 = 5;
 
 /// Kind tag of a [`StateRecord`].
 pub const RECORD_STATE: u32 = 1;
@@ -507,7 +507,88 @@ pub struct KernelConfig {
     pub sk_v6_rcv_saddr: u32,
     /// Offset of `__sk_common.skc_v6_daddr` (remote IPv6 address).
     pub sk_v6_daddr: u32,
+    /// A send or receive after at least this many microseconds without
+    /// one is a checkout (see [`LastUse`]).
+    pub last_use_gap_us: u32,
 }
+
+/// [`LastUse`] direction: a send (`sock:sock_send_length`).
+pub const IO_SEND: u32 = 0;
+/// [`LastUse`] direction: a receive (`sock:sock_recv_length`).
+pub const IO_RECV: u32 = 1;
+
+/// The last use of a TCP socket by a program, kept by the kernel in the
+/// socket's own storage (`LAST_USE`, a `BPF_MAP_TYPE_SK_STORAGE` freed
+/// with the socket) and read by the agent only for a leaked socket,
+/// through a duplicate of a holder's fd.
+///
+/// Every send and receive in process context updates `last_*` (a lookup,
+/// a compare and a few stores); the first one after an idle gap of at
+/// least [`KernelConfig::last_use_gap_us`], or by another process than
+/// the one before ([`is_checkout`]), is a *checkout*: the moment a pooled
+/// connection is taken out of its pool by the code that will use it. Only
+/// then is the user stack walked (within the process's stack budget), so
+/// that a busy stream costs no walk after its first I/O.
+///
+/// Two threads doing I/O on one socket at the same instant may mix their
+/// fields; each field stays a value one of them wrote.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LastUse {
+    /// `bpf_ktime_get_ns()` of the latest send or receive.
+    pub last_ns: u64,
+    /// `bpf_ktime_get_ns()` of the latest checkout.
+    pub checkout_ns: u64,
+    /// Process id (tgid) of the checkout.
+    pub tgid: u32,
+    /// Thread id of the checkout.
+    pub tid: u32,
+    /// Process id of the latest send or receive.
+    pub last_tgid: u32,
+    /// User stack of the checkout (id in `STACKS`); -1 when not walked
+    /// (past the budget, or the walk failed).
+    pub stack_id: i32,
+    /// System call number of the checkout (x86_64 numbers); -1 when unknown.
+    pub syscall_nr: i32,
+    /// Bit 0: the checkout's direction ([`IO_RECV`] set); bit 1: the
+    /// latest I/O's direction.
+    pub dirs: u32,
+    /// Checkouts seen on this socket.
+    pub checkouts: u32,
+    /// Sends and receives seen on this socket.
+    pub ios: u32,
+    /// `comm` of the checkout's thread, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Whether an I/O by process `tgid` at `now_ns` on a socket whose latest
+/// I/O was at `last_ns` by `last_tgid` is a checkout (see [`LastUse`]):
+/// the first I/O ever (`last_ns` 0, as fresh storage is zeroed), the first
+/// after `gap_ns` of silence, or the first by another process (a socket
+/// passed over fork or SCM_RIGHTS). The time difference is signed: a
+/// thread on another CPU may have stored a later `last_ns` between this
+/// one's clock read and its compare.
+#[inline(always)]
+pub const fn is_checkout(
+    last_ns: u64,
+    last_tgid: u32,
+    now_ns: u64,
+    tgid: u32,
+    gap_ns: u64,
+) -> bool {
+    let idle = now_ns.wrapping_sub(last_ns) as i64;
+    last_ns == 0 || last_tgid != tgid || idle >= gap_ns as i64
+}
+
+/// Slots of the kernel's per-CPU `LAST_USE_COUNTS`: checkouts seen, ...
+pub const LU_CHECKOUTS: u32 = 0;
+/// ... stacks walked for them, ...
+pub const LU_STACKS: u32 = 1;
+/// ... and I/Os whose socket storage could not be had (the socket's
+/// option memory, `net.core.optmem_max`, was used up): not recorded.
+pub const LU_NO_STORAGE: u32 = 2;
+/// Number of `LAST_USE_COUNTS` slots.
+pub const LU_COUNT_SLOTS: u32 = 3;
 
 /// The fd a thread passed to `connect()`, kept per CPU until the
 /// CLOSE -> SYN_SENT transition that the same call makes moments later.
@@ -599,6 +680,7 @@ impl KernelConfig {
         sk_daddr: 0,
         sk_v6_rcv_saddr: 0,
         sk_v6_daddr: 0,
+        last_use_gap_us: 0,
     };
 }
 
@@ -615,6 +697,8 @@ mod user {
     unsafe impl aya::Pod for super::ResetRecord {}
     // SAFETY: plain integers; the padding field is zeroed.
     unsafe impl aya::Pod for super::OriginSlot {}
+    // SAFETY: plain integers and a byte array, no padding.
+    unsafe impl aya::Pod for super::LastUse {}
 }
 
 #[cfg(test)]
@@ -630,7 +714,8 @@ mod tests {
         assert_eq!(size_of::<StateBatch>(), 8 + 64 * STAGED_RECORDS);
         assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
-        assert_eq!(size_of::<KernelConfig>(), 45 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 46 * 4);
+        assert_eq!(size_of::<LastUse>(), 64);
         assert_eq!(size_of::<ResetRecord>(), 24);
         assert_eq!(size_of::<OriginSlot>(), 40);
     }
@@ -681,6 +766,25 @@ mod tests {
             *slot = probe_slot(sk, bits, i);
         }
         assert_eq!(slots, [14, 15, 0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_checkout_is_the_first_io_after_a_gap_or_by_another_process() {
+        let gap = 10_000_000;
+        let t = 5_000_000_000;
+        // Fresh storage is zeroed: the first I/O ever is a checkout.
+        assert!(is_checkout(0, 0, t, 42, gap));
+        // A busy stream: every I/O within the gap of the one before.
+        assert!(!is_checkout(t, 42, t + 1, 42, gap));
+        assert!(!is_checkout(t, 42, t + gap - 1, 42, gap));
+        // Idle for the gap: taken out of the pool again.
+        assert!(is_checkout(t, 42, t + gap, 42, gap));
+        // Another process (fork, fd passing), however soon.
+        assert!(is_checkout(t, 42, t + 1, 43, gap));
+        // A clock read on another CPU a hair behind: no checkout.
+        assert!(!is_checkout(t, 42, t - 1, 42, gap));
+        // A zero gap makes every I/O a checkout.
+        assert!(is_checkout(t, 42, t, 42, 0));
     }
 
     #[test]

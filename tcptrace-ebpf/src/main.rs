@@ -17,6 +17,8 @@
 // atomics (and lowers atomics as single-threaded), see `cmpxchg`.
 #![feature(asm_experimental_arch)]
 
+mod last_use;
+
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
@@ -415,6 +417,16 @@ const BPF_F_USER_STACK: u64 = 256;
 /// loads per connection.
 #[inline(always)]
 fn stack_allowed<C: StackIdContext>(ctx: &C, budget: u32) -> bool {
+    let allowed = budget_allows(ctx, budget);
+    if !allowed {
+        count_origins(STACKS_OVER_BUDGET);
+    }
+    allowed
+}
+
+/// [`stack_allowed`] without counting a refusal: last use counts its own.
+#[inline(always)]
+fn budget_allows<C: StackIdContext>(ctx: &C, budget: u32) -> bool {
     if budget == 0 {
         return true;
     }
@@ -423,7 +435,7 @@ fn stack_allowed<C: StackIdContext>(ctx: &C, budget: u32) -> bool {
         return true;
     };
     // Per-CPU slot: no other writer can race these updates.
-    let allowed = unsafe {
+    unsafe {
         let used = (*b).used;
         if (*b).tgid != tgid {
             open_window(b, tgid);
@@ -441,11 +453,7 @@ fn stack_allowed<C: StackIdContext>(ctx: &C, budget: u32) -> bool {
                 false
             }
         }
-    };
-    if !allowed {
-        count_origins(STACKS_OVER_BUDGET);
     }
-    allowed
 }
 
 /// Past its budget, a process's calls read the clock once in this many:
@@ -1012,6 +1020,23 @@ const PT_REGS_ORIG_AX: u64 = 120;
 /// connect: connect(2), and sendto(2)/sendmsg(2) with MSG_FASTOPEN.
 #[cfg(bpf_target_arch = "x86_64")]
 const FD_FIRST_SYSCALLS: [u64; 3] = [42, 44, 46];
+
+/// The number of the system call the current task is in (x86_64
+/// numbers), -1 when unknown or not in one. BTF programs only:
+/// `bpf_task_pt_regs` needs Linux >= 5.15 and a BTF task pointer.
+#[inline(always)]
+fn current_syscall_nr() -> i32 {
+    #[cfg(bpf_target_arch = "x86_64")]
+    {
+        use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_task_pt_regs};
+        let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+        read_kernel::<u64>(regs + PT_REGS_ORIG_AX).map_or(-1, |nr| nr as i32)
+    }
+    #[cfg(not(bpf_target_arch = "x86_64"))]
+    {
+        -1
+    }
+}
 
 /// The fd argument of the syscall the current task is in (see
 /// [`FD_FIRST_SYSCALLS`]), -1 for any other (io_uring, a 32-bit task).

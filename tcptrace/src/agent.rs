@@ -116,6 +116,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         state_program,
         tracepoints,
         flusher,
+        last_use,
     } = probe::load_and_attach(
         &layout,
         &probe::ProbeOptions {
@@ -130,6 +131,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
             // A stream of every transition: batches halve what a record
             // costs the CPU that makes it.
             stage: events.contains(&EventKind::StateChange),
+            last_use_gap: cli.last_use.then_some(cli.last_use_gap),
         },
     )?;
     let staged = flusher.is_some();
@@ -285,6 +287,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         transitions: &transitions,
         origins: &origins,
         close_waits: &close_waits,
+        last_use: last_use.as_ref(),
     };
     loop {
         tokio::select! {
@@ -324,7 +327,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 if let Some(quiet_ns) = quiet_ns {
                     announce_close_waits(&close_waits, &mut announced, quiet_ns, &mut pipeline, &mut out)?;
                 }
-                report_leaks(&mut pipeline, &mut enricher, &stacks, &origins, &mut out)?;
+                report_leaks(&mut pipeline, &mut enricher, &stacks, &origins, last_use.as_ref(), &mut out)?;
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
             _ = summary_tick.tick() => {
@@ -443,6 +446,7 @@ struct KernelCounts<'a> {
     transitions: &'a probe::TransitionCounter,
     origins: &'a probe::OriginMap,
     close_waits: &'a crate::cwtable::CloseWaitTable,
+    last_use: Option<&'a crate::lastuse::LastUseMap>,
 }
 
 impl KernelCounts<'_> {
@@ -455,6 +459,7 @@ impl KernelCounts<'_> {
         snapshot.programs = self.programs.program_times();
         snapshot.outputs = out.sinks.stats();
         snapshot.kernel_origins = self.origins.counts();
+        snapshot.last_use = self.last_use.map(|m| m.counts()).unwrap_or_default();
         // Stays in CLOSE_WAIT the kernel only counted (see
         // `announce_close_waits`) belong in the linger histogram too.
         snapshot
@@ -710,6 +715,7 @@ fn report_leaks(
     enricher: &mut Enricher,
     stacks: &StackTraceMap<MapData>,
     origins: &probe::OriginMap,
+    last_use: Option<&crate::lastuse::LastUseMap>,
     out: &mut Out,
 ) -> anyhow::Result<()> {
     let now_ns = WallClock::now_ns();
@@ -725,7 +731,26 @@ fn report_leaks(
             .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
     };
     let now = std::time::SystemTime::now();
-    for leak in enricher.enrich(due, stack_of) {
+    let last_use_of = |pid: u32, fd: i32| {
+        let map = last_use?;
+        match map.of_holder(pid, fd) {
+            Ok(found) => found,
+            Err(crate::lastuse::ReadError::Holder(e))
+                if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EBADF)) =>
+            {
+                // The holder exited or closed the fd since /proc was read.
+                None
+            }
+            Err(e) => {
+                warn_once(
+                    &LAST_USE_WARNED,
+                    &format!("last use of pid {pid} fd {fd}: {e}"),
+                );
+                None
+            }
+        }
+    };
+    for leak in enricher.enrich(due, stack_of, last_use_of) {
         let member = tuple_key(&leak.candidate.entered.change);
         let since = leak.candidate.entered.change.ts_ns;
         pipeline.current_leaks.insert(
@@ -746,6 +771,18 @@ fn report_leaks(
         }
     }
     out.flush()
+}
+
+/// Set once a failed last-use read has been logged as a warning.
+static LAST_USE_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Logs `what` as a warning the first time, at debug level after that.
+fn warn_once(flag: &std::sync::atomic::AtomicBool, what: &str) {
+    if flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log::debug!("{what}");
+    } else {
+        log::warn!("{what} (said once; RUST_LOG=debug shows the others)");
+    }
 }
 
 /// Port-pressure checks between two reconciliations with the kernel.

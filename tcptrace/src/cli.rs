@@ -162,6 +162,24 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STACKS_PER_SECOND)]
     pub stacks_per_second: u32,
 
+    /// Last use: on every TCP send and receive the kernel keeps, in the socket's own storage,
+    /// when and by whom it was used last, and at each checkout (the first I/O after
+    /// --last-use-gap without one: a pooled connection taken out of its pool) the user stack.
+    /// A leak then names the code that used the socket last ("last used by main.update"),
+    /// not only the code that opened it: in a pool, those differ. Costs a storage lookup per
+    /// I/O and a stack walk per checkout, within --stacks-per-second. Needs the
+    /// sock:sock_send_length/sock_recv_length tracepoints (Linux >= 6.3) and BTF; on older
+    /// kernels one warning says it is off and leaks name their origin only.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    pub last_use: bool,
+
+    /// An I/O after at least this long without one on its socket is a checkout, whose stack
+    /// is walked (default 10ms: above a request/response wait on a local network, below the
+    /// time a connection idles in a pool between requests). Smaller finds checkouts in a
+    /// busier pool and walks more stacks; larger walks fewer.
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_duration)]
+    pub last_use_gap: std::time::Duration,
+
     /// Which kernel program reads the state tracepoint: `auto` (the BTF one where the kernel
     /// has BTF, else the fast classic one when the tracepoint's layout is the usual one, each
     /// falling back to the next if it does not load), `btf`, `fixed` (Linux >= 5.6 layout)
@@ -288,6 +306,11 @@ pub enum Command {
         /// where the kernel has BTF (no record filled per transition).
         #[arg(long)]
         btf: bool,
+        /// Also attach no-op BTF tracepoint programs to `sock_send_length` and
+        /// `sock_recv_length`, the tracepoints of the agent's last-use programs (the floor
+        /// of every socket send and receive).
+        #[arg(long)]
+        io: bool,
     },
     /// TIME_WAIT sockets by destination, with their share of the ephemeral port range and
     /// the processes that closed first (known with an agent running).
@@ -337,6 +360,15 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err("the duration must be more than zero".to_string());
     }
     Ok(d)
+}
+
+/// Parses `on` or `off` (also `true`/`false`, `yes`/`no`, `1`/`0`).
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{s:?} is neither on nor off")),
+    }
 }
 
 /// Parses a ring buffer size: `4096`, `256K`, `16M`.

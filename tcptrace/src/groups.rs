@@ -3,7 +3,9 @@
 //! never hide behind the rate limit. Pure: fed leaks and a clock.
 //!
 //! A group is (owner process, the service the sockets talk to, namespace,
-//! origin stack). The service is the remote endpoint of outgoing
+//! last-use stack, origin stack): in a pool, the code that used a socket
+//! last tells a forgotten checkout from a connection idle in the pool,
+//! which share their origin. The service is the remote endpoint of outgoing
 //! connections and the local endpoint of accepted ones (their remote
 //! ports are all different). Each group gets at most `lines_per_window` individual `leak`
 //! lines per window; every `report_every` a `leak_group` summary (count,
@@ -37,6 +39,8 @@ pub struct GroupKey {
     pub netns: Option<u32>,
     /// Origin stack id (`None`: unknown origin).
     pub stack_id: Option<u32>,
+    /// Last-use checkout stack id (`None`: unknown).
+    pub last_use_stack_id: Option<u32>,
 }
 
 /// A group's state, as reported in `leak_group`.
@@ -48,6 +52,10 @@ pub struct GroupReport {
     pub count: u64,
     /// Monotonic ns when the oldest of them entered CLOSE_WAIT.
     pub oldest_since_ns: u64,
+    /// Monotonic ns when the newest of them entered CLOSE_WAIT.
+    pub newest_since_ns: u64,
+    /// New leaks per minute (see [`growth_per_min`]).
+    pub growth_per_min: f64,
     /// Individual `leak` lines not printed because of the limit, in total.
     pub suppressed: u64,
     /// The one-line summary of the group's first leak: the call site.
@@ -146,20 +154,27 @@ impl LeakGroups {
             return Vec::new();
         }
         self.last_report_ns = now_ns;
-        self.reports()
+        self.reports(now_ns)
     }
 
-    /// Every group now, largest first, then oldest first.
-    pub fn reports(&self) -> Vec<GroupReport> {
+    /// Every group at `now_ns`, largest first, then oldest first.
+    pub fn reports(&self, now_ns: u64) -> Vec<GroupReport> {
         let mut out: Vec<GroupReport> = self
             .groups
             .iter()
             .filter_map(|(key, g)| {
                 let oldest = g.members.values().min()?;
+                let newest = g.members.values().max()?;
                 Some(GroupReport {
                     key: key.clone(),
                     count: g.members.len() as u64,
                     oldest_since_ns: *oldest,
+                    newest_since_ns: *newest,
+                    growth_per_min: growth_per_min(
+                        g.members
+                            .values()
+                            .map(|&since| now_ns.saturating_sub(since) as f64 / 1e6),
+                    ),
                     suppressed: g.suppressed,
                     example: g.example.clone(),
                 })
@@ -172,6 +187,29 @@ impl LeakGroups {
         });
         out
     }
+}
+
+/// How far back a group's growth looks: five minutes.
+pub const GROWTH_WINDOW_MS: f64 = 5.0 * 60_000.0;
+
+/// New leaks per minute from the ages (ms in CLOSE_WAIT) of a group's
+/// sockets: those younger than [`GROWTH_WINDOW_MS`], over the window, or
+/// over the oldest's age when the group is younger (at least a minute, so
+/// that a first burst does not read as thousands per minute).
+///
+/// The two shapes a pool gives: sockets idle in the pool, closed by the
+/// peer, are bounded by the pool size and close at their next checkout,
+/// so their growth falls to zero; forgotten checkouts keep growing.
+pub fn growth_per_min(ages_ms: impl Iterator<Item = f64>) -> f64 {
+    let (mut recent, mut oldest) = (0u64, 0f64);
+    for age in ages_ms {
+        oldest = oldest.max(age);
+        if age < GROWTH_WINDOW_MS {
+            recent += 1;
+        }
+    }
+    let span_ms = oldest.clamp(60_000.0, GROWTH_WINDOW_MS);
+    recent as f64 / (span_ms / 60_000.0)
 }
 
 #[cfg(test)]
@@ -199,6 +237,7 @@ mod tests {
             service_port: 3306,
             netns: Some(1),
             stack_id: Some(stack),
+            last_use_stack_id: None,
         }
     }
 
@@ -216,6 +255,36 @@ mod tests {
         assert_eq!(reports[0].oldest_since_ns, 0);
         assert!(g.due_reports(105 * S).is_empty(), "once per interval");
         assert_eq!(g.due_reports(110 * S).len(), 1);
+    }
+
+    #[test]
+    fn growth_tells_a_steady_leak_from_a_bounded_one() {
+        let min = 60_000.0;
+        // Four idle pooled sockets, closed by the peer ten minutes ago.
+        assert_eq!(growth_per_min([10.0 * min; 4].into_iter()), 0.0);
+        // One a minute for the last ten minutes: five in the window.
+        let steady = (0..10).map(|i| f64::from(i) * min + 1.0);
+        assert_eq!(growth_per_min(steady), 1.0);
+        // A first burst of 30 within seconds: per minute, not per second.
+        assert_eq!(growth_per_min([5_000.0; 30].into_iter()), 30.0);
+        // Two minutes old: over two minutes.
+        assert_eq!(growth_per_min([2.0 * min, 1.0].into_iter()), 1.0);
+        assert_eq!(growth_per_min(std::iter::empty()), 0.0);
+    }
+
+    #[test]
+    fn reports_give_the_newest_and_the_growth() {
+        let mut g = LeakGroups::new(10, 60 * S, S);
+        g.on_leak(key(1, 7), m(1), 10 * S, 20 * S, String::new);
+        g.on_leak(key(1, 7), m(2), 40 * S, 41 * S, String::new);
+        let r = &g.reports(70 * S)[0];
+        assert_eq!((r.oldest_since_ns, r.newest_since_ns), (10 * S, 40 * S));
+        assert_eq!(r.growth_per_min, 2.0);
+        // The same origin with another last use is another group.
+        let mut other = key(1, 7);
+        other.last_use_stack_id = Some(9);
+        g.on_leak(other, m(3), 40 * S, 41 * S, String::new);
+        assert_eq!(g.reports(70 * S).len(), 2);
     }
 
     #[test]
@@ -243,11 +312,11 @@ mod tests {
         g.on_leak(key(1, 7), m(1), 0, 0, String::new);
         g.on_leak(key(1, 7), m(2), 3, 0, String::new);
         g.on_end(&m(1));
-        let r = g.reports();
+        let r = g.reports(10);
         assert_eq!((r[0].count, r[0].oldest_since_ns), (1, 3));
         g.on_end(&m(2));
         g.on_end(&m(99));
-        assert!(g.reports().is_empty());
+        assert!(g.reports(10).is_empty());
         assert!(g.due_reports(100 * S).is_empty());
     }
 }

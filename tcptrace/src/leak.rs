@@ -8,8 +8,9 @@ use std::collections::{HashMap, HashSet};
 
 use crate::closewait::LeakCandidate;
 use crate::groups::GroupKey;
+use crate::lastuse::LastUse;
 use crate::procfs::{self, Holder};
-use crate::symbolize::{Frame, Symbolizer};
+use crate::symbolize::{application_frame, Frame, Symbolizer};
 use crate::tracker::Syscall;
 
 /// Why a socket stays in CLOSE_WAIT, from its receive queue.
@@ -72,6 +73,23 @@ pub struct Leak {
     pub reason: Reason,
     /// The origin's user stack, symbolized (empty when unknown).
     pub stack: Vec<Frame>,
+    /// The socket's last use, when the kernel kept one (see
+    /// [`crate::lastuse`]).
+    pub last_use: Option<LastUse>,
+    /// The last use's checkout stack, symbolized (empty when unknown).
+    pub last_use_stack: Vec<Frame>,
+}
+
+impl Leak {
+    /// Milliseconds from the last use's checkout to the peer's FIN (the
+    /// entry into CLOSE_WAIT); negative when it came after.
+    pub fn last_use_before_fin_ms(&self) -> Option<f64> {
+        let u = self.last_use.as_ref()?;
+        Some(LastUse::before_ms(
+            u.checkout_ns,
+            self.candidate.entered.change.ts_ns,
+        ))
+    }
 }
 
 fn secs(ms: f64) -> String {
@@ -115,13 +133,38 @@ pub fn summary(leak: &Leak) -> String {
         },
         secs(leak.candidate.close_wait_ms)
     );
-    let frames: Vec<String> = leak
-        .stack
-        .iter()
-        .filter(|f| f.function.is_some())
-        .take(4)
-        .map(Frame::display)
-        .collect();
+    let frames = short_stack(&leak.stack);
+    if let (Some(u), Some(used_by)) = (&leak.last_use, application_frame(&leak.last_use_stack)) {
+        // The code that used the socket last comes first: in a pool, the
+        // code that opened it is not the code that forgot it.
+        line += &format!("; last used by {}", used_by.display_short());
+        if let Some(opened_by) = application_frame(&leak.stack) {
+            line += &format!(", opened by {}", opened_by.display_short());
+        }
+        let before = leak.last_use_before_fin_ms().unwrap_or(0.0);
+        line += &format!(
+            "; last use: {}{} by pid {} tid {} ({}), {} {} the peer's FIN, at {}",
+            u.syscall
+                .map_or_else(|| u.direction.name().to_string(), |s| format!("{s}()")),
+            if u.syscall.is_some() {
+                String::new()
+            } else {
+                " on it".to_string()
+            },
+            u.pid,
+            u.tid,
+            u.comm,
+            secs(before.abs()),
+            if before >= 0.0 { "before" } else { "after" },
+            short_stack(&leak.last_use_stack).join(" <- ")
+        );
+    } else if let Some(u) = &leak.last_use {
+        line += &format!(
+            "; last used by pid {} tid {} ({}), no stack (past --stacks-per-second, or no frame \
+             pointers)",
+            u.pid, u.tid, u.comm
+        );
+    }
     match &t.origin {
         Some(o) if !frames.is_empty() => {
             line += &format!(
@@ -138,6 +181,16 @@ pub fn summary(leak: &Leak) -> String {
     }
     line += &format!("; {}", leak.reason.explain());
     line
+}
+
+/// The first four named frames of a stack, for one line.
+fn short_stack(stack: &[Frame]) -> Vec<String> {
+    stack
+        .iter()
+        .filter(|f| f.function.is_some())
+        .take(4)
+        .map(Frame::display)
+        .collect()
 }
 
 /// The leak as `tcptrace leaks` lists it (its age is set when written).
@@ -164,16 +217,30 @@ pub fn report_entry(leak: &Leak) -> crate::report::LeakEntry {
         estimated: leak.candidate.estimated,
         reason: leak.reason.name().to_string(),
         origin: t.origin.as_ref().map(|o| o.syscall.name().to_string()),
-        stack: leak
-            .stack
-            .iter()
-            .filter(|f| f.function.is_some())
-            .map(Frame::display)
-            .collect(),
+        stack: named_frames(&leak.stack),
+        last_use: leak.last_use.as_ref().map(|u| crate::report::LastUseEntry {
+            pid: u.pid,
+            tid: u.tid,
+            comm: u.comm.clone(),
+            direction: u.direction.name().to_string(),
+            syscall: u.syscall.map(str::to_string),
+            before_fin_ms: leak.last_use_before_fin_ms().unwrap_or(0.0),
+            stack: named_frames(&leak.last_use_stack),
+        }),
     }
 }
 
-/// The group a leak belongs to: owner process, remote endpoint, origin stack.
+/// Every named frame, displayed.
+fn named_frames(stack: &[Frame]) -> Vec<String> {
+    stack
+        .iter()
+        .filter(|f| f.function.is_some())
+        .map(Frame::display)
+        .collect()
+}
+
+/// The group a leak belongs to: owner process, remote endpoint, last-use
+/// stack, origin stack.
 pub fn group_key(leak: &Leak) -> GroupKey {
     let t = &leak.candidate.entered;
     let (pid, comm) = match (leak.owners.first(), &t.owner, &t.origin) {
@@ -195,6 +262,7 @@ pub fn group_key(leak: &Leak) -> GroupKey {
         service_port,
         netns: t.change.netns,
         stack_id: t.origin.as_ref().and_then(|o| o.stack_id),
+        last_use_stack_id: leak.last_use.as_ref().and_then(|u| u.stack_id),
     }
 }
 
@@ -333,6 +401,24 @@ impl Default for Enricher {
 }
 
 impl Enricher {
+    /// The symbolized stack `key` (pid, stack id), cached; empty for none.
+    fn stack(
+        &mut self,
+        key: Option<(u32, u32)>,
+        stack_of: &impl Fn(u32) -> Option<Vec<u64>>,
+    ) -> Vec<Frame> {
+        let Some(key) = key else {
+            return Vec::new();
+        };
+        if !self.stacks.contains_key(&key) {
+            let frames = stack_of(key.1)
+                .map(|addrs| symbolize_stack(&mut self.symbolizer, key.0, &addrs))
+                .unwrap_or_default();
+            self.stacks.insert(key, frames);
+        }
+        self.stacks.get(&key).cloned().unwrap_or_default()
+    }
+
     /// A new enricher with an empty symbol cache.
     pub fn new() -> Self {
         Self {
@@ -341,11 +427,14 @@ impl Enricher {
         }
     }
 
-    /// Enriches a batch; `stack_of` returns the addresses of a stack id.
+    /// Enriches a batch; `stack_of` returns the addresses of a stack id,
+    /// `last_use_of` the kernel's last use of the socket a (pid, fd)
+    /// holder holds (see [`crate::lastuse::LastUseMap::of_holder`]).
     pub fn enrich(
         &mut self,
         candidates: Vec<LeakCandidate>,
         stack_of: impl Fn(u32) -> Option<Vec<u64>>,
+        last_use_of: impl Fn(u32, i32) -> Option<tcptrace_common::LastUse>,
     ) -> Vec<Leak> {
         let mut candidates = candidates;
         let diag = close_wait_diag(&candidates);
@@ -376,29 +465,37 @@ impl Enricher {
                         })
                     })
                 });
-                let stack = match candidate
+                let origin_key = candidate
                     .entered
                     .origin
                     .as_ref()
-                    .and_then(|o| o.stack_id.map(|id| (o.pid, id)))
-                {
-                    Some(key) => {
-                        if !self.stacks.contains_key(&key) {
-                            let frames = stack_of(key.1)
-                                .map(|addrs| symbolize_stack(&mut self.symbolizer, key.0, &addrs))
-                                .unwrap_or_default();
-                            self.stacks.insert(key, frames);
-                        }
-                        self.stacks.get(&key).cloned().unwrap_or_default()
-                    }
-                    None => Vec::new(),
-                };
+                    .and_then(|o| o.stack_id.map(|id| (o.pid, id)));
+                let stack = self.stack(origin_key, &stack_of);
+                // The socket's own storage: any holder's fd reaches it.
+                let last_use = owners
+                    .iter()
+                    .find_map(|h| last_use_of(h.pid, h.fd))
+                    .and_then(|rec| LastUse::from_kernel(&rec));
+                let last_use_key = last_use.as_ref().and_then(|u| {
+                    // Symbolized in the process that made the checkout
+                    // while it lives, else in a holder (a fork's child
+                    // runs the same binary).
+                    let pid = if procfs::is_alive(u.pid) {
+                        u.pid
+                    } else {
+                        owners.first().map_or(u.pid, |h| h.pid)
+                    };
+                    u.stack_id.map(|id| (pid, id))
+                });
+                let last_use_stack = self.stack(last_use_key, &stack_of);
                 Leak {
                     reason: classify(recv_q),
                     candidate,
                     owners,
                     recv_q,
                     stack,
+                    last_use,
+                    last_use_stack,
                 }
             })
             .collect()
@@ -463,6 +560,8 @@ mod tests {
             recv_q: Some(0),
             reason: Reason::ReadEofNeverClosed,
             stack,
+            last_use: None,
+            last_use_stack: Vec::new(),
         }
     }
 
@@ -530,6 +629,7 @@ mod tests {
             offset: Some(0x1f),
             file: Some(file.into()),
             line: Some(line),
+            module: None,
         };
         let l = leak(
             vec![holder],

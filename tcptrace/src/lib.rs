@@ -20,6 +20,7 @@ pub mod filter;
 pub mod groups;
 pub mod inventory;
 pub mod jsonline;
+pub mod lastuse;
 pub mod layout;
 pub mod leak;
 pub mod metrics;

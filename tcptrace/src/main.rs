@@ -50,7 +50,11 @@ fn main() -> ExitCode {
         Some(Command::Timewait { format, state_file }) => {
             Some(tcptrace::report_cmd::timewait(*format, state_file))
         }
-        Some(Command::BenchFloor { syscall_hooks, btf }) => Some(bench_floor(*syscall_hooks, *btf)),
+        Some(Command::BenchFloor {
+            syscall_hooks,
+            btf,
+            io,
+        }) => Some(bench_floor(*syscall_hooks, *btf, *io)),
         Some(Command::CheckConfig { file }) => {
             return match config::load(file) {
                 Ok(settings) => {
@@ -97,11 +101,14 @@ fn main() -> ExitCode {
 }
 
 /// `tcptrace bench-floor`: the no-op programs attached until a signal.
-fn bench_floor(syscall_hooks: bool, btf: bool) -> anyhow::Result<()> {
+fn bench_floor(syscall_hooks: bool, btf: bool, io: bool) -> anyhow::Result<()> {
     tcptrace::privileges::check()?;
     tcptrace::tracefs::locate_or_mount()?;
-    let (_attached, stats) = tcptrace::probe::attach_bench_floor(syscall_hooks, btf)?;
-    log::info!("ready: no-op programs attached (syscall hooks: {syscall_hooks}, BTF: {btf})");
+    let (_attached, stats) = tcptrace::probe::attach_bench_floor(syscall_hooks, btf, io)?;
+    log::info!(
+        "ready: no-op programs attached (syscall hooks: {syscall_hooks}, BTF: {btf}, \
+         socket I/O: {io})"
+    );
     let mut signals = [libc::SIGINT, libc::SIGTERM];
     // SAFETY: a zeroed sigset is valid input for sigemptyset/sigaddset.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };

@@ -74,6 +74,9 @@ pub struct Snapshot {
     /// Connections whose origin the kernel keeps for the agent (leak-only
     /// mode), and origins it could not keep because its map was full.
     pub kernel_origins: crate::probe::OriginCounts,
+    /// Last use: checkouts, their stacks and I/Os without storage (zeros
+    /// when last use is off).
+    pub last_use: crate::lastuse::LastUseCounts,
     /// The agent's kernel programs: runs and time (with
     /// `kernel.bpf_stats_enabled`).
     pub programs: Vec<crate::progstats::ProgramTime>,
@@ -370,6 +373,27 @@ impl Collector for SnapshotCollector {
             None,
             [(Labels::new(), counter(s.kernel_origins.over_budget))],
         )?;
+        family(
+            &mut e,
+            "tcptrace_last_use_checkouts",
+            "Checkouts seen by last use: a TCP send or receive after --last-use-gap without one on its socket (a connection taken out of its pool), or by another process.",
+            None,
+            [(Labels::new(), counter(s.last_use.checkouts))],
+        )?;
+        family(
+            &mut e,
+            "tcptrace_last_use_stacks",
+            "User stacks walked at checkouts (the others were past --stacks-per-second).",
+            None,
+            [(Labels::new(), counter(s.last_use.stacks))],
+        )?;
+        family(
+            &mut e,
+            "tcptrace_last_use_unrecorded",
+            "TCP sends and receives last use could not record: the socket's option memory (net.core.optmem_max) had no room for its storage.",
+            None,
+            [(Labels::new(), counter(s.last_use.no_storage))],
+        )?;
 
         if let Some(p) = &s.process {
             family(
@@ -536,6 +560,11 @@ mod tests {
                 full: 2,
                 over_budget: 3,
             },
+            last_use: crate::lastuse::LastUseCounts {
+                checkouts: 11,
+                stacks: 10,
+                no_storage: 1,
+            },
             programs: vec![crate::progstats::ProgramTime {
                 program: "inet_sock_set_state_fixed".into(),
                 runs: 1000,
@@ -576,6 +605,9 @@ mod tests {
             "tcptrace_table_full_total{table=\"close_wait\"} 7",
             "tcptrace_kernel_origins 6",
             "tcptrace_kernel_origins_dropped_total 2",
+            "tcptrace_last_use_checkouts_total 11",
+            "tcptrace_last_use_stacks_total 10",
+            "tcptrace_last_use_unrecorded_total 1",
             "tcptrace_origin_stacks_skipped_total 3",
             "tcptrace_bpf_program_runs_total{program=\"inet_sock_set_state_fixed\"} 1000",
             "tcptrace_bpf_program_run_seconds_total{program=\"inet_sock_set_state_fixed\"} 0.0015",

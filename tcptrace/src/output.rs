@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::clock::WallClock;
 use crate::closewait::CloseWaitEnd;
 use crate::groups::GroupReport;
+use crate::lastuse::LastUse;
 use crate::leak::{summary, Leak};
 use crate::procfs::Holder;
 use crate::symbolize::Frame;
@@ -16,7 +17,7 @@ use crate::tracker::Transition;
 
 /// Version of the JSON line schema documented in the README. Bump it when a
 /// field changes meaning or disappears; adding a field does not bump it.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -255,6 +256,23 @@ struct OriginFields<'a> {
 }
 
 #[derive(Serialize)]
+struct LastUseFields<'a> {
+    direction: &'static str,
+    syscall: Option<&'static str>,
+    pid: u32,
+    tid: u32,
+    comm: &'a str,
+    ts: String,
+    before_fin_ms: f64,
+    last_io_ts: String,
+    last_io_direction: &'static str,
+    last_io_before_fin_ms: f64,
+    checkouts: u32,
+    ios: u32,
+    stack: &'a [Frame],
+}
+
+#[derive(Serialize)]
 struct LeakLine<'a> {
     schema: u32,
     ts: String,
@@ -269,6 +287,7 @@ struct LeakLine<'a> {
     recv_q: Option<u64>,
     owner: &'a [Holder],
     origin: Option<OriginFields<'a>>,
+    last_use: Option<LastUseFields<'a>>,
     message: String,
 }
 
@@ -284,6 +303,8 @@ struct LeakGroupLine<'a> {
     netns: Option<u32>,
     count: u64,
     oldest_ms: f64,
+    newest_ms: f64,
+    growth_per_min: f64,
     suppressed: u64,
     example: &'a str,
 }
@@ -567,6 +588,24 @@ impl Format {
                     ts: rfc3339(clock.wall(o.ts_ns)),
                     stack: &leak.stack,
                 }),
+                last_use: leak.last_use.as_ref().map(|u| {
+                    let fin_ns = t.change.ts_ns;
+                    LastUseFields {
+                        direction: u.direction.name(),
+                        syscall: u.syscall,
+                        pid: u.pid,
+                        tid: u.tid,
+                        comm: &u.comm,
+                        ts: rfc3339(clock.wall(u.checkout_ns)),
+                        before_fin_ms: round_ms(LastUse::before_ms(u.checkout_ns, fin_ns)),
+                        last_io_ts: rfc3339(clock.wall(u.last_io_ns)),
+                        last_io_direction: u.last_direction.name(),
+                        last_io_before_fin_ms: round_ms(LastUse::before_ms(u.last_io_ns, fin_ns)),
+                        checkouts: u.checkouts,
+                        ios: u.ios,
+                        stack: &leak.last_use_stack,
+                    }
+                }),
                 message: summary(leak),
             }),
             Self::Text => {
@@ -592,13 +631,15 @@ impl Format {
                 netns: g.key.netns,
                 count: g.count,
                 oldest_ms,
+                newest_ms: round_ms(now_ns.saturating_sub(g.newest_since_ns) as f64 / 1e6),
+                growth_per_min: (g.growth_per_min * 10.0).round() / 10.0,
                 suppressed: g.suppressed,
                 example: &g.example,
             }),
             Self::Text => {
                 let ts = time_of_day(now);
                 format!(
-                    "{:<15} LEAK GROUP pid {} ({}) {} {}: {} sockets in CLOSE_WAIT, oldest {:.1} s ({} leak lines suppressed); e.g. {}",
+                    "{:<15} LEAK GROUP pid {} ({}) {} {}: {} sockets in CLOSE_WAIT, oldest {:.1} s, {:.1} new per minute ({} leak lines suppressed); e.g. {}",
                     ts,
                     g.key.pid,
                     g.key.comm,
@@ -606,6 +647,7 @@ impl Format {
                     std::net::SocketAddr::new(g.key.service_addr, g.key.service_port),
                     g.count,
                     oldest_ms / 1000.0,
+                    g.growth_per_min,
                     g.suppressed,
                     g.example
                 )
@@ -743,7 +785,7 @@ mod tests {
         assert_eq!(
             line,
             concat!(
-                r#"{"schema":1,"ts":"2025-11-24T19:00:00.123456Z","event":"state_change","#,
+                r#"{"schema":2,"ts":"2025-11-24T19:00:00.123456Z","event":"state_change","#,
                 r#""family":"ipv6","laddr":"::1","lport":40000,"raddr":"::1","rport":5000,"#,
                 r#""netns":4026531840,"old":"ESTABLISHED","new":"CLOSE_WAIT","#,
                 r#""prev_state_ms":1.235,"sk":"ffff88810abcd000","pid":7,"fd":3,"#,
@@ -789,7 +831,7 @@ mod tests {
         assert_eq!(
             Format::Json.lost(lost, wall()),
             concat!(
-                r#"{"schema":1,"ts":"2025-11-24T19:00:00.123456Z","event":"lost","lost":5,"#,
+                r#"{"schema":2,"ts":"2025-11-24T19:00:00.123456Z","event":"lost","lost":5,"#,
                 r#""lost_total":12,"ring_full_total":10,"missed_total":2}"#
             )
         );
@@ -822,7 +864,7 @@ mod tests {
         assert_eq!(
             Format::Json.summary(&s, wall()),
             concat!(
-                r#"{"schema":1,"ts":"2025-11-24T19:00:00.123456Z","event":"summary","uptime_s":60,"#,
+                r#"{"schema":2,"ts":"2025-11-24T19:00:00.123456Z","event":"summary","uptime_s":60,"#,
                 r#""transitions":10,"transitions_total":25,"close_wait":3,"leaks_open":2,"#,
                 r#""leaks_total":4,"time_wait":812,"tracked_sockets":40,"lost_total":0,"#,
                 r#""malformed_total":0,"outputs":[{"output":"tcp://127.0.0.1:9000","#,

@@ -57,6 +57,9 @@ pub struct Probes {
     /// Runs `flush_stage` on every CPU, when the kernel stages short
     /// records ([`ProbeOptions::stage`]).
     pub flusher: Option<crate::stage::Flusher>,
+    /// The last-use storage, when its two programs are attached
+    /// ([`ProbeOptions::last_use_gap`]).
+    pub last_use: Option<crate::lastuse::LastUseMap>,
 }
 
 /// The kernel's `ORIGINS` table: each live connection's origin in a slot
@@ -257,6 +260,10 @@ pub struct ProbeOptions {
     /// Stage short records in per-CPU batches ([`tcptrace_common::CONFIG_STAGE`])
     /// where the kernel can; for streams of every transition.
     pub stage: bool,
+    /// Keep each TCP socket's last use (`sock:sock_send_length` and
+    /// `sock:sock_recv_length`), a checkout being the first I/O after this
+    /// long without one; `None`: off.
+    pub last_use_gap: Option<std::time::Duration>,
 }
 
 /// Loads the program and attaches every hook it supports.
@@ -299,6 +306,9 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     }
     if options.stage {
         config.flags |= CONFIG_STAGE;
+    }
+    if let Some(gap) = options.last_use_gap {
+        config.last_use_gap_us = u32::try_from(gap.as_micros()).unwrap_or(u32::MAX);
     }
     let mut origin_slots = 1;
     if let Some(max) = options.origin_map {
@@ -361,6 +371,11 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         }
     }
 
+    let last_use = match options.last_use_gap {
+        Some(_) => attach_last_use(&mut ebpf, &mut programs, &mut tracepoints),
+        None => None,
+    };
+
     let ring = ebpf
         .take_map("EVENTS")
         .ok_or_else(|| anyhow!("the eBPF object has no EVENTS map"))?;
@@ -412,7 +427,47 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         state_program,
         tracepoints,
         flusher,
+        last_use,
     })
+}
+
+/// The tracepoints last use runs on (Linux >= 6.3), and the programs.
+pub const LAST_USE_TPS: [(&str, &str); 2] = [
+    ("sock_send_length", "sock_send_length"),
+    ("sock_recv_length", "sock_recv_length"),
+];
+
+/// Attaches the last-use programs and opens their storage; `None`, with
+/// one warning saying what goes without, when the kernel cannot (no
+/// `sock:sock_*_length` tracepoints before 6.3, no BTF, no socket storage
+/// for tracing programs before 5.11). Leaks are then reported with their
+/// origin only.
+fn attach_last_use(
+    ebpf: &mut Ebpf,
+    stats: &mut ProgramStats,
+    tracepoints: &mut Vec<String>,
+) -> Option<crate::lastuse::LastUseMap> {
+    let attached = (|| -> anyhow::Result<crate::lastuse::LastUseMap> {
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        for (prog, tp) in LAST_USE_TPS {
+            attach_btf_to(ebpf, prog, tp, &btf, stats)?;
+        }
+        crate::lastuse::LastUseMap::open(ebpf)
+    })();
+    match attached {
+        Ok(map) => {
+            tracepoints.extend(LAST_USE_TPS.iter().map(|(_, tp)| format!("sock:{tp}")));
+            Some(map)
+        }
+        Err(e) => {
+            log::warn!(
+                "last use is off: {e:#}; it needs the sock:sock_send_length and \
+                 sock:sock_recv_length tracepoints (Linux >= 6.3) with BTF; leaks name the \
+                 code that opened the connection only"
+            );
+            None
+        }
+    }
 }
 
 /// The hook that tells the offsets program which fd a connect() is for.
@@ -468,18 +523,30 @@ fn attach_state(ebpf: &mut Ebpf, prog: &str, stats: &mut ProgramStats) -> anyhow
 
 /// Loads and attaches `prog` as a BTF tracepoint on [`STATE_TP`].
 fn attach_btf(ebpf: &mut Ebpf, prog: &str, stats: &mut ProgramStats) -> anyhow::Result<()> {
-    let (cat, name) = STATE_TP;
+    let (_, name) = STATE_TP;
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    attach_btf_to(ebpf, prog, name, &btf, stats)
+}
+
+/// Loads `prog` as a BTF tracepoint program for tracepoint `name` and
+/// attaches it.
+fn attach_btf_to(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    name: &str,
+    btf: &aya::Btf,
+    stats: &mut ProgramStats,
+) -> anyhow::Result<()> {
     let program: &mut BtfTracePoint = ebpf
         .program_mut(prog)
         .ok_or_else(|| anyhow!("the eBPF object has no program {prog}"))?
         .try_into()?;
     program
-        .load(name, &btf)
+        .load(name, btf)
         .with_context(|| format!("loading {prog}"))?;
     program
         .attach()
-        .with_context(|| format!("attaching {prog} to {cat}:{name}"))?;
+        .with_context(|| format!("attaching {prog} to the {name} tracepoint"))?;
     watch(stats, prog, program.fd());
     Ok(())
 }
@@ -515,9 +582,15 @@ fn connect_fd_source(state_program: &str, connect_hooks: bool) -> ConnectFd {
 
 /// Loads the object and attaches only its no-op program to the state
 /// tracepoint, and with `syscall_hooks` another to the accept() exit
-/// tracepoints the agent hooks: the floors of `cargo xtask bench`.
-/// Detached on drop; the stats watch every attached program.
-pub fn attach_bench_floor(syscall_hooks: bool, btf: bool) -> anyhow::Result<(Ebpf, ProgramStats)> {
+/// tracepoints the agent hooks, and with `io` two more, as BTF tracepoints,
+/// to `sock_send_length` and `sock_recv_length` (every socket send and
+/// receive, where the agent's last-use programs run): the floors of `cargo
+/// xtask bench`. Detached on drop; the stats watch every attached program.
+pub fn attach_bench_floor(
+    syscall_hooks: bool,
+    btf: bool,
+    io: bool,
+) -> anyhow::Result<(Ebpf, ProgramStats)> {
     let mut ebpf = EbpfLoader::new()
         .load(PROGRAM)
         .context("loading the eBPF program")
@@ -530,6 +603,27 @@ pub fn attach_bench_floor(syscall_hooks: bool, btf: bool) -> anyhow::Result<(Ebp
         attach(&mut ebpf, "bench_floor", cat, name, &mut stats)
             .with_context(|| format!("attaching the no-op program to {cat}:{name}"))
             .map_err(explain)?;
+    }
+    if io {
+        let kernel_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        for (prog, tp) in [
+            ("bench_floor_send", "sock_send_length"),
+            ("bench_floor_recv", "sock_recv_length"),
+        ] {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {prog}"))?
+                .try_into()?;
+            program
+                .load(tp, &kernel_btf)
+                .with_context(|| format!("loading {prog} for the sock:{tp} tracepoint"))
+                .map_err(explain)?;
+            program
+                .attach()
+                .with_context(|| format!("attaching {prog} to sock:{tp} (Linux >= 6.3 has it)"))
+                .map_err(explain)?;
+            watch(&mut stats, prog, program.fd());
+        }
     }
     if syscall_hooks {
         let program: &mut TracePoint = ebpf

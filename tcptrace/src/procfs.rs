@@ -56,6 +56,16 @@ fn read_trimmed(path: &Path) -> Option<String> {
     fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
+/// Whether process `pid` exists (a signal 0, which touches no file).
+pub fn is_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// The name of thread `tid` of process `tgid` (what the kernel's `comm`
 /// was at the call), empty once it has exited.
 pub fn thread_comm(tgid: u32, tid: u32) -> String {

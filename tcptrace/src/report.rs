@@ -1,5 +1,5 @@
-//! `tcptrace leaks`: the current CLOSE_WAIT leaks, grouped by process and
-//! origin stack, largest first, for a person in ten seconds or for a
+//! `tcptrace leaks`: the current CLOSE_WAIT leaks, grouped by process,
+//! last-use stack and origin stack, fastest growing first, for a person in ten seconds or for a
 //! machine as JSON. Pure: renders a [`Snapshot`], which the running agent
 //! writes to its state file (or `tcptrace leaks` builds from a live
 //! inventory when no agent runs).
@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Version of the snapshot file layout.
-pub const SNAPSHOT_SCHEMA: u32 = 1;
+pub const SNAPSHOT_SCHEMA: u32 = 2;
 
 /// Where the agent writes its snapshot by default.
 pub const DEFAULT_STATE_FILE: &str = "/run/tcptrace/leaks.json";
@@ -42,6 +42,28 @@ pub struct LeakEntry {
     /// `connect` or `accept`; `None` when the origin is unknown.
     pub origin: Option<String>,
     /// The origin stack, one `function+0x.. (file:line)` per frame.
+    pub stack: Vec<String>,
+    /// The socket's last use, when the kernel kept one.
+    #[serde(default)]
+    pub last_use: Option<LastUseEntry>,
+}
+
+/// The last use of a leaked socket (see the `leak` event's `last_use`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastUseEntry {
+    /// Process of the checkout.
+    pub pid: u32,
+    /// Thread of the checkout.
+    pub tid: u32,
+    /// Thread name of the checkout.
+    pub comm: String,
+    /// `send` or `recv`.
+    pub direction: String,
+    /// The system call, when known.
+    pub syscall: Option<String>,
+    /// Milliseconds from the checkout to the peer's FIN (negative: after).
+    pub before_fin_ms: f64,
+    /// The checkout stack, one `function+0x.. (file:line)` per frame.
     pub stack: Vec<String>,
 }
 
@@ -153,7 +175,16 @@ pub fn render_time_wait_json(snapshot: &Snapshot) -> String {
     .unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
 }
 
-/// Leaks that share a process and an origin stack.
+/// What leaks of a group share of their last use.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GroupLastUse {
+    /// Thread name of the first leak's checkout.
+    pub comm: String,
+    /// The shared checkout stack.
+    pub stack: Vec<String>,
+}
+
+/// Leaks that share a process, a last-use stack and an origin stack.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Group {
     /// Holder pid.
@@ -172,24 +203,38 @@ pub struct Group {
     pub count: usize,
     /// Age of the oldest, milliseconds.
     pub oldest_ms: f64,
+    /// Age of the newest, milliseconds.
+    pub newest_ms: f64,
+    /// New leaks per minute over the last minutes
+    /// ([`crate::groups::growth_per_min`]).
+    pub growth_per_min: f64,
+    /// What the leaks share of their last use (`None`: unknown).
+    pub last_use: Option<GroupLastUse>,
     /// The leaks, oldest first.
     pub leaks: Vec<LeakEntry>,
 }
 
-/// Groups by (process, origin, stack), largest group first, then oldest.
+/// What makes leaks one group in the report.
+type ReportKey = (u32, Option<Vec<String>>, Option<String>, Vec<String>);
+
+/// Groups by (process, last-use stack, origin, origin stack), the fastest
+/// growing first (a forgotten checkout keeps growing; sockets idle in a
+/// pool stop at its size), then the largest, then the oldest.
 pub fn group(snapshot: &Snapshot) -> Vec<Group> {
-    let mut by: BTreeMap<(u32, Option<String>, Vec<String>), Vec<LeakEntry>> = BTreeMap::new();
+    let mut by: BTreeMap<ReportKey, Vec<LeakEntry>> = BTreeMap::new();
     for l in &snapshot.leaks {
-        by.entry((l.pid, l.origin.clone(), l.stack.clone()))
+        let last_use = l.last_use.as_ref().map(|u| u.stack.clone());
+        by.entry((l.pid, last_use, l.origin.clone(), l.stack.clone()))
             .or_default()
             .push(l.clone());
     }
     let mut groups: Vec<Group> = by
         .into_iter()
-        .map(|((pid, origin, stack), mut leaks)| {
+        .filter_map(|((pid, _, origin, stack), mut leaks)| {
             leaks.sort_by(|a, b| b.close_wait_ms.total_cmp(&a.close_wait_ms));
-            let first = &leaks[0];
-            Group {
+            let first = leaks.first()?;
+            let newest_ms = leaks.last().map_or(0.0, |l| l.close_wait_ms);
+            Some(Group {
                 pid,
                 comm: first.comm.clone(),
                 exe: first.exe.clone(),
@@ -198,13 +243,22 @@ pub fn group(snapshot: &Snapshot) -> Vec<Group> {
                 stack,
                 count: leaks.len(),
                 oldest_ms: first.close_wait_ms,
+                newest_ms,
+                growth_per_min: crate::groups::growth_per_min(
+                    leaks.iter().map(|l| l.close_wait_ms),
+                ),
+                last_use: first.last_use.as_ref().map(|u| GroupLastUse {
+                    comm: u.comm.clone(),
+                    stack: u.stack.clone(),
+                }),
                 leaks,
-            }
+            })
         })
         .collect();
     groups.sort_by(|a, b| {
-        b.count
-            .cmp(&a.count)
+        b.growth_per_min
+            .total_cmp(&a.growth_per_min)
+            .then(b.count.cmp(&a.count))
             .then(b.oldest_ms.total_cmp(&a.oldest_ms))
     });
     groups
@@ -245,12 +299,29 @@ pub fn render_text(snapshot: &Snapshot, source: &str) -> String {
                 ""
             }
         );
+        if g.count > 1 {
+            out += &format!(
+                "  newest {}, {:.1} new per minute\n",
+                age(g.newest_ms),
+                g.growth_per_min
+            );
+        }
         if let Some(exe) = &g.exe {
             out += &format!("  executable {exe}");
             if let Some(cg) = &g.cgroup {
                 out += &format!(", cgroup {cg}");
             }
             out += "\n";
+        }
+        if let Some(u) = &g.last_use {
+            if u.stack.is_empty() {
+                out += &format!("  last used by thread {} (no stack)\n", u.comm);
+            } else {
+                out += &format!("  last used by thread {} at:\n", u.comm);
+                for frame in u.stack.iter().take(8) {
+                    out += &format!("    {frame}\n");
+                }
+            }
         }
         match (&g.origin, g.stack.is_empty()) {
             (Some(o), false) => {
@@ -328,6 +399,7 @@ mod tests {
             reason: "read_eof_never_closed".into(),
             origin: Some("connect".into()),
             stack: stack.iter().map(|s| s.to_string()).collect(),
+            last_use: None,
         }
     }
 
@@ -382,6 +454,57 @@ mod tests {
         assert_eq!(g.len(), 3);
         assert_eq!((g[0].pid, g[0].count, g[0].oldest_ms), (1, 2, 61_000.0));
         assert_eq!(g[1].oldest_ms, 5_000.0, "then the oldest");
+    }
+
+    #[test]
+    fn last_use_splits_a_shared_origin_and_the_growing_group_comes_first() {
+        let used_by = |mut e: LeakEntry, f: &str| {
+            e.last_use = Some(LastUseEntry {
+                pid: e.pid,
+                tid: e.pid + 1,
+                comm: f.into(),
+                direction: "send".into(),
+                syscall: Some("write".into()),
+                before_fin_ms: 2_000.0,
+                stack: vec![format!("{f} (main.go:1)"), "main.main (main.go:9)".into()],
+            });
+            e
+        };
+        let origin = ["main.initDB (main.go:30)", "main.main (main.go:9)"];
+        let mut snap = snapshot();
+        snap.leaks = vec![
+            // One idle in the pool for ten minutes...
+            used_by(entry(1, 600_000.0, &origin), "main.initDB"),
+            // ...and forgotten checkouts, one a minute.
+            used_by(entry(1, 30_000.0, &origin), "main.update"),
+            used_by(entry(1, 90_000.0, &origin), "main.update"),
+        ];
+        let g = group(&snap);
+        assert_eq!(g.len(), 2, "{g:?}");
+        assert_eq!(g[0].count, 2);
+        assert_eq!(
+            g[0].last_use.as_ref().map(|u| u.stack[0].as_str()),
+            Some("main.update (main.go:1)")
+        );
+        assert_eq!((g[0].oldest_ms, g[0].newest_ms), (90_000.0, 30_000.0));
+        assert!(g[0].growth_per_min > g[1].growth_per_min);
+        let text = render_text(&snap, "x");
+        let update = text
+            .find("last used by thread main.update at:")
+            .expect("last use");
+        let opened = text.find("opened by connect() at:").expect("origin");
+        assert!(update < opened, "{text}");
+        assert!(text.contains("newest 30.0 s"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&render_json(&snap)).expect("json");
+        assert_eq!(
+            v["groups"][0]["last_use"]["stack"][0],
+            "main.update (main.go:1)"
+        );
+        assert_eq!(v["groups"][1]["stack"][0], "main.initDB (main.go:30)");
+        // A file written before last use still reads.
+        let old = r#"{"pid":1,"comm":"c","exe":null,"cgroup":null,"fd":3,"local":"l","remote":"r",
+            "netns":null,"close_wait_ms":1.0,"estimated":false,"reason":"unknown","origin":null,"stack":[]}"#;
+        assert!(serde_json::from_str::<LeakEntry>(old).is_ok());
     }
 
     #[test]

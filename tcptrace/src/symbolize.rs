@@ -33,6 +33,10 @@ pub struct Frame {
     pub file: Option<String>,
     /// Source line.
     pub line: Option<u32>,
+    /// The file the code was loaded from (the executable or a shared
+    /// library), as /proc/PID/maps names it, if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
 }
 
 fn hex<S: Serializer>(addr: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -48,6 +52,7 @@ impl Frame {
             offset: None,
             file: None,
             line: None,
+            module: None,
         }
     }
 
@@ -70,6 +75,53 @@ impl Frame {
             offset: Some(sym.offset as u64),
             file: code.map(|c| c.to_path().to_string_lossy().into_owned()),
             line: code.and_then(|c| c.line),
+            module: sym
+                .module
+                .as_ref()
+                .map(|m| m.to_string_lossy().into_owned()),
+        }
+    }
+
+    /// Whether this frame is the program's own code, not a library's: a
+    /// named function outside shared libraries (libc's syscall wrappers,
+    /// an interpreter's .so), outside a language's standard library and
+    /// downloaded dependencies (Go's GOROOT and module cache, Rust's
+    /// std and registry sources, vendored code), and not a Go runtime or
+    /// standard package (for Go binaries without file names).
+    pub fn is_application(&self) -> bool {
+        let Some(function) = &self.function else {
+            return false;
+        };
+        if self.module.as_deref().is_some_and(is_shared_library) {
+            return false;
+        }
+        if self
+            .file
+            .as_deref()
+            .is_some_and(|f| LIBRARY_PATHS.iter().any(|p| f.contains(p)) || is_goroot(f))
+        {
+            return false;
+        }
+        !GO_LIBRARY_PREFIXES.iter().any(|p| function.starts_with(p))
+    }
+
+    /// `function (file.c:42)`: [`Frame::display`] without the offset, for
+    /// naming a frame in a sentence.
+    pub fn display_short(&self) -> String {
+        let Some(function) = &self.function else {
+            return format!("{:#x}", self.addr);
+        };
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => {
+                format!(
+                    "{function} ({}:{line})",
+                    file.rsplit('/').next().unwrap_or(file)
+                )
+            }
+            (Some(file), None) => {
+                format!("{function} ({})", file.rsplit('/').next().unwrap_or(file))
+            }
+            _ => function.clone(),
         }
     }
 
@@ -94,6 +146,58 @@ impl Frame {
         }
         s
     }
+}
+
+/// Source paths of library code: Go's module cache, Debian's Go sources,
+/// vendored code, Rust's std (remapped to /rustc/HASH) and crates.
+const LIBRARY_PATHS: &[&str] = &[
+    "/pkg/mod/",
+    "/gocode/src/",
+    "/vendor/",
+    "/rustc/",
+    "/.cargo/registry/",
+    "/.rustup/",
+];
+
+/// Go's runtime and standard packages by function name.
+const GO_LIBRARY_PREFIXES: &[&str] = &[
+    "runtime.",
+    "syscall.",
+    "internal/",
+    "net.",
+    "net/",
+    "database/sql.",
+    "io.",
+    "bufio.",
+    "os.",
+    "sync.",
+    "context.",
+    "crypto/",
+];
+
+/// A file of Go's standard library: under a GOROOT (`.../go/src/` or
+/// Debian's `/usr/lib/go-1.NN/src/`).
+fn is_goroot(file: &str) -> bool {
+    file.contains("/go/src/")
+        || file.split_once("/go-1.").is_some_and(|(_, rest)| {
+            rest.split_once('/')
+                .is_some_and(|(_, r)| r.starts_with("src/"))
+        })
+}
+
+/// `libc.so.6`, `libpython3.11.so.1.0`, `ld-linux-x86-64.so.2`.
+fn is_shared_library(module: &str) -> bool {
+    let base = module.rsplit('/').next().unwrap_or(module);
+    base.contains(".so")
+}
+
+/// The innermost of `frames` that is the program's own code (see
+/// [`Frame::is_application`]), else the innermost with a name.
+pub fn application_frame(frames: &[Frame]) -> Option<&Frame> {
+    frames
+        .iter()
+        .find(|f| f.is_application())
+        .or_else(|| frames.iter().find(|f| f.function.is_some()))
 }
 
 /// Most processes whose frames are kept; the least recently used goes first.
@@ -344,6 +448,84 @@ mod tests {
         assert_eq!(frames[1].addr, 0x7f00_0000_5678);
         assert_eq!(frames[0].display(), "0x1234");
         assert_eq!(frames[1].display(), "0x7f0000005678");
+    }
+
+    #[test]
+    fn the_application_frame_skips_libc_go_runtime_and_dependencies() {
+        let f = |function: &str, file: Option<&str>, module: Option<&str>| Frame {
+            addr: 1,
+            function: Some(function.into()),
+            offset: None,
+            file: file.map(str::to_string),
+            line: None,
+            module: module.map(str::to_string),
+        };
+        let go = [
+            f(
+                "internal/poll.(*FD).Write",
+                Some("/usr/lib/go-1.19/src/internal/poll/fd_unix.go"),
+                None,
+            ),
+            f(
+                "net.(*conn).Write",
+                Some("/usr/lib/go-1.19/src/net/net.go"),
+                None,
+            ),
+            f(
+                "github.com/go-sql-driver/mysql.(*mysqlConn).writePacket",
+                Some("/usr/share/gocode/src/github.com/go-sql-driver/mysql/packets.go"),
+                None,
+            ),
+            f("database/sql.(*DB).begin", None, None),
+            f(
+                "main.update",
+                Some("/tmp/story/main.go"),
+                Some("/tmp/story/svc"),
+            ),
+            f(
+                "main.main",
+                Some("/tmp/story/main.go"),
+                Some("/tmp/story/svc"),
+            ),
+        ];
+        assert_eq!(
+            application_frame(&go).and_then(|f| f.function.as_deref()),
+            Some("main.update")
+        );
+        let modcache = f(
+            "github.com/lib/pq.(*conn).send",
+            Some("/root/go/pkg/mod/github.com/lib/pq@v1.10.9/conn.go"),
+            None,
+        );
+        assert!(!modcache.is_application());
+        let c = [
+            f(
+                "__libc_write",
+                Some("write.c"),
+                Some("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            ),
+            f("send_request", Some("last_use.c"), Some("/tmp/last_use")),
+        ];
+        assert_eq!(
+            application_frame(&c).and_then(|f| f.function.as_deref()),
+            Some("send_request")
+        );
+        // Nothing of the program's own: the innermost named frame.
+        let interp = [
+            Frame::raw(9),
+            f(
+                "_PyEval_EvalFrameDefault",
+                None,
+                Some("/usr/lib/libpython3.11.so.1.0"),
+            ),
+        ];
+        assert_eq!(
+            application_frame(&interp).and_then(|f| f.function.as_deref()),
+            Some("_PyEval_EvalFrameDefault")
+        );
+        assert!(application_frame(&[Frame::raw(1)]).is_none());
+        assert!(is_goroot("/usr/local/go/src/net/fd.go"));
+        assert!(!is_goroot("/home/me/go-1.2/app/main.go"));
     }
 
     #[test]

@@ -545,7 +545,7 @@ pub fn assert_life(
         let lport_ok = line["lport"] == local.1 || (line["old"] == "CLOSE" && line["lport"] == 0);
         assert!(lport_ok, "local port of {line}, expected {}", local.1);
         assert_eq!(line["netns"], netns, "{line}");
-        assert_eq!(line["schema"], 1, "{line}");
+        assert_eq!(line["schema"], 2, "{line}");
         assert!(
             line["ts"].as_str().is_some_and(|t| t.ends_with('Z')),
             "{line}"

@@ -28,7 +28,7 @@ fn full_ring_buffer_is_reported_as_lost() {
         lost["lost_total"].as_u64() >= lost["lost"].as_u64(),
         "{lost}"
     );
-    assert_eq!(lost["schema"], 1);
+    assert_eq!(lost["schema"], 2);
     agent.wait_stderr("lost");
     let stopped = agent.stop();
     assert!(stopped.status.success());
