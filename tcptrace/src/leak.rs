@@ -143,14 +143,9 @@ pub fn summary(leak: &Leak) -> String {
         }
         let before = leak.last_use_before_fin_ms().unwrap_or(0.0);
         line += &format!(
-            "; last use: {}{} by pid {} tid {} ({}), {} {} the peer's FIN, at {}",
+            "; last use: {} by pid {} tid {} ({}), {} {} the peer's FIN, at {}",
             u.syscall
-                .map_or_else(|| u.direction.name().to_string(), |s| format!("{s}()")),
-            if u.syscall.is_some() {
-                String::new()
-            } else {
-                " on it".to_string()
-            },
+                .map_or_else(|| format!("a {}", u.direction.name()), |s| format!("{s}()")),
             u.pid,
             u.tid,
             u.comm,
@@ -647,6 +642,67 @@ mod tests {
         assert!(s.contains("main.go:22"), "{s}");
         assert!(s.contains("<- main.main"), "{s}");
         assert!(s.contains("close()"), "{s}");
+    }
+
+    #[test]
+    fn summary_names_the_last_use_first() {
+        let frame = |f: &str, file: &str, line: u32, module: &str| Frame {
+            addr: 0x1000,
+            function: Some(f.into()),
+            offset: Some(0x1f),
+            file: Some(file.into()),
+            line: Some(line),
+            module: Some(module.into()),
+        };
+        let mut l = leak(
+            Vec::new(),
+            vec![
+                frame("__libc_connect", "connect.c", 26, "/lib/libc.so.6"),
+                frame("main.initDB", "/srv/main.go", 30, "/srv/svc"),
+            ],
+            true,
+        );
+        l.candidate.entered.change.ts_ns = 3_000_000_000;
+        l.last_use = Some(LastUse {
+            direction: crate::lastuse::Direction::Recv,
+            syscall: Some("read"),
+            pid: 4242,
+            tid: 4250,
+            comm: "orders-svc".into(),
+            checkout_ns: 1_000_000_000,
+            last_io_ns: 1_000_100_000,
+            last_direction: crate::lastuse::Direction::Send,
+            checkouts: 1,
+            ios: 4,
+            stack_id: Some(2),
+        });
+        l.last_use_stack = vec![
+            frame(
+                "internal/poll.(*FD).Read",
+                "/usr/lib/go-1.19/src/internal/poll/fd_unix.go",
+                167,
+                "/srv/svc",
+            ),
+            frame("main.update", "/srv/main.go", 54, "/srv/svc"),
+            frame("main.main", "/srv/main.go", 70, "/srv/svc"),
+        ];
+        let s = summary(&l);
+        assert!(
+            s.contains("; last used by main.update (main.go:54), opened by main.initDB (main.go:30); last use: read() by pid 4242 tid 4250 (orders-svc), 2.0 s before the peer's FIN, at internal/poll.(*FD).Read+0x1f (fd_unix.go:167) <- main.update"),
+            "{s}"
+        );
+        assert!(
+            s.contains("; the connection was opened by connect() at __libc_connect"),
+            "{s}"
+        );
+        assert_eq!(l.last_use_before_fin_ms(), Some(2000.0));
+        // Without a walked stack, the thread still says who.
+        l.last_use_stack.clear();
+        let s = summary(&l);
+        assert!(
+            s.contains("; last used by pid 4242 tid 4250 (orders-svc), no stack"),
+            "{s}"
+        );
     }
 
     #[test]
