@@ -271,9 +271,14 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     } else {
         " (every transition: --events state-change)"
     };
+    let last_use_state = match &last_use {
+        Some(_) => format!("on, checkout after {:?} idle", cli.last_use_gap),
+        None if cli.last_use => "unavailable".to_string(),
+        None => "off".to_string(),
+    };
     log::info!(
         "ready: tracing TCP state changes (program {state_program}, ring buffer {} bytes, connect fd \
-         from {}, accept hooks {}, per-CPU batches {}); printing {}{hint}",
+         from {}, accept hooks {}, per-CPU batches {}, last use {last_use_state}); printing {}{hint}",
         cli.ring_buffer_size,
         connect_fd,
         on_off(layout.accept_hooks),

@@ -170,7 +170,8 @@ pub struct Cli {
     /// I/O and a stack walk per checkout, within --stacks-per-second. Needs the
     /// sock:sock_send_length/sock_recv_length tracepoints (Linux >= 6.3) and BTF; on older
     /// kernels one warning says it is off and leaks name their origin only.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set)]
     pub last_use: bool,
 
     /// An I/O after at least this long without one on its socket is a checkout, whose stack
@@ -460,6 +461,27 @@ mod tests {
             .ok()
             .flatten();
         assert_eq!(told, "0.0.0.0:9100".parse().ok());
+    }
+
+    #[test]
+    fn last_use_is_on_by_default_and_off_when_asked() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| (c.last_use, c.last_use_gap));
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(parse(&["tcptrace"]).ok(), Some((true, ms(10))));
+        assert_eq!(
+            parse(&["tcptrace", "--last-use", "off"]).ok().map(|p| p.0),
+            Some(false)
+        );
+        assert_eq!(
+            parse(&["tcptrace", "--last-use=on"]).ok().map(|p| p.0),
+            Some(true)
+        );
+        assert_eq!(
+            parse(&["tcptrace", "--last-use-gap", "50ms"]).ok(),
+            Some((true, ms(50)))
+        );
+        assert!(parse(&["tcptrace", "--last-use", "sometimes"]).is_err());
+        assert!(parse(&["tcptrace", "--last-use-gap", "0s"]).is_err());
     }
 
     #[test]

@@ -121,6 +121,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Setting>, ConfigError> {
                 Value::String(s) => Ok(s.clone()),
                 Value::Integer(i) => Ok(i.to_string()),
                 Value::Float(f) => Ok(f.to_string()),
+                // An on/off option (`last-use = false`): its parser
+                // takes true and false as well as on and off.
+                Value::Boolean(b) => Ok(b.to_string()),
                 other => Err(format!(
                     "{name} takes a string or a number, not {}",
                     other.type_str()
@@ -263,6 +266,15 @@ mod tests {
         assert_eq!(settings[0].line, 2);
         assert_eq!(settings[2].args, ["--port=80", "--port=443"]);
         assert_eq!(settings[6].args, ["--metrics"]);
+    }
+
+    #[test]
+    fn an_on_off_option_takes_a_boolean_or_a_word() {
+        let settings = check("last-use = false\nlast_use_gap = \"50ms\"\n").expect("valid");
+        assert_eq!(settings[0].args, ["--last-use=false"]);
+        let settings = check("last-use = \"off\"\n").expect("valid");
+        assert_eq!(settings[0].args, ["--last-use=off"]);
+        assert!(check("last-use = \"maybe\"\n").is_err());
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct GroupKey {
     pub stack_id: Option<u32>,
     /// Last-use checkout stack id (`None`: unknown).
     pub last_use_stack_id: Option<u32>,
+    /// The last use's thread name, where its stack has no frame of the
+    /// program's own (an interpreter's, a libc wrapper alone): then the
+    /// thread is what tells code paths apart.
+    pub last_use_thread: Option<String>,
 }
 
 /// A group's state, as reported in `leak_group`.
@@ -238,6 +242,7 @@ mod tests {
             netns: Some(1),
             stack_id: Some(stack),
             last_use_stack_id: None,
+            last_use_thread: None,
         }
     }
 

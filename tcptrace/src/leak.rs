@@ -19,8 +19,14 @@ pub enum Reason {
     /// Recv-Q is 0: the program read the EOF (a read returned 0) and never
     /// closed the socket: a `close()` forgotten on some path.
     ReadEofNeverClosed,
-    /// Recv-Q > 0: the program stopped reading the socket (unread data or
-    /// an unread FIN): a stuck or dead worker.
+    /// Recv-Q is 1: only the peer's FIN waits (it takes one sequence
+    /// number; unread data would come before it): the program has not
+    /// touched the socket since the peer closed it. A connection forgotten
+    /// (never closed, never given back to its pool) or idle in a pool; the
+    /// last use tells which.
+    UnreadEof,
+    /// Recv-Q > 1: the program stopped reading the socket with data
+    /// unread: a stuck or dead worker.
     StoppedReading,
     /// No holder could be read (the process exited or hid its fds).
     Unknown,
@@ -31,6 +37,7 @@ impl Reason {
     pub fn name(self) -> &'static str {
         match self {
             Self::ReadEofNeverClosed => "read_eof_never_closed",
+            Self::UnreadEof => "unread_eof",
             Self::StoppedReading => "stopped_reading",
             Self::Unknown => "unknown",
         }
@@ -42,8 +49,13 @@ impl Reason {
             Self::ReadEofNeverClosed => {
                 "the program read the EOF and never called close(): look for a return path that skips close()"
             }
+            Self::UnreadEof => {
+                "the program has not touched the socket since the peer closed it: a connection \
+                 forgotten (never closed, never given back to its pool) or idle in a pool; its \
+                 last use says which code had it"
+            }
             Self::StoppedReading => {
-                "the program stopped reading this socket: a stuck or dead worker"
+                "the program stopped reading this socket with data unread: a stuck or dead worker"
             }
             Self::Unknown => "the holder could not be inspected",
         }
@@ -54,6 +66,7 @@ impl Reason {
 pub fn classify(recv_q: Option<u64>) -> Reason {
     match recv_q {
         Some(0) => Reason::ReadEofNeverClosed,
+        Some(1) => Reason::UnreadEof,
         Some(_) => Reason::StoppedReading,
         None => Reason::Unknown,
     }
@@ -178,9 +191,12 @@ pub fn summary(leak: &Leak) -> String {
     line
 }
 
-/// The first four named frames of a stack, for one line.
+/// Four named frames of a stack for one line: from its innermost
+/// application frame on (a Go stack's runtime and syscall frames, libc's
+/// wrapper, tell a reader nothing), else from the top.
 fn short_stack(stack: &[Frame]) -> Vec<String> {
-    stack
+    let from = stack.iter().position(Frame::is_application).unwrap_or(0);
+    stack[from..]
         .iter()
         .filter(|f| f.function.is_some())
         .take(4)
@@ -220,6 +236,11 @@ pub fn report_entry(leak: &Leak) -> crate::report::LeakEntry {
             direction: u.direction.name().to_string(),
             syscall: u.syscall.map(str::to_string),
             before_fin_ms: leak.last_use_before_fin_ms().unwrap_or(0.0),
+            code: leak
+                .last_use_stack
+                .iter()
+                .find(|f| f.is_application())
+                .map(Frame::display_short),
             stack: named_frames(&leak.last_use_stack),
         }),
     }
@@ -258,6 +279,11 @@ pub fn group_key(leak: &Leak) -> GroupKey {
         netns: t.change.netns,
         stack_id: t.origin.as_ref().and_then(|o| o.stack_id),
         last_use_stack_id: leak.last_use.as_ref().and_then(|u| u.stack_id),
+        last_use_thread: leak
+            .last_use
+            .as_ref()
+            .filter(|_| !leak.last_use_stack.iter().any(Frame::is_application))
+            .map(|u| u.comm.clone()),
     }
 }
 
@@ -382,8 +408,11 @@ fn symbolize_stack(symbolizer: &mut Symbolizer, pid: u32, addrs: &[u64]) -> Vec<
     for (frame, (&addr, &looked)) in frames.iter_mut().zip(addrs.iter().zip(&lookup)) {
         frame.addr = addr;
         frame.offset = frame.offset.map(|o| o + (addr - looked));
+        for inlined in &mut frame.inlined {
+            inlined.addr = addr;
+        }
     }
-    frames
+    crate::symbolize::expand_inlined(frames)
 }
 
 /// Most symbolized stacks kept between batches.
@@ -605,7 +634,8 @@ mod tests {
     #[test]
     fn classification() {
         assert_eq!(classify(Some(0)), Reason::ReadEofNeverClosed);
-        assert_eq!(classify(Some(1)), Reason::StoppedReading);
+        assert_eq!(classify(Some(1)), Reason::UnreadEof);
+        assert_eq!(classify(Some(2)), Reason::StoppedReading);
         assert_eq!(classify(None), Reason::Unknown);
     }
 
@@ -625,6 +655,7 @@ mod tests {
             file: Some(file.into()),
             line: Some(line),
             module: None,
+            inlined: Vec::new(),
         };
         let l = leak(
             vec![holder],
@@ -653,6 +684,7 @@ mod tests {
             file: Some(file.into()),
             line: Some(line),
             module: Some(module.into()),
+            inlined: Vec::new(),
         };
         let mut l = leak(
             Vec::new(),
@@ -688,11 +720,7 @@ mod tests {
         ];
         let s = summary(&l);
         assert!(
-            s.contains("; last used by main.update (main.go:54), opened by main.initDB (main.go:30); last use: read() by pid 4242 tid 4250 (orders-svc), 2.0 s before the peer's FIN, at internal/poll.(*FD).Read+0x1f (fd_unix.go:167) <- main.update"),
-            "{s}"
-        );
-        assert!(
-            s.contains("; the connection was opened by connect() at __libc_connect"),
+            s.contains("; last used by main.update (main.go:54), opened by main.initDB (main.go:30); last use: read() by pid 4242 tid 4250 (orders-svc), 2.0 s before the peer's FIN, at main.update+0x1f (main.go:54) <- main.main+0x1f (main.go:70); the connection was opened by connect() at main.initDB+0x1f (main.go:30);"),
             "{s}"
         );
         assert_eq!(l.last_use_before_fin_ms(), Some(2000.0));

@@ -37,7 +37,7 @@ pub struct LeakEntry {
     pub close_wait_ms: f64,
     /// True when the age is an estimate (socket older than the agent).
     pub estimated: bool,
-    /// `read_eof_never_closed`, `stopped_reading` or `unknown`.
+    /// `read_eof_never_closed`, `unread_eof`, `stopped_reading` or `unknown`.
     pub reason: String,
     /// `connect` or `accept`; `None` when the origin is unknown.
     pub origin: Option<String>,
@@ -63,6 +63,10 @@ pub struct LastUseEntry {
     pub syscall: Option<String>,
     /// Milliseconds from the checkout to the peer's FIN (negative: after).
     pub before_fin_ms: f64,
+    /// The innermost frame of the program's own code in the checkout
+    /// stack (`main.update (main.go:54)`), when it has one.
+    #[serde(default)]
+    pub code: Option<String>,
     /// The checkout stack, one `function+0x.. (file:line)` per frame.
     pub stack: Vec<String>,
 }
@@ -180,6 +184,8 @@ pub fn render_time_wait_json(snapshot: &Snapshot) -> String {
 pub struct GroupLastUse {
     /// Thread name of the first leak's checkout.
     pub comm: String,
+    /// The innermost frame of the program's own code, when there is one.
+    pub code: Option<String>,
     /// The shared checkout stack.
     pub stack: Vec<String>,
 }
@@ -214,8 +220,15 @@ pub struct Group {
     pub leaks: Vec<LeakEntry>,
 }
 
-/// What makes leaks one group in the report.
-type ReportKey = (u32, Option<Vec<String>>, Option<String>, Vec<String>);
+/// What makes leaks one group in the report: holder pid, last-use stack
+/// (and its thread where the stack has no frame of the program's own, as
+/// an interpreter's), origin, origin stack.
+type ReportKey = (
+    u32,
+    Option<(Vec<String>, Option<String>)>,
+    Option<String>,
+    Vec<String>,
+);
 
 /// Groups by (process, last-use stack, origin, origin stack), the fastest
 /// growing first (a forgotten checkout keeps growing; sockets idle in a
@@ -223,7 +236,10 @@ type ReportKey = (u32, Option<Vec<String>>, Option<String>, Vec<String>);
 pub fn group(snapshot: &Snapshot) -> Vec<Group> {
     let mut by: BTreeMap<ReportKey, Vec<LeakEntry>> = BTreeMap::new();
     for l in &snapshot.leaks {
-        let last_use = l.last_use.as_ref().map(|u| u.stack.clone());
+        let last_use = l.last_use.as_ref().map(|u| {
+            let thread = u.code.is_none().then(|| u.comm.clone());
+            (u.stack.clone(), thread)
+        });
         by.entry((l.pid, last_use, l.origin.clone(), l.stack.clone()))
             .or_default()
             .push(l.clone());
@@ -249,6 +265,7 @@ pub fn group(snapshot: &Snapshot) -> Vec<Group> {
                 ),
                 last_use: first.last_use.as_ref().map(|u| GroupLastUse {
                     comm: u.comm.clone(),
+                    code: u.code.clone(),
                     stack: u.stack.clone(),
                 }),
                 leaks,
@@ -350,6 +367,7 @@ pub fn render_text(snapshot: &Snapshot, source: &str) -> String {
                 age(l.close_wait_ms),
                 match l.reason.as_str() {
                     "read_eof_never_closed" => "read the EOF, never closed",
+                    "unread_eof" => "untouched since the peer closed",
                     "stopped_reading" => "stopped reading: unread data",
                     _ => "holder unknown",
                 }
@@ -466,6 +484,7 @@ mod tests {
                 direction: "send".into(),
                 syscall: Some("write".into()),
                 before_fin_ms: 2_000.0,
+                code: Some(format!("{f} (main.go:1)")),
                 stack: vec![format!("{f} (main.go:1)"), "main.main (main.go:9)".into()],
             });
             e
@@ -501,6 +520,28 @@ mod tests {
             "main.update (main.go:1)"
         );
         assert_eq!(v["groups"][1]["stack"][0], "main.initDB (main.go:30)");
+        // Interpreter stacks (libc frames alone): the thread tells apart.
+        let thread = |pid: u32, comm: &str| {
+            let mut e = used_by(entry(pid, 1_000.0, &origin), "x");
+            if let Some(u) = e.last_use.as_mut() {
+                u.comm = comm.into();
+                u.code = None;
+                u.stack = vec!["__libc_send+0x19 (send.c:28)".into()];
+            }
+            e
+        };
+        let mut interp = snapshot();
+        interp.leaks = vec![
+            thread(7, "update"),
+            thread(7, "update"),
+            thread(7, "initdb"),
+        ];
+        let g = group(&interp);
+        assert_eq!(g.iter().map(|g| g.count).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(
+            g[0].last_use.as_ref().map(|u| u.comm.as_str()),
+            Some("update")
+        );
         // A file written before last use still reads.
         let old = r#"{"pid":1,"comm":"c","exe":null,"cgroup":null,"fd":3,"local":"l","remote":"r",
             "netns":null,"close_wait_ms":1.0,"estimated":false,"reason":"unknown","origin":null,"stack":[]}"#;

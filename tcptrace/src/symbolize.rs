@@ -37,6 +37,11 @@ pub struct Frame {
     /// library), as /proc/PID/maps names it, if known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
+    /// Functions the compiler inlined at `addr`, innermost first (each
+    /// with the line it is at); [`expand_inlined`] makes them frames of
+    /// their own, which is how stacks are shown.
+    #[serde(skip)]
+    pub inlined: Vec<Frame>,
 }
 
 fn hex<S: Serializer>(addr: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -53,6 +58,7 @@ impl Frame {
             file: None,
             line: None,
             module: None,
+            inlined: Vec::new(),
         }
     }
 
@@ -60,25 +66,48 @@ impl Frame {
     fn from_sym(addr: u64, sym: &Sym<'_>) -> Self {
         // With inlining, `sym` names the outer (real, callable) function and
         // its `code_info` is the call site of the first inlined function;
-        // the innermost inlined function's `code_info` is where `addr`
-        // itself is. A person reading a leak wants the line that ran, so
-        // prefer that, but keep the outer name: one frame per address.
-        let code: Option<&CodeInfo<'_>> = sym
+        // each inlined function's `code_info` is where it is at `addr` (the
+        // call site of the next, or `addr` itself for the innermost). The
+        // outer frame keeps its own line (main.update at main.go:54, not
+        // the line of database/sql's Begin that Go inlined into it); the
+        // inlined calls become frames of their own ([`expand_inlined`]),
+        // as `addr2line -i` shows them.
+        let place = |code: Option<&CodeInfo<'_>>| {
+            (
+                code.map(|c| c.to_path().to_string_lossy().into_owned()),
+                code.and_then(|c| c.line),
+            )
+        };
+        let module = sym
+            .module
+            .as_ref()
+            .map(|m| m.to_string_lossy().into_owned());
+        let (file, line) = place(sym.code_info.as_deref());
+        let inlined = sym
             .inlined
             .iter()
             .rev()
-            .find_map(|f| f.code_info.as_ref())
-            .or(sym.code_info.as_deref());
+            .map(|f| {
+                let (file, line) = place(f.code_info.as_ref());
+                Self {
+                    addr,
+                    function: Some(f.name.to_string()),
+                    offset: None,
+                    file,
+                    line,
+                    module: module.clone(),
+                    inlined: Vec::new(),
+                }
+            })
+            .collect();
         Self {
             addr,
             function: Some(sym.name.to_string()),
             offset: Some(sym.offset as u64),
-            file: code.map(|c| c.to_path().to_string_lossy().into_owned()),
-            line: code.and_then(|c| c.line),
-            module: sym
-                .module
-                .as_ref()
-                .map(|m| m.to_string_lossy().into_owned()),
+            file,
+            line,
+            module,
+            inlined,
         }
     }
 
@@ -189,6 +218,18 @@ fn is_goroot(file: &str) -> bool {
 fn is_shared_library(module: &str) -> bool {
     let base = module.rsplit('/').next().unwrap_or(module);
     base.contains(".so")
+}
+
+/// One frame per function: each frame's inlined calls, innermost first,
+/// then the frame itself (they share its address; only the real
+/// function's frame has an offset).
+pub fn expand_inlined(frames: Vec<Frame>) -> Vec<Frame> {
+    let mut out = Vec::with_capacity(frames.len());
+    for mut frame in frames {
+        out.append(&mut frame.inlined);
+        out.push(frame);
+    }
+    out
 }
 
 /// The innermost of `frames` that is the program's own code (see
@@ -459,6 +500,7 @@ mod tests {
             file: file.map(str::to_string),
             line: None,
             module: module.map(str::to_string),
+            inlined: Vec::new(),
         };
         let go = [
             f(
@@ -526,6 +568,55 @@ mod tests {
         assert!(application_frame(&[Frame::raw(1)]).is_none());
         assert!(is_goroot("/usr/local/go/src/net/fd.go"));
         assert!(!is_goroot("/home/me/go-1.2/app/main.go"));
+    }
+
+    #[test]
+    fn inlined_calls_become_frames_of_their_own() {
+        let at = |function: &str, file: &str, line: u32| Frame {
+            addr: 7,
+            function: Some(function.into()),
+            offset: None,
+            file: Some(file.into()),
+            line: Some(line),
+            module: None,
+            inlined: Vec::new(),
+        };
+        let mut update = at("main.update", "/srv/main.go", 54);
+        update.offset = Some(0x4a);
+        update.inlined = vec![
+            at(
+                "database/sql.(*DB).BeginTx",
+                "/usr/lib/go-1.19/src/database/sql/sql.go",
+                1863,
+            ),
+            at(
+                "database/sql.(*DB).Begin",
+                "/usr/lib/go-1.19/src/database/sql/sql.go",
+                1895,
+            ),
+        ];
+        let mut main = at("main.main", "/srv/main.go", 70);
+        main.addr = 8;
+        let frames = expand_inlined(vec![update, main]);
+        let names: Vec<_> = frames
+            .iter()
+            .filter_map(|f| f.function.as_deref())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "database/sql.(*DB).BeginTx",
+                "database/sql.(*DB).Begin",
+                "main.update",
+                "main.main"
+            ]
+        );
+        assert_eq!(frames[2].display(), "main.update+0x4a (main.go:54)");
+        assert!(frames.iter().all(|f| f.inlined.is_empty()));
+        assert_eq!(
+            application_frame(&frames).map(Frame::display_short),
+            Some("main.update (main.go:54)".to_string())
+        );
     }
 
     #[test]

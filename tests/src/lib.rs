@@ -1077,3 +1077,17 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// The function names of a stack in an event (`origin.stack`,
+/// `last_use.stack`: `[{function, ...}, ...]`), innermost first.
+pub fn functions(stack: &Value) -> Vec<String> {
+    stack
+        .as_array()
+        .map(|frames| {
+            frames
+                .iter()
+                .filter_map(|f| f["function"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -8,15 +8,7 @@ use tcptrace_tests::{
 };
 
 fn stack_functions(leak: &Value) -> Vec<String> {
-    leak["origin"]["stack"]
-        .as_array()
-        .map(|frames| {
-            frames
-                .iter()
-                .filter_map(|f| f["function"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
+    tcptrace_tests::functions(&leak["origin"]["stack"])
 }
 
 /// [`tcptrace_tests::leaky_server`] with this crate's peer program.

@@ -299,44 +299,87 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
     ("bpftool", "bpftool"),
     ("strace", "strace"),
+    ("go", "golang-go"),
+    ("mariadbd", "mariadb-server"),
+    ("mariadb-install-db", "mariadb-server"),
+    ("haproxy", "haproxy"),
 ];
 
-/// Makes sure every command of [`TEST_TOOLS`] exists, installing the
-/// packages of the missing ones.
+/// Makes sure every command of [`TEST_TOOLS`] exists, and the libraries
+/// the pool story's fixtures use (Debian's Go MySQL driver, built in GOPATH
+/// mode without a module proxy, and the system Python's PyMySQL and
+/// SQLAlchemy), installing the packages of the missing ones.
 pub fn ensure_test_tools(apt: &mut Apt) -> Result<()> {
-    let missing_packages = |tools: &[(&str, &str)]| {
-        let mut packages = Vec::new();
-        for (command, package) in tools {
-            if find_command(command).is_none() && !packages.contains(&package.to_string()) {
-                packages.push(package.to_string());
-            }
-        }
-        packages
+    /// True when the system Python (not a pyenv or venv one) imports `module`.
+    fn system_python_has(module: &str) -> bool {
+        Command::new("/usr/bin/python3")
+            .args(["-c", &format!("import {module}")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+    /// Whether a library is there.
+    type Present = fn() -> bool;
+    /// Libraries without a command: what each is, its package, its check.
+    const LIBRARIES: &[(&str, &str, Present)] = &[
+        (
+            "the Go MySQL driver",
+            "golang-github-go-sql-driver-mysql-dev",
+            || {
+                Path::new("/usr/share/gocode/src/github.com/go-sql-driver/mysql/driver.go")
+                    .is_file()
+            },
+        ),
+        ("PyMySQL", "python3-pymysql", || {
+            system_python_has("pymysql")
+        }),
+        ("SQLAlchemy", "python3-sqlalchemy", || {
+            system_python_has("sqlalchemy")
+        }),
+    ];
+    let missing = || {
+        let commands = TEST_TOOLS
+            .iter()
+            .filter(|(command, _)| find_command(command).is_none())
+            .map(|(command, package)| (*command, *package));
+        let libraries = LIBRARIES
+            .iter()
+            .filter(|(_, _, present)| !present())
+            .map(|(what, package, _)| (*what, *package));
+        commands.chain(libraries).collect::<Vec<_>>()
     };
-    let packages = missing_packages(TEST_TOOLS);
+    let mut packages: Vec<String> = Vec::new();
+    for (_, package) in missing() {
+        if !packages.iter().any(|p| p == package) {
+            packages.push(package.to_string());
+        }
+    }
     if packages.is_empty() {
         say!(
-            "test tools: found ({})",
+            "test tools: found ({}, {})",
             TEST_TOOLS
                 .iter()
                 .map(|t| t.0)
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            LIBRARIES.iter().map(|l| l.0).collect::<Vec<_>>().join(", ")
         );
         return Ok(());
     }
     say!("test tools missing; installing {}", packages.join(" "));
     apt.ensure_installed(&packages)
-        .context("the integration tests need these commands")?;
-    let still = TEST_TOOLS
-        .iter()
-        .filter(|(command, _)| find_command(command).is_none())
-        .map(|(command, _)| *command)
-        .collect::<Vec<_>>();
+        .context("the integration tests need these commands and libraries")?;
+    let still = missing();
     if !still.is_empty() {
         bail!(
-            "commands {} are still missing after installing {}; is /usr/sbin on PATH?",
-            still.join(", "),
+            "{} still missing after installing {}; is /usr/sbin on PATH?",
+            still
+                .iter()
+                .map(|(what, _)| *what)
+                .collect::<Vec<_>>()
+                .join(", "),
             packages.join(" ")
         );
     }
@@ -344,10 +387,18 @@ pub fn ensure_test_tools(apt: &mut Apt) -> Result<()> {
 }
 
 /// Installs what `cargo xtask bench` uses when missing: iproute2 (the load
-/// runs in a namespace of its own) and libbpf-tools (tcpstates, the peer it
-/// is compared with). A missing tcpstates only leaves its row out.
+/// runs in a namespace of its own), libbpf-tools (tcpstates, the peer it
+/// is compared with), redis-server and redis-tools (redis-benchmark and
+/// redis-cli: the request/response workload). A missing tcpstates only
+/// leaves its row out; a missing redis fails the redis workload, saying so.
 pub fn ensure_bench_tools(apt: &mut Apt) {
-    for (command, package) in [("ip", "iproute2"), ("tcpstates", "libbpf-tools")] {
+    for (command, package) in [
+        ("ip", "iproute2"),
+        ("tcpstates", "libbpf-tools"),
+        ("redis-server", "redis-server"),
+        ("redis-benchmark", "redis-tools"),
+        ("redis-cli", "redis-tools"),
+    ] {
         if find_command(command).is_none() {
             if let Err(e) = apt.ensure_installed(&[package.to_string()]) {
                 say!("could not install {package} ({e:#}); going on without {command}");
