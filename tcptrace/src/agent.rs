@@ -736,25 +736,7 @@ fn report_leaks(
             .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
     };
     let now = std::time::SystemTime::now();
-    let last_use_of = |pid: u32, fd: i32| {
-        let map = last_use?;
-        match map.of_holder(pid, fd) {
-            Ok(found) => found,
-            Err(crate::lastuse::ReadError::Holder(e))
-                if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EBADF)) =>
-            {
-                // The holder exited or closed the fd since /proc was read.
-                None
-            }
-            Err(e) => {
-                warn_once(
-                    &LAST_USE_WARNED,
-                    &format!("last use of pid {pid} fd {fd}: {e}"),
-                );
-                None
-            }
-        }
-    };
+    let last_use_of = |pid: u32, fd: i32| last_use.and_then(|m| m.lookup(pid, fd));
     for leak in enricher.enrich(due, stack_of, last_use_of) {
         let member = tuple_key(&leak.candidate.entered.change);
         let since = leak.candidate.entered.change.ts_ns;
@@ -776,18 +758,6 @@ fn report_leaks(
         }
     }
     out.flush()
-}
-
-/// Set once a failed last-use read has been logged as a warning.
-static LAST_USE_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Logs `what` as a warning the first time, at debug level after that.
-fn warn_once(flag: &std::sync::atomic::AtomicBool, what: &str) {
-    if flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
-        log::debug!("{what}");
-    } else {
-        log::warn!("{what} (said once; RUST_LOG=debug shows the others)");
-    }
 }
 
 /// Port-pressure checks between two reconciliations with the kernel.

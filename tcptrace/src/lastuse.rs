@@ -12,6 +12,7 @@
 //! moment. [`LastUse::from_kernel`] and [`syscall_name`] are pure.
 
 use std::os::fd::AsFd as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use aya::maps::{MapData, PerCpuArray, SkStorage};
 use aya::Ebpf;
@@ -215,6 +216,32 @@ impl LastUseMap {
             Err(e) => Err(ReadError::Map(e)),
         }
         // `sock` and `pidfd` close here.
+    }
+
+    /// [`Self::of_holder`] for the leak report: `None` when there is no
+    /// last use or it cannot be read. A holder that exited or closed the
+    /// fd since /proc was read is a race, not a failure; any other failure
+    /// is logged, as a warning the first time (it is likely to repeat for
+    /// every leak: no CAP_SYS_PTRACE, Yama) and at debug level after.
+    pub fn lookup(&self, pid: u32, fd: i32) -> Option<tcptrace_common::LastUse> {
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        match self.of_holder(pid, fd) {
+            Ok(found) => found,
+            Err(ReadError::Holder(e))
+                if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EBADF)) =>
+            {
+                None
+            }
+            Err(e) => {
+                let what = format!("last use of pid {pid} fd {fd}: {e}");
+                if WARNED.swap(true, Ordering::Relaxed) {
+                    log::debug!("{what}");
+                } else {
+                    log::warn!("{what} (said once; RUST_LOG=debug shows the others)");
+                }
+                None
+            }
+        }
     }
 
     /// The kernel's counts now.
