@@ -1,7 +1,10 @@
 //! `cargo xtask bench`: what the agent costs the host, measured side by side
-//! in one run.
+//! in one run, under two workloads (`--workload churn|redis|all`):
+//! connection churn, here, and request/response traffic on long-lived
+//! connections ([`redis`]: redis-benchmark against a redis-server), where
+//! the agent's per-I/O last-use programs run.
 //!
-//! The load is `tcptrace-churn` (tests crate): one thread of loopback
+//! The churn load is `tcptrace-churn` (tests crate): one thread of loopback
 //! connections, each connected, accepted, closed by the client then the
 //! server, in a network namespace of the benchmark's own (wide port range,
 //! TIME_WAIT reuse), so the host's ports are left alone. Rounds alternate
@@ -22,7 +25,10 @@
 //! endpoint, CPU time and peak RSS from /proc. A scale run then holds 100 000
 //! connections open and reports the agent's RSS and tracker size, and the
 //! tracker alone is filled with 1 000 000 sockets (`tracker_memory`
-//! example). The table goes to stdout and to BENCHMARKS.md.
+//! example). The tables go to stdout and to BENCHMARKS.md, each workload in
+//! a section of its own (a run of one workload keeps the other's section).
+
+mod redis;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -52,6 +58,35 @@ pub struct BenchOpts {
     /// Where the table is recorded.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
+    /// Which workloads run: connection churn, redis-benchmark request/response, or both.
+    #[arg(long, value_enum, default_value_t = Workload::All)]
+    pub workload: Workload,
+    /// Requests per redis-benchmark test (SET, then GET) in a round; 0: sized from the
+    /// warm-up round so that a round takes --redis-seconds.
+    #[arg(long, default_value_t = 0)]
+    pub redis_requests: u64,
+    /// Seconds a redis round aims at, when --redis-requests is 0.
+    #[arg(long, default_value_t = 4.0)]
+    pub redis_seconds: f64,
+    /// redis-benchmark's parallel connections (-c).
+    #[arg(long, default_value_t = 50)]
+    pub redis_clients: u32,
+    /// Rounds per tracer with kernel.bpf_stats_enabled on, for the kernel time of the
+    /// redis workload's programs (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub kernel_rounds: usize,
+}
+
+/// The workloads of `cargo xtask bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Loopback connection churn (connect, accept, close), the scale run and the
+    /// tracker's memory.
+    Churn,
+    /// redis-benchmark against redis-server: many connections, small requests.
+    Redis,
+    /// Both.
+    All,
 }
 
 /// A tracer under test.
@@ -61,7 +96,12 @@ enum Mode {
     Floor,
     FloorBtf,
     FloorHooks,
+    /// A BTF floor plus no-op BTF programs on the socket send/receive
+    /// tracepoints (where the agent's last-use programs run).
+    FloorIo,
     Agent,
+    /// The agent with `--last-use off`.
+    AgentLastUseOff,
     AgentJson,
     Tcpstates,
 }
@@ -73,7 +113,9 @@ impl Mode {
             Self::Floor => "floor (no-op program)",
             Self::FloorBtf => "no-op BTF tracepoint program",
             Self::FloorHooks => "floor + no-op accept() hooks",
+            Self::FloorIo => "floor: no-op programs on socket send/receive",
             Self::Agent => "agent (default: leak events)",
+            Self::AgentLastUseOff => "agent --last-use off",
             Self::AgentJson => "agent (every transition as JSON to a file)",
             Self::Tcpstates => "libbpf-tools tcpstates > /dev/null",
         }
@@ -143,6 +185,8 @@ struct Tracer {
     metrics_port: Option<u16>,
     /// Its stderr, line by line.
     stderr: std::sync::mpsc::Receiver<String>,
+    /// What it wrote on stderr up to "ready" (warnings about what is off).
+    startup: Vec<String>,
 }
 
 impl Tracer {
@@ -167,11 +211,26 @@ impl Tracer {
                 c.args(["bench-floor", "--syscall-hooks"]);
                 c
             }
+            Mode::FloorIo => {
+                let mut c = Command::new(agent);
+                c.args(["bench-floor", "--btf", "--io"]);
+                c
+            }
             Mode::Agent => {
                 let mut c = Command::new(agent);
                 // No --events: what the agent does when nobody chooses.
                 c.args(["--format", "json", "--state-file", "none"])
                     .args(["--metrics", &metrics]);
+                c
+            }
+            Mode::AgentLastUseOff => {
+                let mut c = Command::new(agent);
+                c.args(["--format", "json", "--state-file", "none"]).args([
+                    "--metrics",
+                    &metrics,
+                    "--last-use",
+                    "off",
+                ]);
                 c
             }
             Mode::AgentJson => {
@@ -198,6 +257,7 @@ impl Tracer {
                 let _ = tx.send(line);
             }
         });
+        let mut startup = Vec::new();
         if mode == Mode::Tcpstates {
             // tcpstates says nothing when ready: give it time to attach.
             std::thread::sleep(Duration::from_secs(2));
@@ -206,18 +266,31 @@ impl Tracer {
             loop {
                 match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                     Ok(line) if line.contains("ready") => break,
-                    Ok(_) => {}
-                    Err(_) => {
+                    Ok(line) => startup.push(line),
+                    Err(e) => {
                         let _ = child.kill();
-                        bail!("{} never said it was ready", mode.name());
+                        let _ = child.wait();
+                        let why = match e {
+                            std::sync::mpsc::RecvTimeoutError::Timeout => "within 30 s",
+                            std::sync::mpsc::RecvTimeoutError::Disconnected => "before it exited",
+                        };
+                        let said = startup.iter().rev().take(3).rev().cloned();
+                        bail!(
+                            "{} (`{}`) never said it was ready {why}; its last words: {:?}",
+                            mode.name(),
+                            run::describe(&cmd),
+                            said.collect::<Vec<_>>().join(" / ")
+                        );
                     }
                 }
             }
         }
         Ok(Some(Self {
             child,
-            metrics_port: matches!(mode, Mode::Agent | Mode::AgentJson).then_some(port),
+            metrics_port: matches!(mode, Mode::Agent | Mode::AgentJson | Mode::AgentLastUseOff)
+                .then_some(port),
             stderr: rx,
+            startup,
         }))
     }
 
@@ -261,6 +334,38 @@ impl Tracer {
         Ok(Some(ns))
     }
 
+    /// Runs and kernel time of each of its programs so far, by name: from
+    /// the agent's metrics, or (`after_stop`) from what `bench-floor` logs as
+    /// it exits. `None` for a tracer that tells neither (or before the floor
+    /// stopped).
+    fn program_times(&self, after_stop: bool) -> Result<Option<Vec<ProgramTime>>> {
+        if let Some(port) = self.metrics_port {
+            let text = scrape(port)?;
+            let runs = labelled(&text, "tcptrace_bpf_program_runs_total", "program");
+            let secs = labelled(&text, "tcptrace_bpf_program_run_seconds_total", "program");
+            return Ok(Some(
+                runs.into_iter()
+                    .map(|(program, runs)| {
+                        let ns = secs
+                            .iter()
+                            .find(|(p, _)| *p == program)
+                            .map_or(0.0, |(_, s)| s * 1e9);
+                        ProgramTime { program, runs, ns }
+                    })
+                    .collect(),
+            ));
+        }
+        if !after_stop {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.stderr
+                .try_iter()
+                .filter_map(|l| floor_program_line(&l))
+                .collect(),
+        ))
+    }
+
     fn stop(&mut self) -> Result<()> {
         if self.child.try_wait()?.is_some() {
             // Stopped already (and reaped: its pid may be someone else's).
@@ -285,6 +390,29 @@ impl Drop for Tracer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One kernel program's runs and time in the kernel, ns (counted while
+/// `kernel.bpf_stats_enabled` is 1).
+#[derive(Clone, Debug, PartialEq)]
+struct ProgramTime {
+    program: String,
+    runs: f64,
+    ns: f64,
+}
+
+/// `program NAME: N runs, M ns in the kernel`, as `bench-floor` logs it
+/// when it exits (after the log's own prefix).
+fn floor_program_line(line: &str) -> Option<ProgramTime> {
+    let rest = &line[line.find("program ")? + "program ".len()..];
+    let (program, rest) = rest.split_once(": ")?;
+    let (runs, rest) = rest.split_once(" runs, ")?;
+    let ns = rest.split_whitespace().next()?;
+    Some(ProgramTime {
+        program: program.to_string(),
+        runs: runs.trim().parse().ok()?,
+        ns: ns.parse().ok()?,
+    })
 }
 
 fn tcpstates() -> Option<PathBuf> {
@@ -325,6 +453,36 @@ fn sum_f64(text: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Each sample of metric `name` by the value of its label `label`
+/// (`name{label="v",...} x`), summed over the other labels.
+fn labelled(text: &str, name: &str, label: &str) -> Vec<(String, f64)> {
+    let key = format!("{label}=\"");
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let Some(v) = labels
+            .split_once(&key)
+            .and_then(|(_, r)| r.split_once('"'))
+            .map(|(v, _)| v.to_string())
+        else {
+            continue;
+        };
+        let Ok(x) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        match out.iter_mut().find(|(name, _)| *name == v) {
+            Some((_, sum)) => *sum += x,
+            None => out.push((v, x)),
+        }
+    }
+    out
 }
 
 /// `kernel.bpf_stats_enabled` on for as long as this lives, then back to
@@ -597,7 +755,14 @@ fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|k| k.trim().to_string())
         .unwrap_or_default();
-    format!("{cores} cores ({cpu}), {mem} RAM, Linux {kernel}")
+    // The CPU flag a hypervisor sets: the cores may be shared with others.
+    let vm = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+        c.lines()
+            .find(|l| l.starts_with("flags"))
+            .is_some_and(|l| l.split_whitespace().any(|f| f == "hypervisor"))
+    });
+    let vm = if vm { ", a VM" } else { "" };
+    format!("{cores} cores ({cpu}){vm}, {mem} RAM, Linux {kernel}")
 }
 
 /// Scale: `count` connections held open while the agent runs.
@@ -667,10 +832,77 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
     if !run::is_root() {
         bail!("cargo xtask bench needs root (it loads BPF programs); run it as root");
     }
+    let started = Instant::now();
     let agent = cargo::build_agent(tools, true)?;
-    let churn = cargo::build_bin(tools, "tcptrace-tests", "tcptrace-churn", true)?;
-    let bins = Bins { agent, churn };
     let ns = Netns::create()?;
+    let path = cargo::workspace_root().join(&opts.output);
+    let before = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut churn_text = section(&before, CHURN).or_else(|| legacy_churn(&before));
+    let mut redis_text = section(&before, REDIS);
+    if matches!(opts.workload, Workload::Churn | Workload::All) {
+        let t = Instant::now();
+        let churn = cargo::build_bin(tools, "tcptrace-tests", "tcptrace-churn", true)?;
+        let bins = Bins {
+            agent: agent.clone(),
+            churn,
+        };
+        churn_text = Some(churn_section(tools, opts, &bins, &ns)?);
+        say!("churn workload: {:.0} s", t.elapsed().as_secs_f64());
+    }
+    if matches!(opts.workload, Workload::Redis | Workload::All) {
+        let t = Instant::now();
+        redis_text = Some(redis::section(opts, &agent, &ns)?);
+        say!("redis workload: {:.0} s", t.elapsed().as_secs_f64());
+    }
+    let mut doc = String::from(
+        "# Benchmarks\n\n\
+         Written by `cargo xtask bench` (do not edit by hand); rerun it to refresh. \
+         `--workload churn` or `--workload redis` refreshes its own section and keeps \
+         the other.\n",
+    );
+    for (key, text) in [(CHURN, churn_text), (REDIS, redis_text)] {
+        if let Some(text) = text {
+            doc.push_str(&format!(
+                "\n<!-- bench:{key} -->\n{}\n<!-- /bench:{key} -->\n",
+                text.trim()
+            ));
+        }
+    }
+    std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
+    say!(
+        "recorded in {} ({:.0} s in all)",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(0)
+}
+
+/// Section names in BENCHMARKS.md.
+const CHURN: &str = "churn";
+const REDIS: &str = "redis";
+
+/// The text of section `key` of a BENCHMARKS.md written by [`bench`].
+fn section(doc: &str, key: &str) -> Option<String> {
+    let open = format!("<!-- bench:{key} -->");
+    let close = format!("<!-- /bench:{key} -->");
+    let start = doc.find(&open)? + open.len();
+    let len = doc[start..].find(&close)?;
+    Some(doc[start..start + len].trim().to_string())
+}
+
+/// The churn section of a BENCHMARKS.md from before there were sections
+/// (everything after its first lines).
+fn legacy_churn(doc: &str) -> Option<String> {
+    let start = doc.find("- when:")?;
+    let text = doc[start..]
+        .replace("\n## Scale", "\n### Scale")
+        .replace("\n## Tracker memory", "\n### Tracker memory");
+    Some(format!("## Connection churn\n\n{}", text.trim()))
+}
+
+/// The connection churn workload: its rounds, kernel-time pass, scale run
+/// and tracker memory; its section of BENCHMARKS.md.
+fn churn_section(tools: &BuildTools, opts: &BenchOpts, bins: &Bins, ns: &Netns) -> Result<String> {
     let mut modes = vec![
         Mode::None,
         Mode::Floor,
@@ -686,12 +918,12 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
     }
     let mut results: Vec<Vec<Round>> = vec![Vec::new(); modes.len()];
     // A warm-up round, not counted: page cache, TIME_WAIT tables, CPU clocks.
-    one_round(Mode::None, opts, &bins, &ns).context("the warm-up round")?;
+    one_round(Mode::None, opts, bins, ns).context("the warm-up round")?;
     for round in 0..opts.rounds {
         for k in 0..modes.len() {
             // Rotate the order each round, so no tracer always runs first.
             let i = (k + round) % modes.len();
-            let r = one_round(modes[i], opts, &bins, &ns)
+            let r = one_round(modes[i], opts, bins, ns)
                 .with_context(|| format!("round {} of {}", round + 1, modes[i].name()))?;
             say!(
                 "round {}/{}: {:<45} {:>9.0} connections/s",
@@ -724,7 +956,7 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
         .collect();
     // The programs' own time, which the host's noise does not blur.
     for row in &mut rows {
-        row.kernel_ns = kernel_ns_per_connection(row.mode, opts, &bins, &ns)
+        row.kernel_ns = kernel_ns_per_connection(row.mode, opts, bins, ns)
             .with_context(|| format!("the kernel-time pass of {}", row.mode.name()))?;
         if let Some(n) = row.kernel_ns {
             say!(
@@ -736,7 +968,7 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
     let table = table(&rows);
     println!("\n{table}");
     let scale = if opts.scale > 0 {
-        let s = scale_run(opts.scale, &bins, &ns)?;
+        let s = scale_run(opts.scale, bins, ns)?;
         println!("scale: {s}");
         s
     } else {
@@ -751,9 +983,8 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
     };
     let now = run::capture_stdout(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
         .unwrap_or_default();
-    let doc = format!(
-        "# Benchmarks\n\n\
-         Written by `cargo xtask bench` (do not edit by hand); rerun it to refresh.\n\n\
+    Ok(format!(
+        "## Connection churn\n\n\
          - when: {}\n- machine: {}\n- load: one thread of loopback connection churn \
          (connect, accept, client closes, server closes; {per_conn:.1} transitions per \
          connection as the agent counted them) pinned to CPU {CHURN_CPU}, in a network \
@@ -779,14 +1010,60 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
          connections made. Timing costs each run some 40 ns, which is most of the floor's \
          figure; the agent's cost over the floor is the difference. Unlike the rates, it is \
          not blurred by what the host does meanwhile.\n\n\
-         ## Scale\n\n{scale}\n\n## Tracker memory\n\n{tracker}\n",
+         ### Scale\n\n{scale}\n\n### Tracker memory\n\n{tracker}\n",
         now.trim(),
         machine(),
         opts.rounds,
         opts.seconds,
-    );
-    let path = cargo::workspace_root().join(&opts.output);
-    std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
-    say!("recorded in {}", path.display());
-    Ok(0)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_logs_each_programs_time() {
+        let line = "[2026-12-01T10:00:00Z INFO ] program bench_floor_send: 1200 runs, 48000 ns in \
+                    the kernel";
+        assert_eq!(
+            floor_program_line(line),
+            Some(ProgramTime {
+                program: "bench_floor_send".into(),
+                runs: 1200.0,
+                ns: 48000.0
+            })
+        );
+        assert_eq!(floor_program_line("[x INFO ] ready: no-op programs"), None);
+    }
+
+    #[test]
+    fn labelled_samples_are_summed_by_label() {
+        let text = "# TYPE tcptrace_bpf_program_runs_total counter\n\
+                    tcptrace_bpf_program_runs_total{program=\"sock_send_length\"} 10\n\
+                    tcptrace_bpf_program_runs_total{program=\"sock_recv_length\",cpu=\"0\"} 4\n\
+                    tcptrace_bpf_program_runs_total{program=\"sock_recv_length\",cpu=\"1\"} 5\n\
+                    tcptrace_bpf_program_runs_totalx{program=\"no\"} 1\n";
+        assert_eq!(
+            labelled(text, "tcptrace_bpf_program_runs_total", "program"),
+            [
+                ("sock_send_length".to_string(), 10.0),
+                ("sock_recv_length".to_string(), 9.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn sections_are_found_by_their_markers() {
+        let doc = "# Benchmarks\n\n<!-- bench:churn -->\nA\n<!-- /bench:churn -->\n\n\
+                   <!-- bench:redis -->\nB\n<!-- /bench:redis -->\n";
+        assert_eq!(section(doc, CHURN).as_deref(), Some("A"));
+        assert_eq!(section(doc, REDIS).as_deref(), Some("B"));
+        assert_eq!(section("# Benchmarks\n", REDIS), None);
+        let legacy = "# Benchmarks\n\nWritten by\n\n- when: x\n\n## Scale\n\ny\n";
+        assert_eq!(
+            legacy_churn(legacy).as_deref(),
+            Some("## Connection churn\n\n- when: x\n\n### Scale\n\ny")
+        );
+    }
 }

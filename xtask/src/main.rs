@@ -95,15 +95,27 @@ enum Cmd {
     },
     /// Measure what the agent costs the host, side by side in one run (as root).
     ///
-    /// Builds the release agent and a churn driver, then runs rounds of
-    /// loopback connection churn alternating between no tracer, a no-op
-    /// program on the same tracepoint (the floor), the agent in its default
-    /// mode, the agent writing every transition as JSON, and libbpf-tools'
-    /// tcpstates (installed if missing, when the package exists). Prints
-    /// connections/s, the ratio to no tracer, lost records, CPU per million
-    /// transitions and peak RSS; then a scale run with 100 000 open
-    /// connections and the tracker's memory with 1 000 000 sockets. The
-    /// table is recorded in BENCHMARKS.md.
+    /// Builds the release agent, then runs the workloads `--workload`
+    /// chooses (`churn`, `redis` or `all`, the default), each in rounds
+    /// alternating between tracers in a rotating order (9 per tracer by
+    /// default; medians reported). Churn: a driver's loopback connection
+    /// churn under no tracer, no-op programs on the same tracepoints (the
+    /// floors), the agent in its default mode, the agent writing every
+    /// transition as JSON, and libbpf-tools' tcpstates (installed if
+    /// missing, when the package exists); it prints connections/s, the ratio
+    /// to no tracer, lost records, CPU per million transitions, peak RSS and
+    /// kernel ns per connection, then a scale run with 100 000 open
+    /// connections and the tracker's memory with 1 000 000 sockets. Redis:
+    /// `redis-benchmark -c 50 -t set,get -d 16` against a private
+    /// `redis-server` (redis-server and redis-tools installed if missing)
+    /// under no tracer, no-op programs on the socket send/receive
+    /// tracepoints (the floor), the agent (last use on) and the agent with
+    /// `--last-use off`; it prints requests/s, the ratio to no tracer, kernel
+    /// ns per send and receive of the I/O programs against the floor's
+    /// (`kernel.bpf_stats_enabled`), and stack walks/s. Each workload's
+    /// tables are recorded in its own section of BENCHMARKS.md. On a
+    /// 2-core VM the default run takes about 9 minutes (`--workload churn`
+    /// about 5, `--workload redis` about 4).
     Bench(bench::BenchOpts),
     /// Fuzz the parsers of untrusted input, each target for a bounded time.
     ///
