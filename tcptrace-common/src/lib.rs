@@ -507,9 +507,6 @@ pub struct KernelConfig {
     pub sk_v6_rcv_saddr: u32,
     /// Offset of `__sk_common.skc_v6_daddr` (remote IPv6 address).
     pub sk_v6_daddr: u32,
-    /// A send or receive after at least this many microseconds without
-    /// one is a checkout (see [`LastUse`]).
-    pub last_use_gap_us: u32,
 }
 
 /// [`LastUse`] direction: a send (`sock:sock_send_length`).
@@ -524,21 +521,30 @@ pub const IO_RECV: u32 = 1;
 ///
 /// Every send and receive in process context updates `last_*` (a lookup,
 /// a compare and a few stores); the first one after an idle gap of at
-/// least [`KernelConfig::last_use_gap_us`], or by another process than
-/// the one before ([`is_checkout`]), is a *checkout*: the moment a pooled
+/// least [`LAST_USE_GAP`]'s jiffies, or by another process than the one
+/// before ([`is_checkout`]), is a *checkout*: the moment a pooled
 /// connection is taken out of its pool by the code that will use it. Only
-/// then is the user stack walked (within the process's stack budget), so
-/// that a busy stream costs no walk after its first I/O.
+/// then is the user stack walked (within the process's stack budget) and
+/// the precise clock read, so that a busy stream costs no walk after its
+/// first I/O.
+///
+/// Why jiffies for every I/O: `bpf_ktime_get_ns` cost 28 ns per I/O on the
+/// benchmark's VM, a third of the program; jiffies are one load. A
+/// checkout gap is milliseconds, and a tick (1 to 10 ms) is precision
+/// enough for it and for the latest I/O's time.
 ///
 /// Two threads doing I/O on one socket at the same instant may mix their
 /// fields; each field stays a value one of them wrote.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LastUse {
-    /// `bpf_ktime_get_ns()` of the latest send or receive.
-    pub last_ns: u64,
+    /// Jiffies of the latest send or receive.
+    pub last_jiffies: u64,
     /// `bpf_ktime_get_ns()` of the latest checkout.
     pub checkout_ns: u64,
+    /// Jiffies of the latest checkout (with `checkout_ns`, turns
+    /// `last_jiffies` into a time).
+    pub checkout_jiffies: u64,
     /// Process id (tgid) of the checkout.
     pub tgid: u32,
     /// Thread id of the checkout.
@@ -561,23 +567,22 @@ pub struct LastUse {
     pub comm: [u8; COMM_LEN],
 }
 
-/// Whether an I/O by process `tgid` at `now_ns` on a socket whose latest
-/// I/O was at `last_ns` by `last_tgid` is a checkout (see [`LastUse`]):
-/// the first I/O ever (`last_ns` 0, as fresh storage is zeroed), the first
-/// after `gap_ns` of silence, or the first by another process (a socket
-/// passed over fork or SCM_RIGHTS). The time difference is signed: a
-/// thread on another CPU may have stored a later `last_ns` between this
-/// one's clock read and its compare.
+/// Index of the checkout gap, in jiffies, in the kernel's one-slot
+/// `LAST_USE_GAP` array: the agent writes it once it knows the kernel's
+/// tick rate (see `tcptrace::lastuse`), before it attaches the programs.
+pub const LAST_USE_GAP: u32 = 0;
+
+/// Whether an I/O by process `tgid` at jiffy `now` on a socket whose
+/// latest I/O was at `last` by `last_tgid` is a checkout (see
+/// [`LastUse`]): the first I/O ever (`last` 0, as fresh storage is zeroed),
+/// the first after `gap` jiffies of silence, or the first by another
+/// process (a socket passed over fork or SCM_RIGHTS). The difference is
+/// signed: a thread on another CPU may have stored a later `last` between
+/// this one's clock read and its compare.
 #[inline(always)]
-pub const fn is_checkout(
-    last_ns: u64,
-    last_tgid: u32,
-    now_ns: u64,
-    tgid: u32,
-    gap_ns: u64,
-) -> bool {
-    let idle = now_ns.wrapping_sub(last_ns) as i64;
-    last_ns == 0 || last_tgid != tgid || idle >= gap_ns as i64
+pub const fn is_checkout(last: u64, last_tgid: u32, now: u64, tgid: u32, gap: u64) -> bool {
+    let idle = now.wrapping_sub(last) as i64;
+    last == 0 || last_tgid != tgid || idle >= gap as i64
 }
 
 /// Slots of the kernel's per-CPU `LAST_USE_COUNTS`: checkouts seen, ...
@@ -680,7 +685,6 @@ impl KernelConfig {
         sk_daddr: 0,
         sk_v6_rcv_saddr: 0,
         sk_v6_daddr: 0,
-        last_use_gap_us: 0,
     };
 }
 
@@ -714,8 +718,8 @@ mod tests {
         assert_eq!(size_of::<StateBatch>(), 8 + 64 * STAGED_RECORDS);
         assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
-        assert_eq!(size_of::<KernelConfig>(), 46 * 4);
-        assert_eq!(size_of::<LastUse>(), 64);
+        assert_eq!(size_of::<KernelConfig>(), 45 * 4);
+        assert_eq!(size_of::<LastUse>(), 72);
         assert_eq!(size_of::<ResetRecord>(), 24);
         assert_eq!(size_of::<OriginSlot>(), 40);
     }
@@ -770,18 +774,19 @@ mod tests {
 
     #[test]
     fn a_checkout_is_the_first_io_after_a_gap_or_by_another_process() {
-        let gap = 10_000_000;
-        let t = 5_000_000_000;
+        // Jiffies: a gap of 3 ticks (10 ms at HZ=250, rounded up).
+        let gap = 3;
+        let t = 4_295_000_000;
         // Fresh storage is zeroed: the first I/O ever is a checkout.
         assert!(is_checkout(0, 0, t, 42, gap));
         // A busy stream: every I/O within the gap of the one before.
-        assert!(!is_checkout(t, 42, t + 1, 42, gap));
+        assert!(!is_checkout(t, 42, t, 42, gap));
         assert!(!is_checkout(t, 42, t + gap - 1, 42, gap));
         // Idle for the gap: taken out of the pool again.
         assert!(is_checkout(t, 42, t + gap, 42, gap));
         // Another process (fork, fd passing), however soon.
-        assert!(is_checkout(t, 42, t + 1, 43, gap));
-        // A clock read on another CPU a hair behind: no checkout.
+        assert!(is_checkout(t, 42, t, 43, gap));
+        // A clock read on another CPU a tick behind: no checkout.
         assert!(!is_checkout(t, 42, t - 1, 42, gap));
         // A zero gap makes every I/O a checkout.
         assert!(is_checkout(t, 42, t, 42, 0));

@@ -7,21 +7,23 @@
 //! in the socket's own storage (`BPF_MAP_TYPE_SK_STORAGE`): one lookup of
 //! about 15 ns, freed with the socket, and never evicted the way an LRU
 //! map would evict the long-idle leaking socket first. A busy stream costs
-//! that lookup, a compare and a few stores per I/O; the user stack is
-//! walked only at a checkout, within the process's stack budget.
+//! that lookup, a jiffies load, a compare and a few stores per I/O; the
+//! precise clock is read and the user stack walked only at a checkout,
+//! within the process's stack budget.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::{bpf_ktime_get_ns, generated},
-    macros::{btf_map, btf_tracepoint, map},
-    maps::PerCpuArray,
+    macros::{btf_map, btf_tracepoint, map, raw_tracepoint},
+    maps::{Array, PerCpuArray},
     programs::BtfTracePointContext,
+    programs::RawTracePointContext,
 };
 use tcptrace_common::{
-    is_checkout, LastUse, AF_INET, AF_INET6, IO_RECV, IO_SEND, IPPROTO_TCP, LU_CHECKOUTS,
-    LU_COUNT_SLOTS, LU_NO_STORAGE, LU_STACKS,
+    is_checkout, LastUse, AF_INET, AF_INET6, IO_RECV, IO_SEND, IPPROTO_TCP, LAST_USE_GAP,
+    LU_CHECKOUTS, LU_COUNT_SLOTS, LU_NO_STORAGE, LU_STACKS,
 };
 
 use crate::{budget_allows, config, current_ids, user_stack, write_current_comm};
@@ -29,6 +31,11 @@ use crate::{budget_allows, config, current_ids, user_stack, write_current_comm};
 /// Each TCP socket's [`LastUse`], created at its first send or receive.
 #[btf_map]
 static LAST_USE: SkStorage<LastUse> = SkStorage::new();
+
+/// The checkout gap in jiffies (slot `LAST_USE_GAP`), written by the agent
+/// before it attaches the programs (an array lookup the verifier inlines).
+#[map]
+static LAST_USE_GAP_JIFFIES: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Per CPU: see `tcptrace_common::LU_CHECKOUTS` and the slots after it.
 #[map]
@@ -54,6 +61,23 @@ pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
     on_io(&ctx, IO_RECV);
+    0
+}
+
+/// The kernel's jiffies, written by [`clock_sample`].
+#[map]
+static CLOCK_SAMPLE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Writes the kernel's jiffies into [`CLOCK_SAMPLE`]. Never attached: the
+/// agent runs it (`BPF_PROG_TEST_RUN`) twice, a moment apart, to learn the
+/// tick rate (`CONFIG_HZ`, which no file it may read tells). Through a map
+/// because aya's `raw_tracepoint` wrapper returns 0 whatever the program
+/// returns.
+#[raw_tracepoint(tracepoint = "tcptrace_clock_sample")]
+pub fn clock_sample(_ctx: RawTracePointContext) -> i32 {
+    if let Some(slot) = CLOCK_SAMPLE.get_ptr_mut(0) {
+        unsafe { *slot = generated::bpf_jiffies64() };
+    }
     0
 }
 
@@ -106,15 +130,18 @@ fn on_io(ctx: &BtfTracePointContext, dir: u32) -> Option<()> {
         count(LU_NO_STORAGE);
         return None;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { generated::bpf_jiffies64() };
     let (tgid, tid) = current_ids();
-    let gap_ns = u64::from(cfg.last_use_gap_us) * 1_000;
+    let gap = LAST_USE_GAP_JIFFIES
+        .get(LAST_USE_GAP)
+        .copied()
+        .unwrap_or(i64::MAX as u64);
     // SAFETY: `v` points at this socket's storage value.
     unsafe {
-        if is_checkout((*v).last_ns, (*v).last_tgid, now, tgid, gap_ns) {
+        if is_checkout((*v).last_jiffies, (*v).last_tgid, now, tgid, gap) {
             checkout(ctx, cfg, v, now, (tgid, tid), dir);
         }
-        (*v).last_ns = now;
+        (*v).last_jiffies = now;
         (*v).last_tgid = tgid;
         (*v).dirs = ((*v).dirs & 1) | (dir << 1);
         (*v).ios = (*v).ios.wrapping_add(1);
@@ -122,8 +149,9 @@ fn on_io(ctx: &BtfTracePointContext, dir: u32) -> Option<()> {
     Some(())
 }
 
-/// Records a checkout in `v`: who, when, which syscall and, within the
-/// process's stack budget, the user stack.
+/// Records a checkout in `v` at jiffy `now`: who, when (the precise
+/// clock too), which syscall and, within the process's stack budget, the
+/// user stack.
 ///
 /// # Safety
 /// `v` must point at a socket storage value.
@@ -146,7 +174,8 @@ unsafe fn checkout(
         count(LU_STACKS);
     }
     unsafe {
-        (*v).checkout_ns = now;
+        (*v).checkout_ns = bpf_ktime_get_ns();
+        (*v).checkout_jiffies = now;
         (*v).tgid = tgid;
         (*v).tid = tid;
         (*v).stack_id = stack_id;

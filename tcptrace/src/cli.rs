@@ -177,7 +177,8 @@ pub struct Cli {
     /// An I/O after at least this long without one on its socket is a checkout, whose stack
     /// is walked (default 10ms: above a request/response wait on a local network, below the
     /// time a connection idles in a pool between requests). Smaller finds checkouts in a
-    /// busier pool and walks more stacks; larger walks fewer.
+    /// busier pool and walks more stacks; larger walks fewer. Counted in kernel ticks
+    /// (CONFIG_HZ, measured at start): rounded up, at least two (8 ms at HZ=250).
     #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_duration)]
     pub last_use_gap: std::time::Duration,
 

@@ -14,7 +14,7 @@
 use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use aya::maps::{MapData, PerCpuArray, SkStorage};
+use aya::maps::{Array, MapData, PerCpuArray, SkStorage};
 use aya::Ebpf;
 
 use crate::probe::per_cpu_sum;
@@ -74,11 +74,18 @@ pub struct LastUse {
 }
 
 impl LastUse {
-    /// Decodes the kernel's value; `None` when it holds no checkout.
-    pub fn from_kernel(rec: &tcptrace_common::LastUse) -> Option<Self> {
+    /// Decodes the kernel's value, whose jiffies last `tick_ns` each;
+    /// `None` when it holds no checkout.
+    pub fn from_kernel(rec: &tcptrace_common::LastUse, tick_ns: u64) -> Option<Self> {
         if rec.checkout_ns == 0 || rec.checkouts == 0 {
             return None;
         }
+        // The latest I/O to a tick: its jiffies past the checkout's (a
+        // torn read never puts it before the checkout).
+        let ticks = rec.last_jiffies.saturating_sub(rec.checkout_jiffies);
+        let last_io_ns = rec
+            .checkout_ns
+            .saturating_add(ticks.saturating_mul(tick_ns));
         let comm_len = rec
             .comm
             .iter()
@@ -91,7 +98,7 @@ impl LastUse {
             tid: rec.tid,
             comm: String::from_utf8_lossy(&rec.comm[..comm_len]).into_owned(),
             checkout_ns: rec.checkout_ns,
-            last_io_ns: rec.last_ns.max(rec.checkout_ns),
+            last_io_ns,
             last_direction: Direction::of_bit(rec.dirs >> 1),
             checkouts: rec.checkouts,
             ios: rec.ios,
@@ -143,11 +150,49 @@ pub struct LastUseCounts {
     pub no_storage: u64,
 }
 
-/// The kernel's last-use storage and counters.
+/// The kernel's last-use storage and counters, and its tick.
 pub struct LastUseMap {
     storage: SkStorage<MapData, tcptrace_common::LastUse>,
     counts: PerCpuArray<MapData, u64>,
+    /// Nanoseconds per jiffy (`1e9 / CONFIG_HZ`).
+    tick_ns: u64,
 }
+
+/// The usual `CONFIG_HZ` values: a measured rate close to one is it.
+const KNOWN_HZ: [u32; 4] = [100, 250, 300, 1000];
+
+/// The kernel's tick rate from `ticks` jiffies counted over `elapsed_ns`:
+/// the nearest usual rate within 10 %, else the measured one rounded.
+pub fn tick_rate(ticks: u64, elapsed_ns: u64) -> Option<u32> {
+    if elapsed_ns == 0 || ticks == 0 {
+        return None;
+    }
+    let measured = ticks as f64 * 1e9 / elapsed_ns as f64;
+    let near = KNOWN_HZ
+        .iter()
+        .copied()
+        .min_by(|a, b| {
+            (f64::from(*a) - measured)
+                .abs()
+                .total_cmp(&(f64::from(*b) - measured).abs())
+        })
+        .filter(|&hz| (f64::from(hz) - measured).abs() <= f64::from(hz) * 0.1);
+    near.or_else(|| {
+        u32::try_from(measured.round() as u64)
+            .ok()
+            .filter(|&hz| hz > 0)
+    })
+}
+
+/// The checkout gap in jiffies at `hz`: rounded up, and at least two, so
+/// that two I/Os a moment apart across a tick are never a gap.
+pub fn gap_jiffies(gap: std::time::Duration, hz: u32) -> u64 {
+    let ticks = (gap.as_nanos() * u128::from(hz)).div_ceil(1_000_000_000);
+    u64::try_from(ticks).unwrap_or(u64::MAX >> 1).max(2)
+}
+
+/// How long the tick rate is measured for at start-up (25 ticks at HZ=250).
+const TICK_SAMPLE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a holder's last use could not be read.
 #[derive(Debug)]
@@ -176,9 +221,26 @@ impl std::fmt::Display for ReadError {
 impl std::error::Error for ReadError {}
 
 impl LastUseMap {
-    /// Takes the maps out of the loaded object.
-    pub fn open(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+    /// Takes the maps out of the loaded object, measures the kernel's tick
+    /// rate (its `clock_sample` program run twice, [`TICK_SAMPLE`] apart)
+    /// and sets the checkout gap in jiffies. Call before attaching the
+    /// programs: until the gap is set, they would call every I/O a
+    /// checkout.
+    pub fn open(ebpf: &mut Ebpf, gap: std::time::Duration) -> anyhow::Result<Self> {
         use anyhow::Context as _;
+        let hz = measure_hz(ebpf)?;
+        // Borrowed, not taken: a map taken out of the object and dropped
+        // closes its fd, and the programs loaded after it refer to it.
+        let mut gap_map: Array<&mut aya::maps::MapData, u64> = Array::try_from(
+            ebpf.map_mut("LAST_USE_GAP_JIFFIES")
+                .context("the eBPF object has no LAST_USE_GAP_JIFFIES map")?,
+        )
+        .context("opening LAST_USE_GAP_JIFFIES")?;
+        let jiffies = gap_jiffies(gap, hz);
+        gap_map
+            .set(tcptrace_common::LAST_USE_GAP, jiffies, 0)
+            .context("setting the checkout gap")?;
+        log::debug!("last use: kernel tick {hz} Hz, checkout gap {jiffies} jiffies");
         let storage = ebpf
             .take_map("LAST_USE")
             .context("the eBPF object has no LAST_USE map")?;
@@ -188,6 +250,7 @@ impl LastUseMap {
         Ok(Self {
             storage: SkStorage::try_from(storage).context("opening the LAST_USE storage")?,
             counts: PerCpuArray::try_from(counts).context("opening LAST_USE_COUNTS")?,
+            tick_ns: 1_000_000_000 / u64::from(hz),
         })
     }
 
@@ -218,15 +281,15 @@ impl LastUseMap {
         // `sock` and `pidfd` close here.
     }
 
-    /// [`Self::of_holder`] for the leak report: `None` when there is no
-    /// last use or it cannot be read. A holder that exited or closed the
+    /// [`Self::of_holder`], decoded, for the leak report: `None` when
+    /// there is no last use or it cannot be read. A holder that exited or closed the
     /// fd since /proc was read is a race, not a failure; any other failure
     /// is logged, as a warning the first time (it is likely to repeat for
     /// every leak: no CAP_SYS_PTRACE, Yama) and at debug level after.
-    pub fn lookup(&self, pid: u32, fd: i32) -> Option<tcptrace_common::LastUse> {
+    pub fn lookup(&self, pid: u32, fd: i32) -> Option<LastUse> {
         static WARNED: AtomicBool = AtomicBool::new(false);
         match self.of_holder(pid, fd) {
-            Ok(found) => found,
+            Ok(found) => found.and_then(|rec| LastUse::from_kernel(&rec, self.tick_ns)),
             Err(ReadError::Holder(e))
                 if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EBADF)) =>
             {
@@ -255,16 +318,51 @@ impl LastUseMap {
     }
 }
 
+/// The kernel's tick rate, from its jiffies read twice by `clock_sample`.
+fn measure_hz(ebpf: &mut Ebpf) -> anyhow::Result<u32> {
+    use anyhow::Context as _;
+    let program: &mut aya::programs::RawTracePoint = ebpf
+        .program_mut("clock_sample")
+        .context("the eBPF object has no program clock_sample")?
+        .try_into()?;
+    program.load().context("loading clock_sample")?;
+    let fd = program
+        .fd()?
+        .try_clone()
+        .context("duplicating the fd of clock_sample")?;
+    let clock: Array<&aya::maps::MapData, u64> = Array::try_from(
+        ebpf.map("CLOCK_SAMPLE")
+            .context("the eBPF object has no CLOCK_SAMPLE map")?,
+    )
+    .context("opening CLOCK_SAMPLE")?;
+    let sample = || -> anyhow::Result<(u64, std::time::Instant)> {
+        crate::stage::test_run(fd.as_fd(), None).context("running clock_sample")?;
+        let jiffies = clock.get(&0, 0).context("reading CLOCK_SAMPLE")?;
+        Ok((jiffies, std::time::Instant::now()))
+    };
+    let (j0, t0) = sample()?;
+    std::thread::sleep(TICK_SAMPLE);
+    let (j1, t1) = sample()?;
+    let elapsed = u64::try_from((t1 - t0).as_nanos()).unwrap_or(u64::MAX);
+    tick_rate(j1.wrapping_sub(j0), elapsed).with_context(|| {
+        format!("the kernel's jiffies did not move in {elapsed} ns ({j0} -> {j1})")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// HZ=250.
+    const TICK_NS: u64 = 4_000_000;
 
     fn rec() -> tcptrace_common::LastUse {
         let mut comm = [0u8; 16];
         comm[..6].copy_from_slice(b"update");
         tcptrace_common::LastUse {
-            last_ns: 9_000,
+            last_jiffies: 1_002,
             checkout_ns: 5_000,
+            checkout_jiffies: 1_000,
             tgid: 42,
             tid: 43,
             last_tgid: 42,
@@ -279,13 +377,14 @@ mod tests {
 
     #[test]
     fn decodes_the_kernel_value() {
-        let u = LastUse::from_kernel(&rec()).expect("a checkout");
+        let u = LastUse::from_kernel(&rec(), TICK_NS).expect("a checkout");
         assert_eq!((u.pid, u.tid, u.comm.as_str()), (42, 43, "update"));
         assert_eq!(
             (u.direction, u.last_direction),
             (Direction::Send, Direction::Recv)
         );
-        assert_eq!((u.checkout_ns, u.last_io_ns), (5_000, 9_000));
+        // Two ticks of 4 ms after the checkout.
+        assert_eq!((u.checkout_ns, u.last_io_ns), (5_000, 8_005_000));
         assert_eq!((u.checkouts, u.ios, u.stack_id), (2, 10, Some(7)));
         if cfg!(target_arch = "x86_64") {
             assert_eq!(u.syscall, Some("write"));
@@ -295,24 +394,53 @@ mod tests {
             syscall_nr: -1,
             ..rec()
         };
-        let u = LastUse::from_kernel(&unwalked).expect("a checkout");
+        let u = LastUse::from_kernel(&unwalked, TICK_NS).expect("a checkout");
         assert_eq!((u.stack_id, u.syscall), (None, None));
     }
 
     #[test]
     fn storage_without_a_checkout_is_no_last_use() {
         assert_eq!(
-            LastUse::from_kernel(&tcptrace_common::LastUse::default()),
+            LastUse::from_kernel(&tcptrace_common::LastUse::default(), TICK_NS),
             None
         );
-        // A torn read (last_ns behind the checkout) never goes backwards.
+        // A torn read (the latest I/O's jiffies behind the checkout's)
+        // never goes backwards.
         let torn = tcptrace_common::LastUse {
-            last_ns: 1,
+            last_jiffies: 1,
             ..rec()
         };
         assert_eq!(
-            LastUse::from_kernel(&torn).map(|u| u.last_io_ns),
+            LastUse::from_kernel(&torn, TICK_NS).map(|u| u.last_io_ns),
             Some(5_000)
+        );
+    }
+
+    #[test]
+    fn the_tick_rate_is_a_usual_one_when_close() {
+        let ms = 1_000_000;
+        assert_eq!(tick_rate(25, 100 * ms), Some(250));
+        assert_eq!(tick_rate(26, 101 * ms), Some(250));
+        assert_eq!(tick_rate(30, 100 * ms), Some(300));
+        assert_eq!(tick_rate(10, 100 * ms), Some(100));
+        assert_eq!(tick_rate(101, 100 * ms), Some(1000));
+        // An unusual rate is taken as measured.
+        assert_eq!(tick_rate(50, 100 * ms), Some(500));
+        assert_eq!(tick_rate(0, 100 * ms), None);
+        assert_eq!(tick_rate(5, 0), None);
+    }
+
+    #[test]
+    fn the_gap_is_rounded_up_to_ticks_and_at_least_two() {
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(gap_jiffies(ms(10), 250), 3);
+        assert_eq!(gap_jiffies(ms(12), 250), 3);
+        assert_eq!(gap_jiffies(ms(10), 1000), 10);
+        assert_eq!(gap_jiffies(ms(10), 100), 2);
+        assert_eq!(gap_jiffies(ms(1), 250), 2);
+        assert_eq!(
+            gap_jiffies(std::time::Duration::from_secs(3600), 1000),
+            3_600_000
         );
     }
 

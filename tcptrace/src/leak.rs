@@ -452,13 +452,13 @@ impl Enricher {
     }
 
     /// Enriches a batch; `stack_of` returns the addresses of a stack id,
-    /// `last_use_of` the kernel's last use of the socket a (pid, fd)
-    /// holder holds (see [`crate::lastuse::LastUseMap::of_holder`]).
+    /// `last_use_of` the last use of the socket a (pid, fd) holder holds
+    /// (see [`crate::lastuse::LastUseMap::lookup`]).
     pub fn enrich(
         &mut self,
         candidates: Vec<LeakCandidate>,
         stack_of: impl Fn(u32) -> Option<Vec<u64>>,
-        last_use_of: impl Fn(u32, i32) -> Option<tcptrace_common::LastUse>,
+        last_use_of: impl Fn(u32, i32) -> Option<LastUse>,
     ) -> Vec<Leak> {
         let mut candidates = candidates;
         let diag = close_wait_diag(&candidates);
@@ -496,10 +496,7 @@ impl Enricher {
                     .and_then(|o| o.stack_id.map(|id| (o.pid, id)));
                 let stack = self.stack(origin_key, &stack_of);
                 // The socket's own storage: any holder's fd reaches it.
-                let last_use = owners
-                    .iter()
-                    .find_map(|h| last_use_of(h.pid, h.fd))
-                    .and_then(|rec| LastUse::from_kernel(&rec));
+                let last_use = owners.iter().find_map(|h| last_use_of(h.pid, h.fd));
                 let last_use_key = last_use.as_ref().and_then(|u| {
                     // Symbolized in the process that made the checkout
                     // while it lives, else in a holder (a fork's child

@@ -307,9 +307,7 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     if options.stage {
         config.flags |= CONFIG_STAGE;
     }
-    if let Some(gap) = options.last_use_gap {
-        config.last_use_gap_us = u32::try_from(gap.as_micros()).unwrap_or(u32::MAX);
-    }
+
     let mut origin_slots = 1;
     if let Some(max) = options.origin_map {
         config.flags |= CONFIG_ORIGIN_MAP;
@@ -371,10 +369,9 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         }
     }
 
-    let last_use = match options.last_use_gap {
-        Some(_) => attach_last_use(&mut ebpf, &mut programs, &mut tracepoints),
-        None => None,
-    };
+    let last_use = options
+        .last_use_gap
+        .and_then(|gap| attach_last_use(&mut ebpf, gap, &mut programs, &mut tracepoints));
 
     let ring = ebpf
         .take_map("EVENTS")
@@ -444,15 +441,18 @@ pub const LAST_USE_TPS: [(&str, &str); 2] = [
 /// origin only.
 fn attach_last_use(
     ebpf: &mut Ebpf,
+    gap: std::time::Duration,
     stats: &mut ProgramStats,
     tracepoints: &mut Vec<String>,
 ) -> Option<crate::lastuse::LastUseMap> {
     let attached = (|| -> anyhow::Result<crate::lastuse::LastUseMap> {
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        // The gap is set before the programs run.
+        let map = crate::lastuse::LastUseMap::open(ebpf, gap)?;
         for (prog, tp) in LAST_USE_TPS {
             attach_btf_to(ebpf, prog, tp, &btf, stats)?;
         }
-        crate::lastuse::LastUseMap::open(ebpf)
+        Ok(map)
     })();
     match attached {
         Ok(map) => {

@@ -123,11 +123,22 @@ struct TestRunAttr {
 /// there, unless it is this CPU) and returns what it returned. aya has no
 /// call for this.
 fn run_on_cpu(program: BorrowedFd<'_>, cpu: u32) -> io::Result<u32> {
+    test_run(program, Some(cpu))
+}
+
+/// Runs raw tracepoint program `program` once (on `cpu`, or on the
+/// calling thread's CPU) with `BPF_PROG_TEST_RUN` and returns what it
+/// returned.
+pub(crate) fn test_run(program: BorrowedFd<'_>, cpu: Option<u32>) -> io::Result<u32> {
     let mut attr = TestRunAttr {
         prog_fd: u32::try_from(program.as_raw_fd())
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-        flags: BPF_F_TEST_RUN_ON_CPU,
-        cpu,
+        flags: if cpu.is_some() {
+            BPF_F_TEST_RUN_ON_CPU
+        } else {
+            0
+        },
+        cpu: cpu.unwrap_or(0),
         ..TestRunAttr::default()
     };
     // SAFETY: `attr` is a valid, zero-padded `bpf_attr` prefix of the
