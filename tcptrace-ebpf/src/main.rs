@@ -23,11 +23,9 @@ use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
-    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, PerCpuArray, RingBuf, StackTrace},
-    programs::{
-        tracing::StackIdContext, BtfTracePointContext, RawTracePointContext, TracePointContext,
-    },
+    programs::{tracing::StackIdContext, BtfTracePointContext, TracePointContext},
     EbpfContext, Global,
 };
 use tcptrace_common::{
@@ -1261,8 +1259,14 @@ unsafe fn send_batch(cfg: &KernelConfig, st: *mut Stage) {
 /// waits in a batch longer than the agent's poll interval. Returns
 /// [`FLUSH_BUSY`] when it interrupted the state program at work on the
 /// batch (nothing sent; the agent runs it again), else 0.
-#[raw_tracepoint(tracepoint = "tcptrace_flush_stage")]
-pub fn flush_stage(_ctx: RawTracePointContext) -> i32 {
+///
+/// Written without aya's `raw_tracepoint` macro, whose wrapper returns 0
+/// whatever the program returns (the agent never saw `FLUSH_BUSY`, and
+/// took a busy CPU's batch for flushed); the section name is all the
+/// loader needs.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/tcptrace_flush_stage")]
+pub fn flush_stage(_ctx: *mut core::ffi::c_void) -> u32 {
     let Some(st) = STAGE.get_ptr_mut(0) else {
         return 0;
     };
@@ -1270,7 +1274,7 @@ pub fn flush_stage(_ctx: RawTracePointContext) -> i32 {
     unsafe {
         let busy = addr_of_mut!((*st).busy);
         if core::ptr::read_volatile(busy) != 0 {
-            return FLUSH_BUSY as i32;
+            return FLUSH_BUSY;
         }
         core::ptr::write_volatile(busy, 1);
         send_batch(config(), st);
