@@ -84,16 +84,35 @@ fn wait_for_greeting(port: u16, child: &mut Child, what: &str, context: impl Fn(
     }
 }
 
-/// A private MariaDB on 127.0.0.1 (its own datadir, socket and port, no
-/// grant tables), killed and removed on drop.
-struct Mariadb {
+/// A server the test started on 127.0.0.1: its process, port, private
+/// directory and log; killed on drop, then its directory removed.
+struct Daemon {
     child: Child,
     port: u16,
-    dir: TempDir,
+    /// Removed when the daemon is dropped (after it is killed).
+    _dir: TempDir,
+    log: PathBuf,
 }
 
+impl Daemon {
+    fn log(&self) -> String {
+        log_of(&self.log)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private MariaDB on 127.0.0.1 (its own datadir, socket and port, no
+/// grant tables).
+struct Mariadb;
+
 impl Mariadb {
-    fn start() -> Mariadb {
+    fn start() -> Daemon {
         let dir = TempDir::new("mariadb");
         let data = dir.0.join("data");
         // Small InnoDB files: a 22 MB datadir instead of 114 MB.
@@ -138,33 +157,23 @@ impl Mariadb {
             .stderr(Stdio::null())
             .spawn()
             .expect("start mariadbd (apt-get install mariadb-server)");
-        let mut db = Mariadb { child, port, dir };
-        wait_for_greeting(port, &mut db.child, "mariadbd", || log_of(&log));
+        let mut db = Daemon {
+            child,
+            port,
+            _dir: dir,
+            log,
+        };
+        wait_for_greeting(port, &mut db.child, "mariadbd", || log_of(&db.log));
         db
-    }
-
-    fn log(&self) -> String {
-        log_of(&self.dir.0.join("error.log"))
-    }
-}
-
-impl Drop for Mariadb {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
 /// HAProxy on 127.0.0.1 in TCP mode in front of one MariaDB, closing
-/// connections idle for [`IDLE_TIMEOUT_S`]; killed and removed on drop.
-struct Haproxy {
-    child: Child,
-    port: u16,
-    dir: TempDir,
-}
+/// connections idle for [`IDLE_TIMEOUT_S`].
+struct Haproxy;
 
 impl Haproxy {
-    fn start(backend: u16) -> Haproxy {
+    fn start(backend: u16) -> Daemon {
         let dir = TempDir::new("haproxy");
         let port = free_port();
         let config = dir.0.join("haproxy.cfg");
@@ -191,29 +200,23 @@ impl Haproxy {
             .stderr(err)
             .spawn()
             .expect("start haproxy (apt-get install haproxy)");
-        let mut proxy = Haproxy { child, port, dir };
+        let mut proxy = Daemon {
+            child,
+            port,
+            _dir: dir,
+            log,
+        };
         // Greeted through the balancer: the whole chain works.
-        wait_for_greeting(port, &mut proxy.child, "haproxy", || log_of(&log));
+        wait_for_greeting(port, &mut proxy.child, "haproxy", || log_of(&proxy.log));
         proxy
-    }
-
-    fn log(&self) -> String {
-        log_of(&self.dir.0.join("haproxy.log"))
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
 /// The upstream of both stories: MariaDB behind HAProxy. The balancer
 /// goes first on drop.
 struct Upstream {
-    proxy: Haproxy,
-    db: Mariadb,
+    proxy: Daemon,
+    db: Daemon,
 }
 
 impl Upstream {
