@@ -738,6 +738,9 @@ fn report_leaks(
     let now = std::time::SystemTime::now();
     let last_use_of = |pid: u32, fd: i32| last_use.and_then(|m| m.lookup(pid, fd));
     for leak in enricher.enrich(due, stack_of, last_use_of) {
+        let (origin, last_use) = &mut pipeline.truncated_stacks;
+        *origin += u64::from(crate::symbolize::is_truncated(&leak.stack));
+        *last_use += u64::from(crate::symbolize::is_truncated(&leak.last_use_stack));
         let member = tuple_key(&leak.candidate.entered.change);
         let since = leak.candidate.entered.change.ts_ns;
         pipeline.current_leaks.insert(

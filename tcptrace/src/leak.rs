@@ -229,6 +229,7 @@ pub fn report_entry(leak: &Leak) -> crate::report::LeakEntry {
         reason: leak.reason.name().to_string(),
         origin: t.origin.as_ref().map(|o| o.syscall.name().to_string()),
         stack: named_frames(&leak.stack),
+        stack_truncated: crate::symbolize::is_truncated(&leak.stack),
         last_use: leak.last_use.as_ref().map(|u| crate::report::LastUseEntry {
             pid: u.pid,
             tid: u.tid,
@@ -242,6 +243,7 @@ pub fn report_entry(leak: &Leak) -> crate::report::LeakEntry {
                 .find(|f| f.is_application())
                 .map(Frame::display_short),
             stack: named_frames(&leak.last_use_stack),
+            truncated: crate::symbolize::is_truncated(&leak.last_use_stack),
         }),
     }
 }

@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub leaks_open: u64,
     /// Leaks detected since start.
     pub leaks_total: u64,
+    /// Leaks reported with a truncated (origin, last-use) stack.
+    pub truncated_stacks: (u64, u64),
     /// Sockets in TIME_WAIT now by destination, most first.
     pub time_wait: Vec<(Dest, u64)>,
     /// Records lost because the ring buffer was full.
@@ -323,6 +325,16 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             &mut e,
+            "tcptrace_truncated_stacks",
+            "Leaks reported whose stack (stack=\"origin\" or \"last_use\") the frame-pointer walk did not see whole: it stopped short of the thread's entry (code built without frame pointers, an interpreter) or at the kernel's 127-frame limit.",
+            None,
+            [
+                (vec![("stack", "origin".to_string())], counter(s.truncated_stacks.0)),
+                (vec![("stack", "last_use".to_string())], counter(s.truncated_stacks.1)),
+            ],
+        )?;
+        family(
+            &mut e,
             "tcptrace_table_full",
             "Sockets a full table of the agent's could not hold: table=\"tracker\" forgot the least recently active ones (raise --max-sockets), table=\"close_wait\" did not watch new ones (raise --max-close-wait).",
             None,
@@ -539,6 +551,7 @@ mod tests {
             linger,
             leaks_open: 2,
             leaks_total: 5,
+            truncated_stacks: (2, 1),
             time_wait: vec![(
                 Dest {
                     netns: Some(4026531840),
@@ -597,6 +610,8 @@ mod tests {
             "tcptrace_close_wait_linger_seconds_count 2",
             "tcptrace_leaks_open 2",
             "tcptrace_leaks_total 5",
+            "tcptrace_truncated_stacks_total{stack=\"origin\"} 2",
+            "tcptrace_truncated_stacks_total{stack=\"last_use\"} 1",
             "tcptrace_time_wait_sockets{netns=\"4026531840\",local_addr=\"127.0.0.1\",remote_addr=\"127.0.0.1\",remote_port=\"6379\"} 812",
             "tcptrace_ring_buffer_lost_records_total{cause=\"ring_full\"} 4",
             "tcptrace_ring_buffer_lost_records_total{cause=\"missed\"} 1",

@@ -253,6 +253,27 @@ struct OriginFields<'a> {
     fd: Option<i32>,
     ts: String,
     stack: &'a [Frame],
+    #[serde(flatten)]
+    walk: StackWalk,
+}
+
+/// How a stack was walked and whether the walk saw all of it.
+#[derive(Serialize)]
+struct StackWalk {
+    /// `fp`: by frame pointers (the kernel's `bpf_get_stackid`).
+    unwind: &'static str,
+    /// The walk stopped short of the thread's entry (see
+    /// [`crate::symbolize::is_truncated`]).
+    truncated: bool,
+}
+
+impl StackWalk {
+    fn of(stack: &[Frame]) -> Self {
+        Self {
+            unwind: "fp",
+            truncated: crate::symbolize::is_truncated(stack),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -270,6 +291,8 @@ struct LastUseFields<'a> {
     checkouts: u32,
     ios: u32,
     stack: &'a [Frame],
+    #[serde(flatten)]
+    walk: StackWalk,
 }
 
 #[derive(Serialize)]
@@ -587,6 +610,7 @@ impl Format {
                     fd: o.fd,
                     ts: rfc3339(clock.wall(o.ts_ns)),
                     stack: &leak.stack,
+                    walk: StackWalk::of(&leak.stack),
                 }),
                 last_use: leak.last_use.as_ref().map(|u| {
                     let fin_ns = t.change.ts_ns;
@@ -604,6 +628,7 @@ impl Format {
                         checkouts: u.checkouts,
                         ios: u.ios,
                         stack: &leak.last_use_stack,
+                        walk: StackWalk::of(&leak.last_use_stack),
                     }
                 }),
                 message: summary(leak),

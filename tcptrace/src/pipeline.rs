@@ -104,6 +104,9 @@ pub struct Pipeline {
     pub malformed: u64,
     /// Leaks detected since start (reported or rate-limited alike).
     pub leaks_total: u64,
+    /// Leaks reported whose origin stack, and whose last-use stack, the
+    /// walk did not see whole ([`crate::symbolize::is_truncated`]).
+    pub truncated_stacks: (u64, u64),
     /// The kernel does not send the end of sockets (origin-map mode with
     /// no TIME_WAIT events): forget each one when it leaves CLOSE_WAIT.
     pub forget_after_close_wait: bool,
@@ -136,6 +139,7 @@ impl Pipeline {
             pressure: crate::timewait::PortPressure::new(),
             malformed: 0,
             leaks_total: 0,
+            truncated_stacks: (0, 0),
             forget_after_close_wait: false,
         }
     }
@@ -148,6 +152,7 @@ impl Pipeline {
             linger: self.closewait.total_histogram().clone(),
             leaks_open: self.current_leaks.len() as u64,
             leaks_total: self.leaks_total,
+            truncated_stacks: self.truncated_stacks,
             time_wait: self.pressure.counts(),
             malformed_total: self.malformed,
             tracked_sockets: self.tracker.len() as u64,

@@ -43,6 +43,9 @@ pub struct LeakEntry {
     pub origin: Option<String>,
     /// The origin stack, one `function+0x.. (file:line)` per frame.
     pub stack: Vec<String>,
+    /// The origin stack's walk stopped short of its thread's entry.
+    #[serde(default)]
+    pub stack_truncated: bool,
     /// The socket's last use, when the kernel kept one.
     #[serde(default)]
     pub last_use: Option<LastUseEntry>,
@@ -69,6 +72,9 @@ pub struct LastUseEntry {
     pub code: Option<String>,
     /// The checkout stack, one `function+0x.. (file:line)` per frame.
     pub stack: Vec<String>,
+    /// The checkout stack's walk stopped short of its thread's entry.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// A process that closed connections toward a destination first.
@@ -188,6 +194,8 @@ pub struct GroupLastUse {
     pub code: Option<String>,
     /// The shared checkout stack.
     pub stack: Vec<String>,
+    /// Its walk stopped short of the thread's entry.
+    pub truncated: bool,
 }
 
 /// Leaks that share a process, a last-use stack and an origin stack.
@@ -205,6 +213,8 @@ pub struct Group {
     pub origin: Option<String>,
     /// The shared origin stack.
     pub stack: Vec<String>,
+    /// Its walk stopped short of the thread's entry.
+    pub stack_truncated: bool,
     /// How many sockets.
     pub count: usize,
     /// Age of the oldest, milliseconds.
@@ -257,6 +267,7 @@ pub fn group(snapshot: &Snapshot) -> Vec<Group> {
                 cgroup: first.cgroup.clone(),
                 origin,
                 stack,
+                stack_truncated: first.stack_truncated,
                 count: leaks.len(),
                 oldest_ms: first.close_wait_ms,
                 newest_ms,
@@ -267,6 +278,7 @@ pub fn group(snapshot: &Snapshot) -> Vec<Group> {
                     comm: u.comm.clone(),
                     code: u.code.clone(),
                     stack: u.stack.clone(),
+                    truncated: u.truncated,
                 }),
                 leaks,
             })
@@ -291,6 +303,10 @@ fn age(ms: f64) -> String {
         format!("{s:.1} s")
     }
 }
+
+/// Said under a stack whose walk stopped short.
+const TRUNCATED: &str =
+    "    ... (the walk stopped here: code without frame pointers, or an interpreter)\n";
 
 /// The human report; `source` says where the snapshot came from.
 pub fn render_text(snapshot: &Snapshot, source: &str) -> String {
@@ -338,6 +354,9 @@ pub fn render_text(snapshot: &Snapshot, source: &str) -> String {
                 for frame in u.stack.iter().take(8) {
                     out += &format!("    {frame}\n");
                 }
+                if u.truncated {
+                    out += TRUNCATED;
+                }
             }
         }
         match (&g.origin, g.stack.is_empty()) {
@@ -345,6 +364,9 @@ pub fn render_text(snapshot: &Snapshot, source: &str) -> String {
                 out += &format!("  opened by {o}() at:\n");
                 for frame in g.stack.iter().take(8) {
                     out += &format!("    {frame}\n");
+                }
+                if g.stack_truncated {
+                    out += TRUNCATED;
                 }
             }
             (Some(o), true) => {
@@ -417,6 +439,7 @@ mod tests {
             reason: "read_eof_never_closed".into(),
             origin: Some("connect".into()),
             stack: stack.iter().map(|s| s.to_string()).collect(),
+            stack_truncated: false,
             last_use: None,
         }
     }
@@ -486,6 +509,7 @@ mod tests {
                 before_fin_ms: 2_000.0,
                 code: Some(format!("{f} (main.go:1)")),
                 stack: vec![format!("{f} (main.go:1)"), "main.main (main.go:9)".into()],
+                truncated: false,
             });
             e
         };
@@ -527,6 +551,7 @@ mod tests {
                 u.comm = comm.into();
                 u.code = None;
                 u.stack = vec!["__libc_send+0x19 (send.c:28)".into()];
+                u.truncated = true;
             }
             e
         };
@@ -542,6 +567,7 @@ mod tests {
             g[0].last_use.as_ref().map(|u| u.comm.as_str()),
             Some("update")
         );
+        assert!(render_text(&interp, "x").contains("... (the walk stopped here"));
         // A file written before last use still reads.
         let old = r#"{"pid":1,"comm":"c","exe":null,"cgroup":null,"fd":3,"local":"l","remote":"r",
             "netns":null,"close_wait_ms":1.0,"estimated":false,"reason":"unknown","origin":null,"stack":[]}"#;

@@ -66,6 +66,7 @@ fn live(older_than: Duration) -> Snapshot {
                 reason: crate::leak::classify(recv_q).name().to_string(),
                 origin: None,
                 stack: Vec::new(),
+                stack_truncated: false,
                 last_use: None,
             }
         })

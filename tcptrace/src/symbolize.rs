@@ -220,6 +220,41 @@ fn is_shared_library(module: &str) -> bool {
     base.contains(".so")
 }
 
+/// Where a thread's stack begins: a walk that reached one of these saw
+/// the whole stack (glibc's and musl's process and thread entries, the
+/// kernel's clone, Go's goroutine and thread roots).
+const STACK_ROOTS: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_call_main",
+    "__libc_start_main_impl",
+    "start_thread",
+    "clone",
+    "clone3",
+    "__clone",
+    "__clone3",
+    "__clone_internal",
+    "libc_start_main_stage2",
+    "runtime.goexit",
+    "runtime.mstart",
+    "runtime.rt0_go",
+];
+
+/// Frames a kernel stack walk gives at most (`PERF_MAX_STACK_DEPTH`).
+pub const MAX_STACK_FRAMES: usize = 127;
+
+/// Whether a walked stack stops short of its thread's entry: its outermost
+/// named frame is none of [`STACK_ROOTS`] (a frame-pointer walk broken by
+/// code built without them, an interpreter's frames), or the walk hit the
+/// kernel's depth limit. An empty stack is not called truncated: there is
+/// none.
+pub fn is_truncated(frames: &[Frame]) -> bool {
+    let Some(outermost) = frames.iter().rev().find_map(|f| f.function.as_deref()) else {
+        return !frames.is_empty();
+    };
+    frames.len() >= MAX_STACK_FRAMES || !STACK_ROOTS.contains(&outermost)
+}
+
 /// One frame per function: each frame's inlined calls, innermost first,
 /// then the frame itself (they share its address; only the real
 /// function's frame has an offset).
@@ -617,6 +652,42 @@ mod tests {
             application_frame(&frames).map(Frame::display_short),
             Some("main.update (main.go:54)".to_string())
         );
+    }
+
+    #[test]
+    fn a_stack_is_whole_when_it_reaches_its_threads_entry() {
+        let f = |function: &str| Frame {
+            function: Some(function.into()),
+            ..Frame::raw(1)
+        };
+        let whole = [
+            f("__libc_connect"),
+            f("open_conn"),
+            f("main"),
+            f("__libc_start_call_main"),
+        ];
+        assert!(!is_truncated(&whole));
+        let go = [
+            f("syscall.read"),
+            f("main.update"),
+            f("main.main"),
+            f("runtime.main"),
+            f("runtime.goexit"),
+        ];
+        assert!(!is_truncated(&go));
+        let thread = [f("recv"), f("worker"), f("start_thread"), f("clone3")];
+        assert!(!is_truncated(&thread));
+        // No frame pointers: libc's wrapper alone, or a raw address past it.
+        assert!(is_truncated(&[f("__libc_send")]));
+        assert!(is_truncated(&[f("__libc_accept"), Frame::raw(0x1234)]));
+        assert!(is_truncated(&[Frame::raw(0x1234)]));
+        // The kernel's depth limit.
+        let deep: Vec<Frame> = (0..MAX_STACK_FRAMES)
+            .map(|_| f("recurse"))
+            .chain([f("_start")])
+            .collect();
+        assert!(is_truncated(&deep));
+        assert!(!is_truncated(&[]));
     }
 
     #[test]

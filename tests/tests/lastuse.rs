@@ -245,6 +245,9 @@ fn assert_owner_and_origin(leak: &Value, client: &Client, host: &str) -> SsSocke
     assert_eq!(origin["syscall"], "connect", "{leak}");
     assert_eq!(origin["pid"], pid, "{leak}");
     assert_eq!(origin["fd"], client.fd, "{leak}");
+    // Frame pointers all the way to __libc_start_call_main: whole.
+    assert_eq!(origin["unwind"], "fp", "{leak}");
+    assert_eq!(origin["truncated"], false, "{leak}");
     let opened = functions(&origin["stack"]);
     for f in ["open_conn", "main"] {
         assert!(
@@ -269,6 +272,8 @@ fn assert_last_use(leak: &Value, client: &Client, host: &str, hello: bool) {
     assert_eq!(lu["pid"], pid, "{leak}");
     assert_eq!(lu["tid"], pid, "one thread: {leak}");
     assert_eq!(lu["comm"], "last_use", "{leak}");
+    assert_eq!(lu["unwind"], "fp", "{leak}");
+    assert_eq!(lu["truncated"], false, "{leak}");
     let used = functions(&lu["stack"]);
     for f in ["send_request", "main"] {
         assert!(
