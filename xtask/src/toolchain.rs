@@ -293,6 +293,10 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("mount", "mount"),
     ("umount", "mount"),
     ("cc", "gcc"),
+    // A stripped fixture with a separate debug file (symbols.rs).
+    ("objcopy", "binutils"),
+    ("strip", "binutils"),
+    ("nm", "binutils"),
     ("redis-server", "redis-server"),
     ("rsyslogd", "rsyslog"),
     ("systemd-analyze", "systemd"),

@@ -1,0 +1,84 @@
+//! Symbols where the binary has none of its own: a stripped server whose
+//! debug information lives in a separate file (`.gnu_debuglink`), as
+//! distributions ship them. The leak's stack must still name the function
+//! that accepted the connection, and main.
+
+use std::path::Path;
+use std::process::Command;
+
+use tcptrace_tests::{
+    endpoint, fixture, fixture_cmd, functions, leaks_on_port, peer_bin, peer_cmd, run_to_end,
+    Agent, Peer, TempDir,
+};
+
+/// Runs `cmd`, failing the test with its output if it fails.
+fn run(cmd: &mut Command) {
+    let (code, out, err) = run_to_end(cmd);
+    assert_eq!(code, Some(0), "{cmd:?} failed:\n{out}\n{err}");
+}
+
+/// The leaky server, stripped, its debug information in `NAME.debug`
+/// beside it (found by the link's name in the binary's own directory).
+fn stripped_with_debuglink(dir: &Path) -> std::path::PathBuf {
+    let bin = dir.join("leaky_server");
+    std::fs::copy(fixture("leaky_server"), &bin).expect("copy the fixture");
+    let debug = dir.join("leaky_server.debug");
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&bin)
+        .arg(&debug));
+    run(Command::new("strip").arg("--strip-all").arg(&bin));
+    run(Command::new("objcopy")
+        .arg(format!("--add-gnu-debuglink={}", debug.display()))
+        .arg(&bin));
+    // Nothing left to read in the binary itself.
+    let (_, out, err) = run_to_end(Command::new("nm").arg(&bin));
+    assert!(
+        out.trim().is_empty() && err.contains("no symbols"),
+        "the binary still has symbols:\n{out}\n{err}"
+    );
+    bin
+}
+
+#[test]
+fn a_stripped_binary_is_named_from_its_separate_debug_file() {
+    let dir = TempDir::new("debuglink");
+    let bin = stripped_with_debuglink(&dir.0);
+    let agent = Agent::start(&["--leak-after", "500ms", "--events", "leak"]);
+    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1"]));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let target = endpoint("127.0.0.1", port);
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["client", target.as_str(), "--exit", "--count", "1"],
+    ));
+    client.expect("done");
+    server.expect("leaked fd");
+    let events = agent.wait_for("a leak on the server port", |ev| {
+        !leaks_on_port(ev, port).is_empty()
+    });
+    let leak = &leaks_on_port(&events, port)[0];
+    assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
+    let opened = functions(&leak["origin"]["stack"]);
+    for f in ["accept_orders", "main"] {
+        assert!(
+            opened.iter().any(|g| g == f),
+            "origin stack {opened:?} lacks {f}\n{leak}"
+        );
+    }
+    // Lines come from the debug file's DWARF too.
+    let frame = leak["origin"]["stack"]
+        .as_array()
+        .and_then(|s| s.iter().find(|f| f["function"] == "accept_orders"))
+        .expect("the accept_orders frame");
+    assert!(
+        frame["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("leaky_server.c"))
+            && frame["line"].as_u64().is_some(),
+        "{frame}"
+    );
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
