@@ -261,7 +261,15 @@ pub fn is_truncated(frames: &[Frame]) -> bool {
 pub fn expand_inlined(frames: Vec<Frame>) -> Vec<Frame> {
     let mut out = Vec::with_capacity(frames.len());
     for mut frame in frames {
-        out.append(&mut frame.inlined);
+        // An alias inlined into itself (glibc's `__GI___libc_read` shows
+        // so) says nothing twice.
+        frame.inlined.dedup_by(|a, b| a.function == b.function);
+        out.extend(
+            frame
+                .inlined
+                .drain(..)
+                .filter(|f| f.function != frame.function),
+        );
         out.push(frame);
     }
     out
@@ -648,6 +656,10 @@ mod tests {
         );
         assert_eq!(frames[2].display(), "main.update+0x4a (main.go:54)");
         assert!(frames.iter().all(|f| f.inlined.is_empty()));
+        // An alias inlined into itself is one frame.
+        let mut read = at("__GI___libc_read", "read.c", 26);
+        read.inlined = vec![at("__GI___libc_read", "read.c", 26)];
+        assert_eq!(expand_inlined(vec![read]).len(), 1);
         assert_eq!(
             application_frame(&frames).map(Frame::display_short),
             Some("main.update (main.go:54)".to_string())
