@@ -613,6 +613,22 @@ fn assert_idle_one(outcome: &Outcome, idle: &Value) {
 
 /// Go: `database/sql` + go-sql-driver/mysql, pool of 4 warmed by
 /// main.initDB, three transactions forgotten by main.update.
+/// A forgotten transaction's last use: checked out by the warm-up, then by
+/// update() (300 ms after it), which the balancer's FIN followed
+/// [`IDLE_TIMEOUT_S`] later.
+fn assert_forgotten_checkout(leak: &Value) {
+    let last = &leak["last_use"];
+    let before_fin = last["before_fin_ms"].as_f64().expect("before_fin_ms");
+    assert!(
+        (1000.0..5000.0).contains(&before_fin),
+        "checked out about {IDLE_TIMEOUT_S} s before the FIN: {leak}"
+    );
+    assert!(
+        last["checkouts"].as_u64().is_some_and(|c| c >= 2),
+        "checked out by the warm-up, then by update(): {leak}"
+    );
+}
+
 #[test]
 fn go_pool_behind_haproxy_leaks_three_forgotten_transactions_and_one_idle_connection() {
     let tmp = TempDir::new("pool-story-go");
@@ -682,17 +698,7 @@ fn go_pool_behind_haproxy_leaks_three_forgotten_transactions_and_one_idle_connec
             "the message must say {punch:?}: {}",
             l["message"]
         );
-        // Checked out 300 ms after the warm-up; the balancer closed it
-        // IDLE_TIMEOUT_S later.
-        let before_fin = last["before_fin_ms"].as_f64().expect("before_fin_ms");
-        assert!(
-            (1000.0..5000.0).contains(&before_fin),
-            "checked out about {IDLE_TIMEOUT_S} s before the FIN: {l}"
-        );
-        assert!(
-            last["checkouts"].as_u64().is_some_and(|c| c >= 2),
-            "checked out by the warm-up, then by update(): {l}"
-        );
+        assert_forgotten_checkout(l);
     }
     let idle = idle[0];
     let stack = functions(&idle["last_use"]["stack"]);
@@ -809,15 +815,7 @@ fn python_pool_behind_haproxy_names_the_thread_of_the_last_checkout() {
     for l in &forgotten {
         let last = &l["last_use"];
         assert_eq!(last["tid"], update, "{l}");
-        let before_fin = last["before_fin_ms"].as_f64().expect("before_fin_ms");
-        assert!(
-            (1000.0..5000.0).contains(&before_fin),
-            "checked out about {IDLE_TIMEOUT_S} s before the FIN: {l}"
-        );
-        assert!(
-            last["checkouts"].as_u64().is_some_and(|c| c >= 2),
-            "checked out by the warm-up, then by update: {l}"
-        );
+        assert_forgotten_checkout(l);
         // CPython keeps no frame pointers: the walk stops in libc, and
         // says so.
         assert_eq!(last["truncated"], true, "{l}");
