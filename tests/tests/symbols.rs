@@ -1,9 +1,10 @@
-//! Symbols where the binary has none of its own: a stripped server whose
+//! Symbols from where programs really keep them: a stripped server whose
 //! debug information lives in a separate file (`.gnu_debuglink`), as
-//! distributions ship them. The leak's stack must still name the function
-//! that accepted the connection, and main.
+//! distributions ship them, and a frame inside a shared library mapped at
+//! a random base. The leak's stack must name the function that accepted
+//! the connection, and main.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tcptrace_tests::{
@@ -19,7 +20,7 @@ fn run(cmd: &mut Command) {
 
 /// The leaky server, stripped, its debug information in `NAME.debug`
 /// beside it (found by the link's name in the binary's own directory).
-fn stripped_with_debuglink(dir: &Path) -> std::path::PathBuf {
+fn stripped_with_debuglink(dir: &Path) -> PathBuf {
     let bin = dir.join("leaky_server");
     std::fs::copy(fixture("leaky_server"), &bin).expect("copy the fixture");
     let debug = dir.join("leaky_server.debug");
@@ -79,6 +80,83 @@ fn a_stripped_binary_is_named_from_its_separate_debug_file() {
             && frame["line"].as_u64().is_some(),
         "{frame}"
     );
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+/// The fixture of `tests/fixtures/shared_lib`: `server` linked against
+/// `libaccept.so`, both built into `dir` (the library found by rpath).
+fn server_with_library(dir: &Path) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/shared_lib");
+    let flags = ["-g", "-fno-omit-frame-pointer", "-Wall"];
+    run(Command::new("cc")
+        .args(["-shared", "-fPIC"])
+        .args(flags)
+        .arg("-o")
+        .arg(dir.join("libaccept.so"))
+        .arg(src.join("libaccept.c")));
+    let bin = dir.join("server");
+    run(Command::new("cc")
+        .args(flags)
+        .arg("-o")
+        .arg(&bin)
+        .arg(src.join("server.c"))
+        .arg(format!("-L{}", dir.display()))
+        .arg("-laccept")
+        .arg(format!("-Wl,-rpath,{}", dir.display())));
+    bin
+}
+
+#[test]
+fn a_frame_in_a_shared_library_is_named_with_the_programs() {
+    let dir = TempDir::new("shared-lib");
+    let bin = server_with_library(&dir.0);
+    let agent = Agent::start(&["--leak-after", "500ms", "--events", "leak"]);
+    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "1"]));
+    let port: u16 = server.expect("listening").parse().expect("port");
+    let target = endpoint("127.0.0.1", port);
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["client", target.as_str(), "--exit", "--count", "1"],
+    ));
+    client.expect("done");
+    server.expect("leaked fd");
+    let events = agent.wait_for("a leak on the server port", |ev| {
+        !leaks_on_port(ev, port).is_empty()
+    });
+    let leak = &leaks_on_port(&events, port)[0];
+    let stack = leak["origin"]["stack"].as_array().expect("an origin stack");
+    let frame = |name: &str| {
+        stack
+            .iter()
+            .find(|f| f["function"] == name)
+            .unwrap_or_else(|| panic!("origin stack lacks {name}\n{leak}"))
+    };
+    // The library's frame, from the library, at its own source line.
+    let in_lib = frame("lib_accept_one");
+    assert!(
+        in_lib["module"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("libaccept.so")),
+        "{in_lib}"
+    );
+    assert!(
+        in_lib["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("libaccept.c")),
+        "{in_lib}"
+    );
+    // Then the program's own callers.
+    for name in ["serve", "main"] {
+        assert!(
+            frame(name)["module"]
+                .as_str()
+                .is_some_and(|m| m.ends_with("/server")),
+            "{leak}"
+        );
+    }
+    assert_eq!(leak["origin"]["truncated"], false, "{leak}");
     let stopped = agent.stop();
     assert!(stopped.status.success());
 }
