@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use serde_json::Value;
+
 use tcptrace_tests::{
     endpoint, fixture, fixture_cmd, functions, leaks_on_port, peer_bin, peer_cmd, run_to_end,
     Agent, Peer, TempDir,
@@ -41,12 +43,12 @@ fn stripped_with_debuglink(dir: &Path) -> PathBuf {
     bin
 }
 
-#[test]
-fn a_stripped_binary_is_named_from_its_separate_debug_file() {
-    let dir = TempDir::new("debuglink");
-    let bin = stripped_with_debuglink(&dir.0);
+/// Runs server `bin` (with `args`; it prints "listening PORT", then
+/// "leaked fd FD" once a client hung up) under an agent, has one client
+/// connect and hang up, and returns the agent, the server and its leak.
+fn leak_of(bin: &Path, args: &[&str]) -> (Agent, Peer, Value) {
     let agent = Agent::start(&["--leak-after", "500ms", "--events", "leak"]);
-    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "0", "1"]));
+    let mut server = Peer::spawn(fixture_cmd(bin, None, args));
     let port: u16 = server.expect("listening").parse().expect("port");
     let target = endpoint("127.0.0.1", port);
     let mut client = Peer::spawn(peer_cmd(
@@ -59,7 +61,16 @@ fn a_stripped_binary_is_named_from_its_separate_debug_file() {
     let events = agent.wait_for("a leak on the server port", |ev| {
         !leaks_on_port(ev, port).is_empty()
     });
-    let leak = &leaks_on_port(&events, port)[0];
+    let leak = leaks_on_port(&events, port)[0].clone();
+    (agent, server, leak)
+}
+
+#[test]
+fn a_stripped_binary_is_named_from_its_separate_debug_file() {
+    let dir = TempDir::new("debuglink");
+    let bin = stripped_with_debuglink(&dir.0);
+    let (agent, server, leak) = leak_of(&bin, &["127.0.0.1", "0", "1"]);
+    let leak = &leak;
     assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
     let opened = functions(&leak["origin"]["stack"]);
     for f in ["accept_orders", "main"] {
@@ -111,21 +122,8 @@ fn server_with_library(dir: &Path) -> PathBuf {
 fn a_frame_in_a_shared_library_is_named_with_the_programs() {
     let dir = TempDir::new("shared-lib");
     let bin = server_with_library(&dir.0);
-    let agent = Agent::start(&["--leak-after", "500ms", "--events", "leak"]);
-    let mut server = Peer::spawn(fixture_cmd(&bin, None, &["127.0.0.1", "1"]));
-    let port: u16 = server.expect("listening").parse().expect("port");
-    let target = endpoint("127.0.0.1", port);
-    let mut client = Peer::spawn(peer_cmd(
-        peer_bin!(),
-        None,
-        &["client", target.as_str(), "--exit", "--count", "1"],
-    ));
-    client.expect("done");
-    server.expect("leaked fd");
-    let events = agent.wait_for("a leak on the server port", |ev| {
-        !leaks_on_port(ev, port).is_empty()
-    });
-    let leak = &leaks_on_port(&events, port)[0];
+    let (agent, _server, leak) = leak_of(&bin, &["127.0.0.1", "1"]);
+    let leak = &leak;
     let stack = leak["origin"]["stack"].as_array().expect("an origin stack");
     let frame = |name: &str| {
         stack
