@@ -43,10 +43,7 @@ static LAST_USE_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LU_COUN
 
 #[inline(always)]
 fn count(slot: u32) {
-    if let Some(counter) = LAST_USE_COUNTS.get_ptr_mut(slot) {
-        // Per-CPU slot: no other writer can race this increment.
-        unsafe { *counter += 1 };
-    }
+    crate::bump(&LAST_USE_COUNTS, slot, 1);
 }
 
 /// `BPF_SK_STORAGE_GET_F_CREATE`.

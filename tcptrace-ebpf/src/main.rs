@@ -110,12 +110,19 @@ static ORIGINS: Array<OriginSlot> = Array::with_max_entries(1 << 20, 0);
 #[map]
 static ORIGIN_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ORIGIN_COUNT_SLOTS, 0);
 
+/// Adds `n` to slot `slot` of the per-CPU counters `counters` (a slot
+/// out of range counts nothing).
+#[inline(always)]
+fn bump(counters: &PerCpuArray<u64>, slot: u32, n: u64) {
+    if let Some(counter) = counters.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer can race this increment.
+        unsafe { *counter += n };
+    }
+}
+
 #[inline(always)]
 fn count_origins(slot: u32) {
-    if let Some(counter) = ORIGIN_COUNTS.get_ptr_mut(slot) {
-        // Per-CPU slot: no other writer can race this increment.
-        unsafe { *counter += 1 };
-    }
+    bump(&ORIGIN_COUNTS, slot, 1);
 }
 
 /// The `i`th slot socket `sk` may take in `table` of `1 << bits` slots
@@ -273,10 +280,7 @@ static CW_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CW_COUNT_SLOT
 
 #[inline(always)]
 fn count_cw(slot: u32, n: u64) {
-    if let Some(counter) = CW_COUNTS.get_ptr_mut(slot) {
-        // Per-CPU slot: no other writer can race this increment.
-        unsafe { *counter += n };
-    }
+    bump(&CW_COUNTS, slot, n);
 }
 
 /// [`CONFIG_CW_TABLE`]: keeps a transition into or out of CLOSE_WAIT in
@@ -580,10 +584,7 @@ fn count_transition(old: i32, new: i32) {
     if !(0..states).contains(&old) || !(0..states).contains(&new) {
         return;
     }
-    if let Some(counter) = TRANSITIONS.get_ptr_mut((old * states + new) as u32) {
-        // Per-CPU slot: no other writer can race this increment.
-        unsafe { *counter += 1 };
-    }
+    bump(&TRANSITIONS, (old * states + new) as u32, 1);
 }
 
 #[inline(always)]
@@ -593,10 +594,7 @@ fn count_lost() {
 
 #[inline(always)]
 fn count_lost_n(n: u64) {
-    if let Some(counter) = LOST.get_ptr_mut(0) {
-        // Per-CPU slot: no other writer can race this increment.
-        unsafe { *counter += n };
-    }
+    bump(&LOST, 0, n);
 }
 
 #[inline(always)]
