@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Bumped whenever a record layout below changes.
-pub const RECORD_LAYOUT_VERSION: u32 = 5;
+pub const RECORD_LAYOUT_VERSION: u32 = 6;
 
 /// Kind tag of a [`StateRecord`].
 pub const RECORD_STATE: u32 = 1;
@@ -20,6 +20,8 @@ pub const RECORD_RESET: u32 = 3;
 pub const RECORD_STATE_V4: u32 = 4;
 /// Kind tag of a [`StateBatch`].
 pub const RECORD_STATE_BATCH: u32 = 5;
+/// Kind tag of a [`UserStackHeader`] and the stack bytes after it.
+pub const RECORD_USER_STACK: u32 = 6;
 
 /// Length of a task's `comm`, as in the kernel's `TASK_COMM_LEN`.
 pub const COMM_LEN: usize = 16;
@@ -507,6 +509,10 @@ pub struct KernelConfig {
     pub sk_v6_rcv_saddr: u32,
     /// Offset of `__sk_common.skc_v6_daddr` (remote IPv6 address).
     pub sk_v6_daddr: u32,
+    /// Pages of user stack copied (with the user registers) where a stack
+    /// is walked, for the agent to unwind from CFI (see
+    /// [`UserStackHeader`]); 0 copies none. At most [`STACK_COPY_PAGES`].
+    pub stack_copy_pages: u32,
 }
 
 /// [`LastUse`] direction: a send (`sock:sock_send_length`).
@@ -566,6 +572,87 @@ pub struct LastUse {
     /// `comm` of the checkout's thread, NUL padded.
     pub comm: [u8; COMM_LEN],
 }
+
+/// Most pages of user stack a [`UserStackHeader`] carries.
+pub const STACK_COPY_PAGES: u32 = 4;
+/// Most bytes of user stack a [`UserStackHeader`] carries.
+pub const STACK_COPY_BYTES: usize = STACK_COPY_PAGES as usize * 4096;
+
+/// [`UserStackHeader::what`]: the stack of a `connect()`.
+pub const STACK_OF_CONNECT: u32 = ORIGIN_CONNECT;
+/// [`UserStackHeader::what`]: the stack of an `accept()`.
+pub const STACK_OF_ACCEPT: u32 = ORIGIN_ACCEPT;
+/// [`UserStackHeader::what`]: the stack of a last-use checkout.
+pub const STACK_OF_LAST_USE: u32 = 3;
+
+/// The top of a user stack and the registers to unwind it with, taken
+/// where the kernel walks a stack with frame pointers (an origin at
+/// `connect()`/`accept()`, a last-use checkout) so that the agent can
+/// unwind it from the binaries' CFI (`.eh_frame`), which a build without
+/// frame pointers still has. `len` bytes of the stack, from `sp` up,
+/// follow the header in the same ring-buffer record; the copy stops at
+/// the first page that cannot be read (not resident), so that a page
+/// swapped out loses the frames above it, not the whole copy.
+///
+/// The bytes are the program's own memory (locals, buffers): the agent
+/// unwinds them as they arrive and keeps none of them.
+///
+/// The record names what it belongs to by the socket and the clock read
+/// of that moment: `(skaddr, ts_ns)` equals an origin's
+/// ([`OriginSlot::sk`], [`OriginSlot::ts_ns`]; an [`AcceptRecord`]'s or a
+/// connect's [`StateRecord`]'s `skaddr` and `ts_ns`) or a last use's
+/// ([`LastUse::checkout_ns`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserStackHeader {
+    /// [`RECORD_USER_STACK`].
+    pub kind: u32,
+    /// [`STACK_OF_CONNECT`], [`STACK_OF_ACCEPT`] or [`STACK_OF_LAST_USE`].
+    pub what: u32,
+    /// Process id (tgid) of the task.
+    pub tgid: u32,
+    /// Thread id of the task.
+    pub tid: u32,
+    /// Kernel address of the socket the stack belongs to.
+    pub skaddr: u64,
+    /// `bpf_ktime_get_ns()` of the origin or checkout.
+    pub ts_ns: u64,
+    /// User instruction pointer at the system call's entry.
+    pub ip: u64,
+    /// User stack pointer at the system call's entry.
+    pub sp: u64,
+    /// User frame pointer (`rbp`) at the system call's entry.
+    pub bp: u64,
+    /// The frame-pointer walk of the same moment (id in `STACKS`); -1
+    /// when it was not taken.
+    pub fp_stack_id: i32,
+    /// Bytes of stack after the header.
+    pub len: u32,
+}
+
+/// A [`UserStackHeader`] and room for its bytes: the kernel's per-CPU
+/// scratch value it is assembled in (too large for the BPF stack) before
+/// the header and its `len` bytes are copied to the ring.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UserStackCopy {
+    /// The header.
+    pub header: UserStackHeader,
+    /// The stack, from `header.sp` up.
+    pub bytes: [u8; STACK_COPY_BYTES],
+}
+
+/// Slots of the kernel's per-CPU `STACK_COPY_COUNTS`: copies sent, ...
+pub const COPIES_SENT: u32 = 0;
+/// ... not taken because the ring buffer was more than half full (the
+/// state records come first), ...
+pub const COPIES_RING_BUSY: u32 = 1;
+/// ... lost because the ring was full, ...
+pub const COPIES_LOST: u32 = 2;
+/// ... and copies cut short by a page that could not be read.
+pub const COPIES_SHORT: u32 = 3;
+/// Number of `STACK_COPY_COUNTS` slots.
+pub const COPY_COUNT_SLOTS: u32 = 4;
 
 /// Index of the checkout gap, in jiffies, in the kernel's one-slot
 /// `LAST_USE_GAP` array: the agent writes it once it knows the kernel's
@@ -685,6 +772,7 @@ impl KernelConfig {
         sk_daddr: 0,
         sk_v6_rcv_saddr: 0,
         sk_v6_daddr: 0,
+        stack_copy_pages: 0,
     };
 }
 
@@ -703,6 +791,8 @@ mod user {
     unsafe impl aya::Pod for super::OriginSlot {}
     // SAFETY: plain integers and a byte array, no padding.
     unsafe impl aya::Pod for super::LastUse {}
+    // SAFETY: plain integers, no padding.
+    unsafe impl aya::Pod for super::UserStackHeader {}
 }
 
 #[cfg(test)]
@@ -718,7 +808,9 @@ mod tests {
         assert_eq!(size_of::<StateBatch>(), 8 + 64 * STAGED_RECORDS);
         assert_eq!(size_of::<AcceptRecord>(), 64);
         assert_eq!(align_of::<StateRecord>(), 8);
-        assert_eq!(size_of::<KernelConfig>(), 45 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 46 * 4);
+        assert_eq!(size_of::<UserStackHeader>(), 64);
+        assert_eq!(size_of::<UserStackCopy>(), 64 + STACK_COPY_BYTES);
         assert_eq!(size_of::<LastUse>(), 72);
         assert_eq!(size_of::<ResetRecord>(), 24);
         assert_eq!(size_of::<OriginSlot>(), 40);

@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     is_checkout, LastUse, AF_INET, AF_INET6, IO_RECV, IO_SEND, IPPROTO_TCP, LAST_USE_GAP,
-    LU_CHECKOUTS, LU_COUNT_SLOTS, LU_NO_STORAGE, LU_STACKS,
+    LU_CHECKOUTS, LU_COUNT_SLOTS, LU_NO_STORAGE, LU_STACKS, STACK_OF_LAST_USE,
 };
 
 use crate::{budget_allows, config, current_ids, user_stack, write_current_comm};
@@ -136,7 +136,7 @@ fn on_io(ctx: &BtfTracePointContext, dir: u32) -> Option<()> {
     // SAFETY: `v` points at this socket's storage value.
     unsafe {
         if is_checkout((*v).last_jiffies, (*v).last_tgid, now, tgid, gap) {
-            checkout(ctx, cfg, v, now, (tgid, tid), dir);
+            checkout(ctx, cfg, v, sk, now, (tgid, tid), dir);
         }
         (*v).last_jiffies = now;
         (*v).last_tgid = tgid;
@@ -157,21 +157,23 @@ unsafe fn checkout(
     ctx: &BtfTracePointContext,
     cfg: &tcptrace_common::KernelConfig,
     v: *mut LastUse,
+    sk: u64,
     now: u64,
     (tgid, tid): (u32, u32),
     dir: u32,
 ) {
     count(LU_CHECKOUTS);
-    let stack_id = if budget_allows(ctx, cfg.stacks_per_second) {
-        user_stack(ctx)
-    } else {
-        -1
-    };
+    let walked = budget_allows(ctx, cfg.stacks_per_second);
+    let stack_id = if walked { user_stack(ctx) } else { -1 };
     if stack_id >= 0 {
         count(LU_STACKS);
     }
+    let checkout_ns = unsafe { bpf_ktime_get_ns() };
+    if walked {
+        crate::stack_copy::copy_user_stack(STACK_OF_LAST_USE, sk, checkout_ns, stack_id);
+    }
     unsafe {
-        (*v).checkout_ns = bpf_ktime_get_ns();
+        (*v).checkout_ns = checkout_ns;
         (*v).checkout_jiffies = now;
         (*v).tgid = tgid;
         (*v).tid = tid;

@@ -18,6 +18,7 @@
 #![feature(asm_experimental_arch)]
 
 mod last_use;
+mod stack_copy;
 
 use core::ptr::addr_of_mut;
 
@@ -36,7 +37,8 @@ use tcptrace_common::{
     CW_LINGER_SUM_NS, CW_QUIET, CW_SENT, FLUSH_BUSY, IPPROTO_TCP, ORIGINS_FULL, ORIGINS_INSERTED,
     ORIGINS_REMOVED, ORIGIN_ACCEPT, ORIGIN_CONNECT, ORIGIN_COUNT_SLOTS, RECORD_ACCEPT,
     RECORD_RESET, RECORD_STATE, RECORD_STATE_BATCH, RECORD_STATE_V4, RESET_RECEIVED, RESET_SENT,
-    SLOT_PROBES, STACKS_OVER_BUDGET, STACK_BUDGET_BITS, STAGED_RECORDS, TRANSITION_STATES,
+    SLOT_PROBES, STACKS_OVER_BUDGET, STACK_BUDGET_BITS, STACK_OF_ACCEPT, STACK_OF_CONNECT,
+    STAGED_RECORDS, TRANSITION_STATES,
 };
 
 /// Layout facts, set by the agent with `EbpfLoader::override_global`.
@@ -59,7 +61,7 @@ fn config() -> &'static KernelConfig {
 
 /// Records to user space. The agent may resize it (`--ring-buffer-size`).
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// Records dropped because [`EVENTS`] was full, per CPU (index 0).
 #[map]
@@ -484,16 +486,6 @@ fn user_stack<C: StackIdContext>(ctx: &C) -> i32 {
         .map_or(-1, |id| id as i32)
 }
 
-/// The current task's user stack if [`stack_allowed`], else -1.
-#[inline(always)]
-fn user_stack_id<C: StackIdContext>(ctx: &C, cfg: &KernelConfig) -> i32 {
-    if stack_allowed(ctx, cfg.stacks_per_second) {
-        user_stack(ctx)
-    } else {
-        -1
-    }
-}
-
 /// Inode number of the file behind `socket` (a `struct socket` embedded in
 /// a `struct socket_alloc` next to its inode), 0 when unknown.
 #[inline(always)]
@@ -709,7 +701,9 @@ fn keep_origin<C: StackIdContext, F: Fields>(
             let sk = f.skaddr()?;
             let now = unsafe { bpf_ktime_get_ns() };
             let fd = f.connect_fd(ctx.pid(), now);
-            keep(sk, ORIGIN_CONNECT, fd, now, user_stack(ctx));
+            let stack_id = user_stack(ctx);
+            keep(sk, ORIGIN_CONNECT, fd, now, stack_id);
+            stack_copy::copy_user_stack(STACK_OF_CONNECT, sk, now, stack_id);
         }
     }
     Some(())
@@ -1080,13 +1074,18 @@ fn emit_state<C: StackIdContext, F: Fields>(
     }
     let now = unsafe { bpf_ktime_get_ns() };
     // With the origin map, the origin (and its stack) is already there.
-    let (connect_fd, stack_id) = if in_connect && cfg.flags & CONFIG_ORIGIN_MAP == 0 {
+    let (connect_fd, stack_id, walked) = if in_connect && cfg.flags & CONFIG_ORIGIN_MAP == 0 {
         // Runs inside connect(): the current task is the owner, and its
         // stack is the code path that opened the connection.
-        (f.connect_fd(ctx.pid(), now), user_stack_id(ctx, cfg))
+        let walked = stack_allowed(ctx, cfg.stacks_per_second);
+        let stack_id = if walked { user_stack(ctx) } else { -1 };
+        (f.connect_fd(ctx.pid(), now), stack_id, walked)
     } else {
-        (-1, -1)
+        (-1, -1, false)
     };
+    if walked {
+        stack_copy::copy_user_stack(STACK_OF_CONNECT, skaddr, now, stack_id);
+    }
 
     send(cfg, |rec| {
         let t = (oldstate, newstate, family);
@@ -1489,6 +1488,9 @@ fn on_accept(ctx: &TracePointContext, ret_offset: u32) -> Option<()> {
     }
     let stack_id = if walk_stack { user_stack(ctx) } else { -1 };
     let now = unsafe { bpf_ktime_get_ns() };
+    if walk_stack {
+        stack_copy::copy_user_stack(STACK_OF_ACCEPT, sk, now, stack_id);
+    }
     if cfg.flags & CONFIG_ORIGIN_MAP != 0 {
         keep(sk, ORIGIN_ACCEPT, fd as i32, now, stack_id);
         return Some(());

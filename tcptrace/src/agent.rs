@@ -110,6 +110,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         ring,
         lost,
         stacks,
+        stack_copies,
         transitions,
         origins,
         connect_fd,
@@ -132,10 +133,23 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
             // costs the CPU that makes it.
             stage: events.contains(&EventKind::StateChange),
             last_use_gap: cli.last_use.then_some(cli.last_use_gap),
+            stack_copy_pages: probe::stack_copy_pages(cli.stack_copy),
         },
     )?;
+    if cli.stack_copy > 0 && stack_copies.pages == 0 {
+        log::warn!(
+            "stacks are walked with frame pointers only: copying them for CFI unwinding \
+             needs x86_64 and a kernel with BTF (/sys/kernel/btf/vmlinux)"
+        );
+    }
     let staged = flusher.is_some();
     let mut reader = Reader::new(flusher, cli.ring_buffer_size);
+    if stack_copies.pages > 0 {
+        reader.cfi = Some(crate::unwind::CfiStacks::new(
+            cli.max_sockets,
+            cli.max_stacks as usize,
+        ));
+    }
 
     // Text only for a person at a terminal; collectors always get JSON.
     let format =
@@ -332,7 +346,8 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 if let Some(quiet_ns) = quiet_ns {
                     announce_close_waits(&close_waits, &mut announced, quiet_ns, &mut pipeline, &mut out)?;
                 }
-                report_leaks(&mut pipeline, &mut enricher, &stacks, &origins, last_use.as_ref(), &mut out)?;
+                let kernel = LeakSources { stacks: &stacks, origins: &origins, last_use: last_use.as_ref(), cfi: reader.cfi.as_ref() };
+                report_leaks(&mut pipeline, &mut enricher, &kernel, &mut out)?;
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
             _ = summary_tick.tick() => {
@@ -557,6 +572,9 @@ struct Reader {
     /// [`HELD_RECORDS_PER_RING_BYTE`]); the first time is logged.
     max_held: usize,
     overflows: u64,
+    /// Unwinds the kernel's stack copies as they are read, when it sends
+    /// them.
+    cfi: Option<crate::unwind::CfiStacks>,
 }
 
 impl Reader {
@@ -569,6 +587,7 @@ impl Reader {
             busy_stalls: 0,
             max_held: ((f64::from(ring_bytes) * HELD_RECORDS_PER_RING_BYTE) as usize).max(4096),
             overflows: 0,
+            cfi: None,
         }
     }
 
@@ -582,7 +601,7 @@ impl Reader {
         out: &mut Out,
     ) -> anyhow::Result<()> {
         let Some(flusher) = &self.flusher else {
-            return drain(ring, pipeline, out);
+            return drain(ring, self.cfi.as_mut(), pipeline, out);
         };
         let watermark = match why {
             Read::Wakeup => None,
@@ -605,6 +624,9 @@ impl Reader {
             },
         };
         while let Some(item) = ring.next() {
+            if self.cfi.as_mut().is_some_and(|cfi| cfi.take(&item)) {
+                continue;
+            }
             let reorder = &mut self.reorder;
             let split = crate::decode::split_timed(&item, |ts, raw| reorder.push(ts, raw));
             if split.is_err() {
@@ -676,11 +698,17 @@ fn log_malformed(decoded: Result<(), crate::decode::DecodeError>, pipeline: &Pip
 /// Reads what the ring holds, in ring order, and hands it on.
 fn drain(
     ring: &mut RingBuf<MapData>,
+    mut cfi: Option<&mut crate::unwind::CfiStacks>,
     pipeline: &mut Pipeline,
     out: &mut Out,
 ) -> anyhow::Result<()> {
     let mut feeder = Feeder::default();
     while let Some(item) = ring.next() {
+        // A stack copy is unwound now, before anything else is read: the
+        // process's maps are those of the moment it was taken.
+        if cfi.as_mut().is_some_and(|cfi| cfi.take(&item)) {
+            continue;
+        }
         feeder.feed(pipeline, &item, out)?;
     }
     Ok(())
@@ -715,12 +743,22 @@ impl Feeder {
     }
 }
 
+/// Where a leak's origin, last use and stacks are read from.
+struct LeakSources<'a> {
+    /// The kernel's frame-pointer walks.
+    stacks: &'a StackTraceMap<MapData>,
+    /// The kernel's origins (origin-map mode).
+    origins: &'a probe::OriginMap,
+    /// The sockets' last-use storage, when attached.
+    last_use: Option<&'a crate::lastuse::LastUseMap>,
+    /// Stacks unwound from CFI, when the kernel copies stacks.
+    cfi: Option<&'a crate::unwind::CfiStacks>,
+}
+
 fn report_leaks(
     pipeline: &mut Pipeline,
     enricher: &mut Enricher,
-    stacks: &StackTraceMap<MapData>,
-    origins: &probe::OriginMap,
-    last_use: Option<&crate::lastuse::LastUseMap>,
+    kernel: &LeakSources<'_>,
     out: &mut Out,
 ) -> anyhow::Result<()> {
     let now_ns = WallClock::now_ns();
@@ -728,15 +766,47 @@ fn report_leaks(
     if due.is_empty() {
         return Ok(());
     }
+    let origins = kernel.origins;
     crate::leak::fill_origins(&mut due, |sk| origins.get(sk), crate::procfs::thread_comm);
-    let stack_of = |id: u32| -> Option<Vec<u64>> {
-        stacks
+    let fp_of = |id: u32| -> Option<Vec<u64>> {
+        kernel
+            .stacks
             .get(&id, 0)
             .ok()
             .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
     };
+    // Each stack as the better of its two walks (see
+    // `crate::unwind::prefer_cfi`); an id at or above `CFI_STACK` is an
+    // unwound one.
+    let choose = |pid: u32, ts_ns: u64, id: Option<u32>| match kernel.cfi {
+        Some(cfi) => cfi.unwound.choose(pid, ts_ns, id, fp_of),
+        None => id,
+    };
+    for c in &mut due {
+        if let Some(o) = c.entered.origin.as_mut() {
+            o.stack_id = choose(o.pid, o.ts_ns, o.stack_id);
+        }
+    }
+    let stack_of = |id: u32| -> Option<Vec<u64>> {
+        if id >= crate::unwind::CFI_STACK {
+            kernel
+                .cfi
+                .and_then(|cfi| cfi.unwound.stack(id))
+                .map(|(addrs, _)| addrs.to_vec())
+        } else {
+            fp_of(id)
+        }
+    };
     let now = std::time::SystemTime::now();
-    let last_use_of = |pid: u32, fd: i32| last_use.and_then(|m| m.lookup(pid, fd));
+    let last_use_of = |pid: u32, fd: i32| {
+        kernel
+            .last_use
+            .and_then(|m| m.lookup(pid, fd))
+            .map(|mut u| {
+                u.stack_id = choose(u.pid, u.checkout_ns, u.stack_id);
+                u
+            })
+    };
     for leak in enricher.enrich(due, stack_of, last_use_of) {
         let (origin, last_use) = &mut pipeline.truncated_stacks;
         *origin += u64::from(crate::symbolize::is_truncated(&leak.stack));

@@ -162,6 +162,18 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STACKS_PER_SECOND)]
     pub stacks_per_second: u32,
 
+    /// Bytes of user stack the kernel copies, with the registers, wherever it walks a stack
+    /// (within --stacks-per-second), for the agent to unwind from the binaries' CFI
+    /// (.eh_frame): the whole stack of a C, C++ or Rust program built without frame pointers,
+    /// where the frame-pointer walk stops at the first such function. Whole pages, at most
+    /// 16K; `0` (or `off`): frame pointers only. A deeper stack than the copy keeps the frames
+    /// it holds (the stack says `truncated`). Each copy goes through the ring buffer and is
+    /// unwound and dropped as it arrives: the agent keeps return addresses, never the bytes.
+    /// Copies wait while the ring is more than half full (counted:
+    /// `tcptrace_stack_copies_total{outcome}`). Needs x86_64 and BTF.
+    #[arg(long, value_name = "BYTES", default_value = "16K", value_parser = parse_stack_copy)]
+    pub stack_copy: u32,
+
     /// Last use: on every TCP send and receive the kernel keeps, in the socket's own storage,
     /// when and by whom it was used last, and at each checkout (the first I/O after
     /// --last-use-gap without one: a pooled connection taken out of its pool) the user stack.
@@ -346,6 +358,30 @@ pub fn parse_max_stacks(s: &str) -> Result<u32, String> {
     }
 }
 
+/// Parses `--stack-copy`: bytes (`K`/`KiB` for 1024), 0 or `off` to 16 KiB.
+pub fn parse_stack_copy(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(0);
+    }
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        _ => 0,
+    };
+    let max = tcptrace_common::STACK_COPY_BYTES as u64;
+    match digits.parse::<u64>() {
+        Ok(n) if scale > 0 && n * scale <= max => Ok((n * scale) as u32),
+        _ => Err(format!(
+            "{s:?} is not a stack copy size from 0 (off) to 16K (bytes, or K for KiB)"
+        )),
+    }
+}
+
 /// Parses a queue length: 1 to 16 M lines.
 pub fn parse_queue_size(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
@@ -483,6 +519,20 @@ mod tests {
         );
         assert!(parse(&["tcptrace", "--last-use", "sometimes"]).is_err());
         assert!(parse(&["tcptrace", "--last-use-gap", "0s"]).is_err());
+    }
+
+    #[test]
+    fn stack_copies_are_whole_sizes_up_to_16k_and_can_be_off() {
+        assert_eq!(parse_stack_copy("16K"), Ok(16384));
+        assert_eq!(parse_stack_copy("8kib"), Ok(8192));
+        assert_eq!(parse_stack_copy("4096"), Ok(4096));
+        assert_eq!(parse_stack_copy("off"), Ok(0));
+        assert_eq!(parse_stack_copy("0"), Ok(0));
+        assert!(parse_stack_copy("17K").is_err());
+        assert!(parse_stack_copy("1M").is_err());
+        assert!(parse_stack_copy("-1").is_err());
+        let parsed = Cli::try_parse_from(["tcptrace"]).map(|c| c.stack_copy);
+        assert_eq!(parsed.ok(), Some(16384));
     }
 
     #[test]

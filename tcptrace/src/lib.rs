@@ -47,3 +47,4 @@ pub mod syslog;
 pub mod timewait;
 pub mod tracefs;
 pub mod tracker;
+pub mod unwind;

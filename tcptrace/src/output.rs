@@ -260,7 +260,9 @@ struct OriginFields<'a> {
 /// How a stack was walked and whether the walk saw all of it.
 #[derive(Serialize)]
 struct StackWalk {
-    /// `fp`: by frame pointers (the kernel's `bpf_get_stackid`).
+    /// `fp`: by frame pointers (the kernel's `bpf_get_stackid`); `cfi`:
+    /// from the binaries' unwind tables, over the kernel's copy of the
+    /// stack (see [`crate::unwind`]).
     unwind: &'static str,
     /// The walk stopped short of the thread's entry (see
     /// [`crate::symbolize::is_truncated`]).
@@ -268,9 +270,10 @@ struct StackWalk {
 }
 
 impl StackWalk {
-    fn of(stack: &[Frame]) -> Self {
+    /// The walk of `stack`, whose id is `stack_id`.
+    fn of(stack: &[Frame], stack_id: Option<u32>) -> Self {
         Self {
-            unwind: "fp",
+            unwind: crate::unwind::method(stack_id),
             truncated: crate::symbolize::is_truncated(stack),
         }
     }
@@ -610,7 +613,7 @@ impl Format {
                     fd: o.fd,
                     ts: rfc3339(clock.wall(o.ts_ns)),
                     stack: &leak.stack,
-                    walk: StackWalk::of(&leak.stack),
+                    walk: StackWalk::of(&leak.stack, o.stack_id),
                 }),
                 last_use: leak.last_use.as_ref().map(|u| {
                     let fin_ns = t.change.ts_ns;
@@ -628,7 +631,7 @@ impl Format {
                         checkouts: u.checkouts,
                         ios: u.ios,
                         stack: &leak.last_use_stack,
-                        walk: StackWalk::of(&leak.last_use_stack),
+                        walk: StackWalk::of(&leak.last_use_stack, u.stack_id),
                     }
                 }),
                 message: summary(leak),

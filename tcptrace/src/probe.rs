@@ -42,6 +42,9 @@ pub struct Probes {
     pub lost: LostCounter,
     /// User stacks taken at connect() and accept().
     pub stacks: StackTraceMap<MapData>,
+    /// The kernel's counts of user stack copies (see
+    /// [`ProbeOptions::stack_copy_pages`]).
+    pub stack_copies: StackCopyCounter,
     /// Every transition, counted in the kernel.
     pub transitions: TransitionCounter,
     /// Origins of live connections, when the kernel keeps them.
@@ -264,6 +267,54 @@ pub struct ProbeOptions {
     /// `sock:sock_recv_length`), a checkout being the first I/O after this
     /// long without one; `None`: off.
     pub last_use_gap: Option<std::time::Duration>,
+    /// Pages of user stack copied beside each stack walk, for the agent
+    /// to unwind from CFI (see [`stack_copy_pages`]); 0: frame pointers
+    /// only.
+    pub stack_copy_pages: u32,
+}
+
+/// The kernel's per-CPU `STACK_COPY_COUNTS`.
+pub struct StackCopyCounter {
+    counts: PerCpuArray<MapData, u64>,
+    /// Pages copied per stack (0: copies are off).
+    pub pages: u32,
+}
+
+/// What the kernel did with stack copies since load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackCopyCounts {
+    /// Copies sent through the ring.
+    pub sent: u64,
+    /// Not taken: the ring was more than half full.
+    pub ring_busy: u64,
+    /// Lost: the ring was full.
+    pub lost: u64,
+    /// Cut short by a page that could not be read.
+    pub short: u64,
+}
+
+impl StackCopyCounter {
+    /// Counts summed over CPUs (zero when they cannot be read).
+    pub fn counts(&self) -> StackCopyCounts {
+        let slot = |i: u32| per_cpu_sum(&self.counts, i);
+        StackCopyCounts {
+            sent: slot(tcptrace_common::COPIES_SENT),
+            ring_busy: slot(tcptrace_common::COPIES_RING_BUSY),
+            lost: slot(tcptrace_common::COPIES_LOST),
+            short: slot(tcptrace_common::COPIES_SHORT),
+        }
+    }
+}
+
+/// Pages of user stack the kernel copies for `bytes` of `--stack-copy`
+/// (rounded up, at most [`tcptrace_common::STACK_COPY_PAGES`]); 0 where
+/// it cannot: an architecture other than x86_64 (the registers' layout),
+/// or a kernel without BTF (`bpf_task_pt_regs` takes a BTF task).
+pub fn stack_copy_pages(bytes: u32) -> u32 {
+    if !cfg!(target_arch = "x86_64") || !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return 0;
+    }
+    bytes.div_ceil(4096).min(tcptrace_common::STACK_COPY_PAGES)
 }
 
 /// Loads the program and attaches every hook it supports.
@@ -296,6 +347,7 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     config.wakeup_bytes = ring_bytes / WAKEUP_SHARE;
     (config.emit_new, config.emit_old) = options.interest;
     config.stacks_per_second = options.stacks_per_second;
+    config.stack_copy_pages = options.stack_copy_pages;
     // Unused tables get one slot.
     let mut cw_slots = 1;
     if let Some(quiet) = options.close_wait_quiet {
@@ -388,6 +440,14 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         .take_map("STACKS")
         .ok_or_else(|| anyhow!("the eBPF object has no STACKS map"))?;
     let stacks = StackTraceMap::try_from(stacks).context("opening the STACKS map")?;
+    let stack_copies = StackCopyCounter {
+        counts: PerCpuArray::try_from(
+            ebpf.take_map("STACK_COPY_COUNTS")
+                .ok_or_else(|| anyhow!("the eBPF object has no STACK_COPY_COUNTS map"))?,
+        )
+        .context("opening the STACK_COPY_COUNTS map")?,
+        pages: options.stack_copy_pages,
+    };
     let transitions = ebpf
         .take_map("TRANSITIONS")
         .ok_or_else(|| anyhow!("the eBPF object has no TRANSITIONS map"))?;
@@ -417,6 +477,7 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         ring,
         lost,
         stacks,
+        stack_copies,
         transitions,
         origins,
         close_waits,

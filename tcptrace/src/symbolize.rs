@@ -326,7 +326,7 @@ impl Default for Symbolizer {
 
 /// Field 22 of /proc/PID/stat: the process start time, in clock ticks since
 /// boot. Together with the pid it names one process incarnation.
-fn start_time(pid: u32) -> Option<u64> {
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_start_time(&stat)
 }
