@@ -300,8 +300,10 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         printing.join(",")
     );
 
-    let kernel_counts = |lost_seen| KernelCounts {
+    let kernel_counts = |lost_seen, unwind| KernelCounts {
         lost: lost_seen,
+        stack_copies: &stack_copies,
+        unwind,
         programs: &lost,
         transitions: &transitions,
         origins: &origins,
@@ -351,10 +353,10 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
             _ = summary_tick.tick() => {
-                summary.report(&pipeline, &kernel_counts(lost_seen), &mut out)?;
+                summary.report(&pipeline, &kernel_counts(lost_seen, reader.unwind_stats()), &mut out)?;
             }
             scrape = scrape_rx.recv(), if scrapes_open => match scrape {
-                Some(req) => answer_scrape(req, &pipeline, &kernel_counts(lost_seen), &out),
+                Some(req) => answer_scrape(req, &pipeline, &kernel_counts(lost_seen, reader.unwind_stats()), &out),
                 None => scrapes_open = false,
             },
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
@@ -467,6 +469,9 @@ struct KernelCounts<'a> {
     origins: &'a probe::OriginMap,
     close_waits: &'a crate::cwtable::CloseWaitTable,
     last_use: Option<&'a crate::lastuse::LastUseMap>,
+    stack_copies: &'a probe::StackCopyCounter,
+    /// The agent's unwinding, as last read.
+    unwind: crate::unwind::UnwindStats,
 }
 
 impl KernelCounts<'_> {
@@ -480,6 +485,8 @@ impl KernelCounts<'_> {
         snapshot.outputs = out.sinks.stats();
         snapshot.kernel_origins = self.origins.counts();
         snapshot.last_use = self.last_use.map(|m| m.counts()).unwrap_or_default();
+        snapshot.stack_copies = self.stack_copies.counts();
+        snapshot.unwind = self.unwind;
         // Stays in CLOSE_WAIT the kernel only counted (see
         // `announce_close_waits`) belong in the linger histogram too.
         snapshot
@@ -589,6 +596,14 @@ impl Reader {
             overflows: 0,
             cfi: None,
         }
+    }
+
+    /// What unwinding did (zeros when the kernel copies no stacks).
+    fn unwind_stats(&self) -> crate::unwind::UnwindStats {
+        self.cfi
+            .as_ref()
+            .map(crate::unwind::CfiStacks::stats)
+            .unwrap_or_default()
     }
 
     /// Reads what the ring holds and hands it to `pipeline`, the lines to

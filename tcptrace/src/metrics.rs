@@ -79,6 +79,10 @@ pub struct Snapshot {
     /// Last use: checkouts, their stacks and I/Os without storage (zeros
     /// when last use is off).
     pub last_use: crate::lastuse::LastUseCounts,
+    /// The kernel's user stack copies (zeros when they are off).
+    pub stack_copies: crate::probe::StackCopyCounts,
+    /// The agent's unwinding of them.
+    pub unwind: crate::unwind::UnwindStats,
     /// The agent's kernel programs: runs and time (with
     /// `kernel.bpf_stats_enabled`).
     pub programs: Vec<crate::progstats::ProgramTime>,
@@ -407,6 +411,63 @@ impl Collector for SnapshotCollector {
             [(Labels::new(), counter(s.last_use.no_storage))],
         )?;
 
+        let c = &s.stack_copies;
+        family(
+            &mut e,
+            "tcptrace_stack_copies",
+            "User stack copies the kernel took for CFI unwinding (--stack-copy), by outcome: sent through the ring, not taken while the ring was more than half full (ring_busy), lost to a full ring, or cut short by a page that could not be read (short, also counted as sent).",
+            None,
+            [
+                ("sent", c.sent),
+                ("ring_busy", c.ring_busy),
+                ("lost", c.lost),
+                ("short", c.short),
+            ]
+            .map(|(outcome, n)| (vec![("outcome", outcome.to_string())], counter(n))),
+        )?;
+        let u = &s.unwind;
+        family(
+            &mut e,
+            "tcptrace_unwound_stacks",
+            "Stack copies the agent unwound from CFI, by result: complete (reached the thread's first frame), partial (stopped at a frame without unwind information or the copy's end), failed (the process was gone).",
+            None,
+            [
+                ("complete", u.counts.complete),
+                ("partial", u.counts.unwound - u.counts.complete),
+                ("failed", u.counts.failed),
+            ]
+            .map(|(result, n)| (vec![("result", result.to_string())], counter(n))),
+        )?;
+        family(
+            &mut e,
+            "tcptrace_unwind_seconds",
+            "Agent CPU time spent unwinding stack copies, module loading included.",
+            None,
+            [(Labels::new(), ConstCounter::new(u.counts.ns as f64 / 1e9))],
+        )?;
+        family(
+            &mut e,
+            "tcptrace_stack_copy_bytes",
+            "Bytes of user stack received for unwinding (unwound and dropped at once).",
+            None,
+            [(Labels::new(), counter(u.counts.bytes))],
+        )?;
+        family(
+            &mut e,
+            "tcptrace_unwound_captures",
+            "Unwound stacks kept for live connections until a leak asks for them (at most --max-sockets).",
+            None,
+            [(Labels::new(), gauge(u.captures))],
+        )?;
+        family(
+            &mut e,
+            "tcptrace_unwound_captures_evicted",
+            "Unwound stacks forgotten to make room (their connections' leaks show the frame-pointer walk), and stacks not kept because --max-stacks distinct ones were.",
+            None,
+            [("evicted", u.evicted), ("stacks_full", u.full)]
+                .map(|(why, n)| (vec![("reason", why.to_string())], counter(n))),
+        )?;
+
         if let Some(p) = &s.process {
             family(
                 &mut e,
@@ -578,6 +639,25 @@ mod tests {
                 stacks: 10,
                 no_storage: 1,
             },
+            stack_copies: crate::probe::StackCopyCounts {
+                sent: 9,
+                ring_busy: 2,
+                lost: 0,
+                short: 1,
+            },
+            unwind: crate::unwind::UnwindStats {
+                counts: crate::unwind::UnwindCounts {
+                    unwound: 8,
+                    complete: 6,
+                    failed: 1,
+                    ns: 250_000,
+                    bytes: 65536,
+                },
+                captures: 5,
+                evicted: 3,
+                full: 0,
+                malformed: 0,
+            },
             programs: vec![crate::progstats::ProgramTime {
                 program: "inet_sock_set_state_fixed".into(),
                 runs: 1000,
@@ -624,6 +704,15 @@ mod tests {
             "tcptrace_last_use_stacks_total 10",
             "tcptrace_last_use_unrecorded_total 1",
             "tcptrace_origin_stacks_skipped_total 3",
+            "tcptrace_stack_copies_total{outcome=\"sent\"} 9",
+            "tcptrace_stack_copies_total{outcome=\"ring_busy\"} 2",
+            "tcptrace_unwound_stacks_total{result=\"complete\"} 6",
+            "tcptrace_unwound_stacks_total{result=\"partial\"} 2",
+            "tcptrace_unwound_stacks_total{result=\"failed\"} 1",
+            "tcptrace_unwind_seconds_total 0.00025",
+            "tcptrace_stack_copy_bytes_total 65536",
+            "tcptrace_unwound_captures 5",
+            "tcptrace_unwound_captures_evicted_total{reason=\"evicted\"} 3",
             "tcptrace_bpf_program_runs_total{program=\"inet_sock_set_state_fixed\"} 1000",
             "tcptrace_bpf_program_run_seconds_total{program=\"inet_sock_set_state_fixed\"} 0.0015",
             "process_cpu_seconds_total 1.5",

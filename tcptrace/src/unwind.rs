@@ -146,10 +146,18 @@ impl ModuleData {
     /// offset `offset` at `start`.
     fn base_avma(&self, start: u64, offset: u64) -> Option<u64> {
         // A segment's mapping starts at its file offset rounded down to a
-        // page, which may lie before the segment itself.
-        let &(vaddr, file_offset, _) = self.segments.iter().find(|&&(_, off, size)| {
-            off & !PAGE_MASK <= offset && offset < off.saturating_add(size.max(1))
-        })?;
+        // page, which may lie inside the segment before it (lld packs a
+        // read-only segment and the code into one page of the file, at
+        // addresses a page apart): the segment that starts there first.
+        let &(vaddr, file_offset, _) = self
+            .segments
+            .iter()
+            .find(|&&(_, off, _)| off & !PAGE_MASK == offset)
+            .or_else(|| {
+                self.segments.iter().find(|&&(_, off, size)| {
+                    off <= offset && offset < off.saturating_add(size.max(1))
+                })
+            })?;
         let svma = vaddr.wrapping_add(offset).wrapping_sub(file_offset);
         start.checked_sub(svma)
     }
@@ -225,7 +233,8 @@ pub struct StackUnwinder {
     modules: HashMap<ModuleKey, Arc<ModuleData>>,
     procs: HashMap<u32, ProcUnwinder>,
     cache: CacheX86_64,
-    /// Files that could not be read, by key, not tried again.
+    /// Files that could not be parsed, by device and inode, not tried
+    /// again.
     unreadable: HashMap<(String, u64), ()>,
     /// Counts since start.
     pub counts: UnwindCounts,
@@ -306,7 +315,15 @@ impl StackUnwinder {
                     complete = true;
                     break;
                 }
-                Err(_) => break,
+                Err(e) => {
+                    log::debug!(
+                        "unwinding pid {pid}: stopped after {} frames ({e}; {} bytes of stack \
+                         from {sp:#x})",
+                        addrs.len(),
+                        stack.len()
+                    );
+                    break;
+                }
             }
         }
         Some(Unwound { addrs, complete })
@@ -370,14 +387,27 @@ impl StackUnwinder {
         if let Some(data) = self.modules.get(&by_file) {
             return Some(data.clone());
         }
+        // Not remembered as unreadable: the process may have exited
+        // between its maps and its files (a client that connects and
+        // quits), and the next process mapping the file is another chance.
         let Some(file) = open_mapped(pid, m, path) else {
-            self.unreadable.insert(file_key, ());
+            log::debug!("unwinding: cannot open {path} of pid {pid}");
             return None;
         };
-        let Ok((build_id, data)) = ModuleData::read(file) else {
-            self.unreadable.insert(file_key, ());
-            return None;
+        let (build_id, data) = match ModuleData::read(file) {
+            Ok(read) => read,
+            Err(e) => {
+                log::debug!("unwinding: cannot read {path} of pid {pid}: {e}");
+                self.unreadable.insert(file_key, ());
+                return None;
+            }
         };
+        log::debug!(
+            "unwinding: {path} of pid {pid}: eh_frame {}, eh_frame_hdr {}, debug_frame {}",
+            data.eh_frame.is_some(),
+            data.eh_frame_hdr.is_some(),
+            data.debug_frame.is_some()
+        );
         if self.modules.len() >= MAX_MODULES {
             self.modules.clear();
         }
@@ -569,6 +599,34 @@ impl CfiStacks {
     }
 }
 
+/// What the agent's unwinding did since start, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindStats {
+    /// The unwinder's counts.
+    pub counts: UnwindCounts,
+    /// Captures kept now.
+    pub captures: u64,
+    /// Captures forgotten to make room.
+    pub evicted: u64,
+    /// Stacks not kept: the table of distinct stacks was full.
+    pub full: u64,
+    /// Copies whose record did not parse.
+    pub malformed: u64,
+}
+
+impl CfiStacks {
+    /// The counts, as metrics show them.
+    pub fn stats(&self) -> UnwindStats {
+        UnwindStats {
+            counts: self.unwinder.counts,
+            captures: self.unwound.len() as u64,
+            evicted: self.unwound.evicted,
+            full: self.unwound.full,
+            malformed: self.malformed,
+        }
+    }
+}
+
 /// How a stack id was walked: `cfi` or `fp`.
 pub fn method(stack_id: Option<u32>) -> &'static str {
     match stack_id {
@@ -645,6 +703,13 @@ garbage
         // A non-PIE whose code segment does not start on a page of its file.
         let fixed = with(vec![(0x40_0000, 0, 0x800), (0x40_1120, 0x1120, 0x100)]);
         assert_eq!(fixed.base_avma(0x40_1000, 0x1000), Some(0));
+        // rustc's (lld's) PIE layout: the code segment shares its first
+        // page of the file with the read-only one, a page higher in memory.
+        let rust = with(vec![(0, 0, 0x145d0), (0x155d0, 0x145d0, 0x417a0)]);
+        assert_eq!(
+            rust.base_avma(0x5555_0001_5000, 0x14000),
+            Some(0x5555_0000_0000)
+        );
     }
 
     fn unwound(addrs: &[u64], complete: bool) -> Unwound {

@@ -1,8 +1,9 @@
-//! Symbols from where programs really keep them: a stripped server whose
-//! debug information lives in a separate file (`.gnu_debuglink`), as
-//! distributions ship them, and a frame inside a shared library mapped at
-//! a random base. The leak's stack must name the function that accepted
-//! the connection, and main.
+//! Stacks and symbols from where programs really keep them: servers built
+//! as distributions and release profiles build them (`-O2`, no frame
+//! pointers: unwound from CFI), in C, C++ and Rust; a stripped server whose
+//! debug information lives in a separate file (`.gnu_debuglink`); and a
+//! frame inside a shared library mapped at a random base. The leak's stack
+//! must name the function that accepted the connection, and main.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,11 +21,12 @@ fn run(cmd: &mut Command) {
     assert_eq!(code, Some(0), "{cmd:?} failed:\n{out}\n{err}");
 }
 
-/// The leaky server, stripped, its debug information in `NAME.debug`
-/// beside it (found by the link's name in the binary's own directory).
-fn stripped_with_debuglink(dir: &Path) -> PathBuf {
+/// Binary `built`, copied into `dir` and stripped, its debug information
+/// in `NAME.debug` beside it (found by the link's name in the binary's own
+/// directory).
+fn stripped_with_debuglink(dir: &Path, built: &Path) -> PathBuf {
     let bin = dir.join("leaky_server");
-    std::fs::copy(fixture("leaky_server"), &bin).expect("copy the fixture");
+    std::fs::copy(built, &bin).expect("copy the fixture");
     let debug = dir.join("leaky_server.debug");
     run(Command::new("objcopy")
         .arg("--only-keep-debug")
@@ -68,7 +70,7 @@ fn leak_of(bin: &Path, args: &[&str]) -> (Agent, Peer, Value) {
 #[test]
 fn a_stripped_binary_is_named_from_its_separate_debug_file() {
     let dir = TempDir::new("debuglink");
-    let bin = stripped_with_debuglink(&dir.0);
+    let bin = stripped_with_debuglink(&dir.0, &fixture("leaky_server"));
     let (agent, server, leak) = leak_of(&bin, &["127.0.0.1", "0", "1"]);
     let leak = &leak;
     assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
@@ -155,6 +157,153 @@ fn a_frame_in_a_shared_library_is_named_with_the_programs() {
         );
     }
     assert_eq!(leak["origin"]["truncated"], false, "{leak}");
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+/// `tests/fixtures/FILE`.
+fn source(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(file)
+}
+
+/// Compiles `src` with `compiler` and `flags` into `dir/name`.
+fn compile(dir: &Path, name: &str, compiler: &str, flags: &[&str], src: &Path) -> PathBuf {
+    let bin = dir.join(name);
+    let mut cmd = Command::new(compiler);
+    cmd.args(flags).arg("-o").arg(&bin).arg(src);
+    if compiler == "cc" {
+        cmd.arg(format!("-I{}", source("").display()));
+    }
+    run(&mut cmd);
+    bin
+}
+
+/// Whether `bin` keeps frame pointers in `function`: its code sets up
+/// `rbp` as `push %rbp; mov %rsp,%rbp`.
+fn has_frame_pointer(bin: &Path, function: &str) -> bool {
+    let (_, out, _) = run_to_end(
+        Command::new("objdump")
+            .arg("-d")
+            .arg(format!("--disassemble={function}"))
+            .arg(bin),
+    );
+    out.contains("mov    %rsp,%rbp")
+}
+
+/// The leak's origin stack must hold `wanted` (each a function name, or
+/// its tail after `::`), be whole, and have been unwound by `unwind`.
+fn assert_whole_origin(leak: &Value, wanted: &[&str], unwind: &str, what: &str) {
+    let opened = functions(&leak["origin"]["stack"]);
+    for f in wanted {
+        assert!(
+            opened.iter().any(|g| g == f
+                || g.ends_with(&format!("::{f}"))
+                || g.contains(&format!("::{f}("))),
+            "{what}: origin stack {opened:?} lacks {f}\n{leak}"
+        );
+    }
+    assert_eq!(leak["origin"]["truncated"], false, "{what}: {leak}");
+    assert_eq!(leak["origin"]["unwind"], unwind, "{what}: {leak}");
+}
+
+#[test]
+fn c_servers_built_as_distributions_build_them_leak_with_whole_stacks() {
+    let dir = TempDir::new("unwind-c");
+    let src = source("leaky_server.c");
+    let o2g = compile(&dir.0, "o2g", "cc", &["-O2", "-g"], &src);
+    // Without frame pointers, the kernel's walk would end in libc.
+    assert!(!has_frame_pointer(&o2g, "accept_orders"), "-O2 kept rbp");
+    let builds = [
+        ("-O2 -g", o2g.clone(), "cfi"),
+        // Names from the symbol table alone; CFI is in .eh_frame, which
+        // the build keeps without -g.
+        ("-O2", compile(&dir.0, "o2", "cc", &["-O2"], &src), "cfi"),
+        (
+            "stripped -O2 -g with a debug link",
+            stripped_with_debuglink(&dir.0, &o2g),
+            "cfi",
+        ),
+        // Frame pointers in the program's own code, none in glibc's
+        // accept() wrapper: the frame-pointer walk skips the wrapper's
+        // caller, the CFI unwind does not.
+        (
+            "-O2 -fno-omit-frame-pointer",
+            compile(
+                &dir.0,
+                "o2fp",
+                "cc",
+                &["-O2", "-g", "-fno-omit-frame-pointer"],
+                &src,
+            ),
+            "cfi",
+        ),
+    ];
+    for (what, bin, unwind) in builds {
+        let (agent, server, leak) = leak_of(&bin, &["127.0.0.1", "0", "1"]);
+        assert_eq!(leak["owner"][0]["pid"], server.pid(), "{what}: {leak}");
+        assert_whole_origin(&leak, &["accept_orders", "main"], unwind, what);
+        let stopped = agent.stop();
+        assert!(stopped.status.success(), "{what}");
+    }
+}
+
+#[test]
+fn a_cpp_server_built_o2_leaks_with_its_method_and_main() {
+    let dir = TempDir::new("unwind-cpp");
+    let bin = compile(
+        &dir.0,
+        "leaky_server_cpp",
+        "g++",
+        &["-O2", "-g"],
+        &source("unwind/leaky_server.cpp"),
+    );
+    let (agent, server, leak) = leak_of(&bin, &["127.0.0.1", "0", "1"]);
+    assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
+    assert_whole_origin(&leak, &["accept_loop", "main"], "cfi", "C++ -O2 -g");
+    let frame = leak["origin"]["stack"]
+        .as_array()
+        .and_then(|s| {
+            s.iter().find(|f| {
+                f["function"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("OrderServer::accept_loop"))
+            })
+        })
+        .unwrap_or_else(|| panic!("no demangled OrderServer::accept_loop frame\n{leak}"));
+    assert!(
+        frame["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("leaky_server.cpp")),
+        "{frame}"
+    );
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+#[test]
+fn a_rust_release_server_leaks_with_its_function_and_main() {
+    let dir = TempDir::new("unwind-rust");
+    // What `cargo build --release` gives (opt-level 3, no frame pointers),
+    // with line tables.
+    let bin = compile(
+        &dir.0,
+        "leaky_server_rs",
+        "rustc",
+        &[
+            "-C",
+            "opt-level=3",
+            "-C",
+            "debuginfo=line-tables-only",
+            "--edition",
+            "2021",
+        ],
+        &source("unwind/leaky_server.rs"),
+    );
+    let (agent, server, leak) = leak_of(&bin, &["127.0.0.1", "0", "1"]);
+    assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
+    assert_whole_origin(&leak, &["accept_loop", "main"], "cfi", "Rust --release");
     let stopped = agent.stop();
     assert!(stopped.status.success());
 }
