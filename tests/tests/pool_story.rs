@@ -816,9 +816,16 @@ fn python_pool_behind_haproxy_names_the_thread_of_the_last_checkout() {
         let last = &l["last_use"];
         assert_eq!(last["tid"], update, "{l}");
         assert_forgotten_checkout(l);
-        // CPython keeps no frame pointers: the walk stops in libc, and
-        // says so.
-        assert_eq!(last["truncated"], true, "{l}");
+        // CPython keeps no frame pointers: unwound from its CFI, the
+        // native stack is whole, through the interpreter's loop to the
+        // thread's entry.
+        assert_eq!(last["unwind"], "cfi", "{l}");
+        assert_eq!(last["truncated"], false, "{l}");
+        let native = functions(&last["stack"]);
+        assert!(
+            native.iter().any(|f| f == "_PyEval_EvalFrameDefault"),
+            "{native:?}\n{l}"
+        );
     }
     let idle = by_comm("initdb");
     assert_eq!(idle.len(), 1, "1 last used by thread initdb\n{context}");

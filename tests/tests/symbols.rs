@@ -49,7 +49,14 @@ fn stripped_with_debuglink(dir: &Path, built: &Path) -> PathBuf {
 /// "leaked fd FD" once a client hung up) under an agent, has one client
 /// connect and hang up, and returns the agent, the server and its leak.
 fn leak_of(bin: &Path, args: &[&str]) -> (Agent, Peer, Value) {
-    let agent = Agent::start(&["--leak-after", "500ms", "--events", "leak"]);
+    leak_under(&[], bin, args)
+}
+
+/// [`leak_of`] under an agent started with `agent_args` too.
+fn leak_under(agent_args: &[&str], bin: &Path, args: &[&str]) -> (Agent, Peer, Value) {
+    let mut all = vec!["--leak-after", "500ms", "--events", "leak"];
+    all.extend_from_slice(agent_args);
+    let agent = Agent::start(&all);
     let mut server = Peer::spawn(fixture_cmd(bin, None, args));
     let port: u16 = server.expect("listening").parse().expect("port");
     let target = endpoint("127.0.0.1", port);
@@ -304,6 +311,20 @@ fn a_rust_release_server_leaks_with_its_function_and_main() {
     let (agent, server, leak) = leak_of(&bin, &["127.0.0.1", "0", "1"]);
     assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
     assert_whole_origin(&leak, &["accept_loop", "main"], "cfi", "Rust --release");
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
+
+#[test]
+fn without_stack_copies_frame_pointers_walk_alone() {
+    // The -O0 frame-pointer fixture: whole by frame pointers, so copies
+    // off lose nothing there; the walk says so.
+    let (agent, _server, leak) = leak_under(
+        &["--stack-copy", "off"],
+        &fixture("leaky_server"),
+        &["127.0.0.1", "0", "1"],
+    );
+    assert_whole_origin(&leak, &["accept_orders", "main"], "fp", "--stack-copy off");
     let stopped = agent.stop();
     assert!(stopped.status.success());
 }

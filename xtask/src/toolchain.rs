@@ -293,6 +293,10 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("mount", "mount"),
     ("umount", "mount"),
     ("cc", "gcc"),
+    // The C++ server of the unwinding tests.
+    ("g++", "g++"),
+    // Whether a fixture kept frame pointers.
+    ("objdump", "binutils"),
     // A stripped fixture with a separate debug file (symbols.rs).
     ("objcopy", "binutils"),
     ("strip", "binutils"),
