@@ -133,7 +133,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
             // costs the CPU that makes it.
             stage: events.contains(&EventKind::StateChange),
             last_use_gap: cli.last_use.then_some(cli.last_use_gap),
-            stack_copy_pages: probe::stack_copy_pages(cli.stack_copy),
+            stack_copy_pages: probe::stack_copy_pages(cli.stack_copy, plan.btf),
         },
     )?;
     if cli.stack_copy > 0 && stack_copies.pages == 0 {

@@ -309,9 +309,10 @@ impl StackCopyCounter {
 /// Pages of user stack the kernel copies for `bytes` of `--stack-copy`
 /// (rounded up, at most [`tcptrace_common::STACK_COPY_PAGES`]); 0 where
 /// it cannot: an architecture other than x86_64 (the registers' layout),
-/// or a kernel without BTF (`bpf_task_pt_regs` takes a BTF task).
-pub fn stack_copy_pages(bytes: u32) -> u32 {
-    if !cfg!(target_arch = "x86_64") || !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+/// or a kernel without BTF (`btf`, as [`crate::support`] probed it:
+/// `bpf_task_pt_regs` takes a BTF task).
+pub fn stack_copy_pages(bytes: u32, btf: bool) -> u32 {
+    if !cfg!(target_arch = "x86_64") || !btf {
         return 0;
     }
     bytes.div_ceil(4096).min(tcptrace_common::STACK_COPY_PAGES)

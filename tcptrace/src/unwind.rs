@@ -435,12 +435,13 @@ fn open_mapped(pid: u32, m: &Mapping, path: &str) -> Option<File> {
         .ok()
 }
 
-/// Which of two walks of one stack to show: the CFI unwind where it
-/// reached the stack's end, or saw at least as many frames as the
-/// frame-pointer walk; the frame-pointer walk otherwise (a JIT's frames,
-/// which have no CFI, or a copy cut short where frame pointers went on).
-pub fn prefer_cfi(fp: Option<&[u64]>, cfi: &Unwound) -> bool {
-    cfi.complete || fp.is_none_or(|fp| cfi.addrs.len() >= fp.len())
+/// Which of two walks of one stack to show: the CFI unwind `cfi` where it
+/// reached the stack's end (`complete`), or saw at least as many frames as
+/// the frame-pointer walk; the frame-pointer walk otherwise (a JIT's
+/// frames, which have no CFI, or a copy cut short where frame pointers
+/// went on). `fp` reads the frame-pointer walk, only when it is needed.
+pub fn prefer_cfi(cfi: &[u64], complete: bool, fp: impl FnOnce() -> Option<Vec<u64>>) -> bool {
+    complete || fp().is_none_or(|fp| cfi.len() >= fp.len())
 }
 
 /// Stacks unwound from copies, until their connection's leak asks for
@@ -534,12 +535,7 @@ impl UnwoundStacks {
         let Some((addrs, complete)) = self.stack(cfi_id) else {
             return fp_id;
         };
-        let fp = fp_id.and_then(fp_of);
-        let cfi = Unwound {
-            addrs: addrs.to_vec(),
-            complete,
-        };
-        if prefer_cfi(fp.as_deref(), &cfi) {
+        if prefer_cfi(addrs, complete, || fp_id.and_then(fp_of)) {
             Some(cfi_id)
         } else {
             fp_id
@@ -722,10 +718,15 @@ garbage
     #[test]
     fn cfi_wins_when_whole_or_at_least_as_deep() {
         let fp = [1, 2];
-        assert!(prefer_cfi(Some(&fp), &unwound(&[1], true)));
-        assert!(prefer_cfi(Some(&fp), &unwound(&[1, 3], false)));
-        assert!(!prefer_cfi(Some(&fp), &unwound(&[1], false)));
-        assert!(prefer_cfi(None, &unwound(&[1], false)));
+        let fp_walk = || Some(fp.to_vec());
+        assert!(prefer_cfi(&[1], true, fp_walk));
+        assert!(prefer_cfi(&[1, 3], false, fp_walk));
+        assert!(!prefer_cfi(&[1], false, fp_walk));
+        assert!(prefer_cfi(&[1], false, || None));
+        // A whole unwind needs no frame-pointer walk read.
+        assert!(prefer_cfi(&[1], true, || panic!(
+            "read the frame-pointer walk"
+        )));
     }
 
     #[test]

@@ -215,6 +215,18 @@ fn assert_whole_origin(leak: &Value, wanted: &[&str], unwind: &str, what: &str) 
     assert_eq!(leak["origin"]["unwind"], unwind, "{what}: {leak}");
 }
 
+/// Runs server `bin` under an agent started with `agent_args` too (see
+/// [`leak_under`]), and checks its leak as [`assert_whole_origin`] does,
+/// held by the server. Returns the leak, the agent stopped.
+fn whole_leak(agent_args: &[&str], bin: &Path, wanted: &[&str], unwind: &str, what: &str) -> Value {
+    let (agent, server, leak) = leak_under(agent_args, bin, &["127.0.0.1", "0", "1"]);
+    assert_eq!(leak["owner"][0]["pid"], server.pid(), "{what}: {leak}");
+    assert_whole_origin(&leak, wanted, unwind, what);
+    let stopped = agent.stop();
+    assert!(stopped.status.success(), "{what}");
+    leak
+}
+
 #[test]
 fn c_servers_built_as_distributions_build_them_leak_with_whole_stacks() {
     let dir = TempDir::new("unwind-c");
@@ -223,14 +235,13 @@ fn c_servers_built_as_distributions_build_them_leak_with_whole_stacks() {
     // Without frame pointers, the kernel's walk would end in libc.
     assert!(!has_frame_pointer(&o2g, "accept_orders"), "-O2 kept rbp");
     let builds = [
-        ("-O2 -g", o2g.clone(), "cfi"),
+        ("-O2 -g", o2g.clone()),
         // Names from the symbol table alone; CFI is in .eh_frame, which
         // the build keeps without -g.
-        ("-O2", compile(&dir.0, "o2", "cc", &["-O2"], &src), "cfi"),
+        ("-O2", compile(&dir.0, "o2", "cc", &["-O2"], &src)),
         (
             "stripped -O2 -g with a debug link",
             stripped_with_debuglink(&dir.0, &o2g),
-            "cfi",
         ),
         // Frame pointers in the program's own code, none in glibc's
         // accept() wrapper: the frame-pointer walk skips the wrapper's
@@ -244,15 +255,10 @@ fn c_servers_built_as_distributions_build_them_leak_with_whole_stacks() {
                 &["-O2", "-g", "-fno-omit-frame-pointer"],
                 &src,
             ),
-            "cfi",
         ),
     ];
-    for (what, bin, unwind) in builds {
-        let (agent, server, leak) = leak_of(&bin, &["127.0.0.1", "0", "1"]);
-        assert_eq!(leak["owner"][0]["pid"], server.pid(), "{what}: {leak}");
-        assert_whole_origin(&leak, &["accept_orders", "main"], unwind, what);
-        let stopped = agent.stop();
-        assert!(stopped.status.success(), "{what}");
+    for (what, bin) in builds {
+        whole_leak(&[], &bin, &["accept_orders", "main"], "cfi", what);
     }
 }
 
@@ -266,9 +272,7 @@ fn a_cpp_server_built_o2_leaks_with_its_method_and_main() {
         &["-O2", "-g"],
         &source("unwind/leaky_server.cpp"),
     );
-    let (agent, server, leak) = leak_of(&bin, &["127.0.0.1", "0", "1"]);
-    assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
-    assert_whole_origin(&leak, &["accept_loop", "main"], "cfi", "C++ -O2 -g");
+    let leak = whole_leak(&[], &bin, &["accept_loop", "main"], "cfi", "C++ -O2 -g");
     let frame = leak["origin"]["stack"]
         .as_array()
         .and_then(|s| {
@@ -285,8 +289,6 @@ fn a_cpp_server_built_o2_leaks_with_its_method_and_main() {
             .is_some_and(|f| f.ends_with("leaky_server.cpp")),
         "{frame}"
     );
-    let stopped = agent.stop();
-    assert!(stopped.status.success());
 }
 
 #[test]
@@ -308,23 +310,18 @@ fn a_rust_release_server_leaks_with_its_function_and_main() {
         ],
         &source("unwind/leaky_server.rs"),
     );
-    let (agent, server, leak) = leak_of(&bin, &["127.0.0.1", "0", "1"]);
-    assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
-    assert_whole_origin(&leak, &["accept_loop", "main"], "cfi", "Rust --release");
-    let stopped = agent.stop();
-    assert!(stopped.status.success());
+    whole_leak(&[], &bin, &["accept_loop", "main"], "cfi", "Rust --release");
 }
 
 #[test]
 fn without_stack_copies_frame_pointers_walk_alone() {
     // The -O0 frame-pointer fixture: whole by frame pointers, so copies
     // off lose nothing there; the walk says so.
-    let (agent, _server, leak) = leak_under(
+    whole_leak(
         &["--stack-copy", "off"],
         &fixture("leaky_server"),
-        &["127.0.0.1", "0", "1"],
+        &["accept_orders", "main"],
+        "fp",
+        "--stack-copy off",
     );
-    assert_whole_origin(&leak, &["accept_orders", "main"], "fp", "--stack-copy off");
-    let stopped = agent.stop();
-    assert!(stopped.status.success());
 }
