@@ -17,7 +17,7 @@
 //! The stack bytes are the program's memory: they are unwound as they
 //! arrive and dropped; only return addresses are kept.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::ops::Range;
 use std::sync::Arc;
@@ -235,7 +235,7 @@ pub struct StackUnwinder {
     cache: CacheX86_64,
     /// Files that could not be parsed, by device and inode, not tried
     /// again.
-    unreadable: HashMap<(String, u64), ()>,
+    unreadable: HashSet<(String, u64)>,
     /// Counts since start.
     pub counts: UnwindCounts,
 }
@@ -253,7 +253,7 @@ impl StackUnwinder {
             modules: HashMap::new(),
             procs: HashMap::new(),
             cache: CacheX86_64::new(),
-            unreadable: HashMap::new(),
+            unreadable: HashSet::new(),
             counts: UnwindCounts::default(),
         }
     }
@@ -380,7 +380,7 @@ impl StackUnwinder {
     /// The sections of the file `m` maps, read once per build id.
     fn module_data(&mut self, pid: u32, m: &Mapping, path: &str) -> Option<Arc<ModuleData>> {
         let file_key = (m.dev_inode.0.clone(), m.dev_inode.1);
-        if self.unreadable.contains_key(&file_key) {
+        if self.unreadable.contains(&file_key) {
             return None;
         }
         let by_file = ModuleKey::File(file_key.0.clone(), file_key.1, path.to_string());
@@ -398,7 +398,7 @@ impl StackUnwinder {
             Ok(read) => read,
             Err(e) => {
                 log::debug!("unwinding: cannot read {path} of pid {pid}: {e}");
-                self.unreadable.insert(file_key, ());
+                self.unreadable.insert(file_key);
                 return None;
             }
         };
