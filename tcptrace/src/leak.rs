@@ -10,7 +10,7 @@ use crate::closewait::LeakCandidate;
 use crate::groups::GroupKey;
 use crate::lastuse::LastUse;
 use crate::procfs::{self, Holder};
-use crate::symbolize::{application_frame, Frame, Symbolizer};
+use crate::symbolize::{application_frame, application_position, Frame, Symbolizer};
 use crate::tracker::Syscall;
 
 /// Why a socket stays in CLOSE_WAIT, from its receive queue.
@@ -195,7 +195,7 @@ pub fn summary(leak: &Leak) -> String {
 /// application frame on (a Go stack's runtime and syscall frames, libc's
 /// wrapper, tell a reader nothing), else from the top.
 fn short_stack(stack: &[Frame]) -> Vec<String> {
-    let from = stack.iter().position(Frame::is_application).unwrap_or(0);
+    let from = application_position(stack).unwrap_or(0);
     stack[from..]
         .iter()
         .filter(|f| f.function.is_some())
@@ -237,11 +237,8 @@ pub fn report_entry(leak: &Leak) -> crate::report::LeakEntry {
             direction: u.direction.name().to_string(),
             syscall: u.syscall.map(str::to_string),
             before_fin_ms: leak.last_use_before_fin_ms().unwrap_or(0.0),
-            code: leak
-                .last_use_stack
-                .iter()
-                .find(|f| f.is_application())
-                .map(Frame::display_short),
+            code: application_position(&leak.last_use_stack)
+                .map(|i| leak.last_use_stack[i].display_short()),
             stack: named_frames(&leak.last_use_stack),
             truncated: crate::symbolize::is_truncated(&leak.last_use_stack),
         }),
@@ -284,7 +281,7 @@ pub fn group_key(leak: &Leak) -> GroupKey {
         last_use_thread: leak
             .last_use
             .as_ref()
-            .filter(|_| !leak.last_use_stack.iter().any(Frame::is_application))
+            .filter(|_| application_position(&leak.last_use_stack).is_none())
             .map(|u| u.comm.clone()),
     }
 }
@@ -654,6 +651,7 @@ mod tests {
             file: Some(file.into()),
             line: Some(line),
             module: None,
+            jit: false,
             inlined: Vec::new(),
         };
         let l = leak(
@@ -683,6 +681,7 @@ mod tests {
             file: Some(file.into()),
             line: Some(line),
             module: Some(module.into()),
+            jit: false,
             inlined: Vec::new(),
         };
         let mut l = leak(

@@ -19,6 +19,7 @@ pub mod decode;
 pub mod filter;
 pub mod groups;
 pub mod inventory;
+pub mod jit;
 pub mod jsonline;
 pub mod lastuse;
 pub mod layout;

@@ -37,6 +37,11 @@ pub struct Frame {
     /// library), as /proc/PID/maps names it, if known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
+    /// Code a runtime compiled at run time (V8's JavaScript, CPython 3.12's
+    /// perf trampolines, Java's JIT), named from the process's perf map
+    /// (see [`crate::jit`]); its `file` and `line` come from that name.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub jit: bool,
     /// Functions the compiler inlined at `addr`, innermost first (each
     /// with the line it is at); [`expand_inlined`] makes them frames of
     /// their own, which is how stacks are shown.
@@ -58,6 +63,7 @@ impl Frame {
             file: None,
             line: None,
             module: None,
+            jit: false,
             inlined: Vec::new(),
         }
     }
@@ -82,6 +88,21 @@ impl Frame {
             .module
             .as_ref()
             .map(|m| m.to_string_lossy().into_owned());
+        if module.is_none() && sym.code_info.is_none() {
+            // No file maps the code: blazesym named it from the process's
+            // perf map, in the runtime's own format.
+            let name = crate::jit::parse(&sym.name);
+            return Self {
+                addr,
+                function: Some(name.function),
+                offset: Some(sym.offset as u64),
+                file: name.file,
+                line: name.line,
+                module: None,
+                jit: true,
+                inlined: Vec::new(),
+            };
+        }
         let (file, line) = place(sym.code_info.as_deref());
         let inlined = sym
             .inlined
@@ -96,6 +117,7 @@ impl Frame {
                     file,
                     line,
                     module: module.clone(),
+                    jit: false,
                     inlined: Vec::new(),
                 }
             })
@@ -107,6 +129,7 @@ impl Frame {
             file,
             line,
             module,
+            jit: false,
             inlined,
         }
     }
@@ -117,10 +140,15 @@ impl Frame {
     /// downloaded dependencies (Go's GOROOT and module cache, Rust's
     /// std and registry sources, vendored code), and not a Go runtime or
     /// standard package (for Go binaries without file names).
+    /// A JIT frame is the program's unless it is the runtime's own code
+    /// ([`crate::jit::is_runtime`]).
     pub fn is_application(&self) -> bool {
         let Some(function) = &self.function else {
             return false;
         };
+        if self.jit {
+            return !crate::jit::is_runtime(function, self.file.as_deref());
+        }
         if self.module.as_deref().is_some_and(is_shared_library) {
             return false;
         }
@@ -275,12 +303,21 @@ pub fn expand_inlined(frames: Vec<Frame>) -> Vec<Frame> {
     out
 }
 
-/// The innermost of `frames` that is the program's own code (see
-/// [`Frame::is_application`]), else the innermost with a name.
+/// Where in `frames` the program's own code starts: the innermost frame
+/// that [`Frame::is_application`] calls so. In a stack with JIT frames
+/// (Node, Java, CPython 3.12 `-X perf`) the runtime's native frames are
+/// the engine (libuv's write, V8's call stubs), not the program, so the
+/// innermost JIT frame of the program's own comes first.
+pub fn application_position(frames: &[Frame]) -> Option<usize> {
+    let program_jit = frames.iter().position(|f| f.jit && f.is_application());
+    program_jit.or_else(|| frames.iter().position(Frame::is_application))
+}
+
+/// The frame [`application_position`] finds, else the innermost with a
+/// name.
 pub fn application_frame(frames: &[Frame]) -> Option<&Frame> {
-    frames
-        .iter()
-        .find(|f| f.is_application())
+    application_position(frames)
+        .map(|i| &frames[i])
         .or_else(|| frames.iter().find(|f| f.function.is_some()))
 }
 
@@ -349,6 +386,19 @@ fn cacheable(result: &Symbolized<'_>) -> bool {
     !matches!(result, Symbolized::Unknown(Reason::IgnoredError))
 }
 
+/// Whether `result` is of code no file maps: a name from a perf map, or
+/// an address a perf map does not (yet) name. A runtime writes its perf
+/// map as it compiles and reuses the addresses of code it frees, so such
+/// names are looked up again each time rather than cached.
+fn jit_address(result: &Symbolized<'_>) -> bool {
+    match result {
+        Symbolized::Sym(sym) => sym.module.is_none() && sym.code_info.is_none(),
+        Symbolized::Unknown(reason) => {
+            matches!(reason, Reason::MissingComponent | Reason::UnknownAddr)
+        }
+    }
+}
+
 impl Symbolizer {
     /// A symbolizer with empty caches.
     pub fn new() -> Self {
@@ -405,7 +455,7 @@ impl Symbolizer {
                     Symbolized::Sym(sym) => Frame::from_sym(addr, sym),
                     Symbolized::Unknown(_) => Frame::raw(addr),
                 };
-                if cacheable(result) {
+                if cacheable(result) && !jit_address(result) {
                     if pc.frames.len() >= MAX_ADDRS_PER_PROCESS {
                         // Crude but bounded; refilling costs one lookup.
                         pc.frames.clear();
@@ -543,6 +593,7 @@ mod tests {
             file: file.map(str::to_string),
             line: None,
             module: module.map(str::to_string),
+            jit: false,
             inlined: Vec::new(),
         };
         let go = [
@@ -614,6 +665,59 @@ mod tests {
     }
 
     #[test]
+    fn in_a_jit_runtime_the_programs_script_comes_before_the_engine() {
+        let native = |function: &str, module: &str| Frame {
+            function: Some(function.into()),
+            module: Some(module.into()),
+            ..Frame::raw(1)
+        };
+        let js = |function: &str, file: &str, line: u32| Frame {
+            function: Some(function.into()),
+            file: Some(file.into()),
+            line: Some(line),
+            jit: true,
+            ..Frame::raw(2)
+        };
+        // Node's write, as the last-use walk sees it.
+        let node = [
+            native("__GI___libc_write", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            native("node::LibuvStreamWrap::DoTryWrite", "/usr/bin/node"),
+            native(
+                "Builtins_CEntry_Return1_ArgvOnStack_BuiltinExit",
+                "/usr/bin/node",
+            ),
+            js("handleWriteReq", "node:internal/stream_base_commons", 46),
+            js("Socket._write", "node:net", 969),
+            js("checkoutAndQuery", "/srv/app/pool.js", 7),
+            js("(anonymous)", "/srv/app/pool.js", 12),
+            native("uv_run", "/usr/bin/node"),
+            native("main", "/usr/bin/node"),
+        ];
+        assert_eq!(application_position(&node), Some(5));
+        assert_eq!(
+            application_frame(&node)
+                .map(Frame::display_short)
+                .as_deref(),
+            Some("checkoutAndQuery (pool.js:7)")
+        );
+        // Only the runtime's scripts: the native rule holds.
+        let internal = [
+            native("uv__tcp_connect", "/usr/bin/node"),
+            js("internalConnect", "node:net", 1038),
+        ];
+        assert_eq!(application_position(&internal), Some(0));
+        // A JIT frame says so in JSON; a native one says nothing.
+        let json = serde_json::to_value(&node[5]).expect("serialize");
+        assert_eq!(json["jit"], true);
+        assert_eq!(
+            serde_json::to_value(&node[0])
+                .expect("serialize")
+                .get("jit"),
+            None
+        );
+    }
+
+    #[test]
     fn inlined_calls_become_frames_of_their_own() {
         let at = |function: &str, file: &str, line: u32| Frame {
             addr: 7,
@@ -622,6 +726,7 @@ mod tests {
             file: Some(file.into()),
             line: Some(line),
             module: None,
+            jit: false,
             inlined: Vec::new(),
         };
         let mut update = at("main.update", "/srv/main.go", 54);

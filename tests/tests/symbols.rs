@@ -2,8 +2,10 @@
 //! as distributions and release profiles build them (`-O2`, no frame
 //! pointers: unwound from CFI), in C, C++ and Rust; a stripped server whose
 //! debug information lives in a separate file (`.gnu_debuglink`); and a
-//! frame inside a shared library mapped at a random base. The leak's stack
-//! must name the function that accepted the connection, and main.
+//! frame inside a shared library mapped at a random base; and JavaScript
+//! named from a Node client's perf map inside its own root. The leak's
+//! stack must name the function that accepted the connection, and main;
+//! the Node client's, the script's function that used it last.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,7 +14,7 @@ use serde_json::Value;
 
 use tcptrace_tests::{
     endpoint, fixture, fixture_cmd, functions, leaks_on_port, peer_bin, peer_cmd, run_to_end,
-    Agent, Peer, TempDir,
+    ss_close_wait, ss_users, Agent, Peer, Redis, TempDir,
 };
 
 /// Runs `cmd`, failing the test with its output if it fails.
@@ -21,21 +23,26 @@ fn run(cmd: &mut Command) {
     assert_eq!(code, Some(0), "{cmd:?} failed:\n{out}\n{err}");
 }
 
+/// Moves `bin`'s debug information into `debug` and strips `bin`, whose
+/// `.gnu_debuglink` then names `debug` (by its file name, with its CRC).
+fn strip_into(bin: &Path, debug: &Path) {
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(bin)
+        .arg(debug));
+    run(Command::new("strip").arg("--strip-all").arg(bin));
+    run(Command::new("objcopy")
+        .arg(format!("--add-gnu-debuglink={}", debug.display()))
+        .arg(bin));
+}
+
 /// Binary `built`, copied into `dir` and stripped, its debug information
 /// in `NAME.debug` beside it (found by the link's name in the binary's own
 /// directory).
 fn stripped_with_debuglink(dir: &Path, built: &Path) -> PathBuf {
     let bin = dir.join("leaky_server");
     std::fs::copy(built, &bin).expect("copy the fixture");
-    let debug = dir.join("leaky_server.debug");
-    run(Command::new("objcopy")
-        .arg("--only-keep-debug")
-        .arg(&bin)
-        .arg(&debug));
-    run(Command::new("strip").arg("--strip-all").arg(&bin));
-    run(Command::new("objcopy")
-        .arg(format!("--add-gnu-debuglink={}", debug.display()))
-        .arg(&bin));
+    strip_into(&bin, &dir.join("leaky_server.debug"));
     // Nothing left to read in the binary itself.
     let (_, out, err) = run_to_end(Command::new("nm").arg(&bin));
     assert!(
@@ -74,6 +81,22 @@ fn leak_under(agent_args: &[&str], bin: &Path, args: &[&str]) -> (Agent, Peer, V
     (agent, server, leak)
 }
 
+/// The origin's `accept_orders` frame names its file and line (from
+/// DWARF, wherever the agent found it).
+fn assert_accept_orders_has_its_line(leak: &Value) {
+    let frame = leak["origin"]["stack"]
+        .as_array()
+        .and_then(|s| s.iter().find(|f| f["function"] == "accept_orders"))
+        .unwrap_or_else(|| panic!("no accept_orders frame in {leak}"));
+    assert!(
+        frame["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("leaky_server.c"))
+            && frame["line"].as_u64().is_some(),
+        "{frame}"
+    );
+}
+
 #[test]
 fn a_stripped_binary_is_named_from_its_separate_debug_file() {
     let dir = TempDir::new("debuglink");
@@ -89,19 +112,76 @@ fn a_stripped_binary_is_named_from_its_separate_debug_file() {
         );
     }
     // Lines come from the debug file's DWARF too.
-    let frame = leak["origin"]["stack"]
-        .as_array()
-        .and_then(|s| s.iter().find(|f| f["function"] == "accept_orders"))
-        .expect("the accept_orders frame");
-    assert!(
-        frame["file"]
-            .as_str()
-            .is_some_and(|f| f.ends_with("leaky_server.c"))
-            && frame["line"].as_u64().is_some(),
-        "{frame}"
-    );
+    assert_accept_orders_has_its_line(leak);
     let stopped = agent.stop();
     assert!(stopped.status.success());
+}
+
+/// A debug file installed where distributions install them
+/// (`/usr/lib/debug/.build-id/XX/REST.debug`, by the binary's build id),
+/// removed on drop with the directory if this made it. blazesym looks
+/// there for the file a binary's `.gnu_debuglink` names (as Debian's and
+/// Fedora's stripped binaries have), not for binaries without a link.
+struct InstalledDebugFile {
+    file: PathBuf,
+    made_dir: Option<PathBuf>,
+}
+
+impl InstalledDebugFile {
+    fn install(debug: &Path, build_id: &str) -> Self {
+        let dir = Path::new("/usr/lib/debug/.build-id").join(&build_id[..2]);
+        let made_dir = (!dir.exists()).then(|| dir.clone());
+        std::fs::create_dir_all(&dir).expect("create /usr/lib/debug/.build-id/XX");
+        let file = dir.join(format!("{}.debug", &build_id[2..]));
+        std::fs::copy(debug, &file).expect("install the debug file");
+        Self { file, made_dir }
+    }
+}
+
+impl Drop for InstalledDebugFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+        if let Some(dir) = &self.made_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+#[test]
+fn a_stripped_binary_is_named_from_its_debug_file_under_usr_lib_debug() {
+    let dir = TempDir::new("build-id");
+    // A build id of this run's own, so no other binary's lookup finds it.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let build_id = format!("{:08x}{nanos:08x}7463707472616365", std::process::id());
+    let built = compile(
+        &dir.0,
+        "built",
+        "cc",
+        &["-O2", "-g", &format!("-Wl,--build-id=0x{build_id}")],
+        &source("leaky_server.c"),
+    );
+    let bin = dir.0.join("leaky_server");
+    std::fs::copy(&built, &bin).expect("copy the build");
+    // As Debian's dh_strip does: the debug file is named by the build id,
+    // and the stripped binary's link names that file.
+    let debug = dir.0.join(format!("{}.debug", &build_id[2..]));
+    strip_into(&bin, &debug);
+    let (_, notes, _) = run_to_end(Command::new("readelf").arg("-n").arg(&bin));
+    assert!(notes.contains(&build_id), "{notes}");
+    let _installed = InstalledDebugFile::install(&debug, &build_id);
+    // Only /usr/lib/debug/.build-id/ has it now, not the binary's directory.
+    std::fs::remove_file(&debug).expect("remove the build's debug file");
+
+    let leak = whole_leak(
+        &[],
+        &bin,
+        &["accept_orders", "main"],
+        "cfi",
+        "stripped, debug file by build id",
+    );
+    assert_accept_orders_has_its_line(&leak);
 }
 
 /// The fixture of `tests/fixtures/shared_lib`: `server` linked against
@@ -324,4 +404,107 @@ fn without_stack_copies_frame_pointers_walk_alone() {
         "fp",
         "--stack-copy off",
     );
+}
+
+/// The fixture `pooled_client.js` under Node with a perf map, as a
+/// container runs it: in PID and mount namespaces of its own, with a
+/// private /tmp, so its perf map is `/tmp/perf-1.map` inside its own root
+/// and nowhere on the host's /tmp. The script is copied into a private
+/// /mnt first (the checkout the tests run from may itself be under /tmp).
+fn node_in_its_own_root(redis_port: u16, idle_ms: u32) -> Peer {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/pooled_client.js");
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+        "sh",
+        "-c",
+        "mount -t tmpfs tcptrace-test /mnt && cp \"$0\" /mnt/ \
+         && mount -t tmpfs tcptrace-test /tmp \
+         && exec node --perf-basic-prof --interpreted-frames-native-stack \
+            /mnt/pooled_client.js 127.0.0.1 \"$1\" \"$2\"",
+    ])
+    .arg(&script)
+    .arg(redis_port.to_string())
+    .arg(idle_ms.to_string());
+    Peer::spawn(cmd)
+}
+
+/// The innermost `PID` of `NSpid:` in /proc/`pid`/status: the pid the
+/// process sees itself as.
+fn ns_pid(pid: u64) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
+#[test]
+fn a_node_client_in_a_container_names_its_javascript_function_from_its_perf_map() {
+    let redis = Redis::start(0);
+    let agent = Agent::start(&[
+        "--leak-after",
+        "500ms",
+        "--events",
+        "leak",
+        "--last-use-gap",
+        "200ms",
+    ]);
+    let mut node = node_in_its_own_root(redis.port, 400);
+    let own_pid: u64 = node.expect("pid").parse().expect("pid");
+    let lport: u16 = node.expect("connected").parse().expect("local port");
+    node.expect("queried");
+    node.expect("peer closed");
+    let events = agent.wait_for("the Node client's leak", |ev| {
+        !leaks_on_port(ev, lport).is_empty()
+    });
+    let leak = leaks_on_port(&events, lport)[0].clone();
+    assert_eq!(leak["rport"], redis.port, "{leak}");
+
+    // The owner is the node process, the one that sees itself as `own_pid`,
+    // as `ss -tanp` sees it too.
+    let owner = leak["owner"][0]["pid"].as_u64().expect("owner pid");
+    assert_eq!(ns_pid(owner), Some(own_pid), "{leak}");
+    assert_eq!(leak["owner"][0]["comm"], "node", "{leak}");
+    let ss = ss_close_wait(None)
+        .into_iter()
+        .find(|l| l.contains(&format!(":{lport} ")))
+        .unwrap_or_else(|| panic!("ss does not show 127.0.0.1:{lport} in CLOSE_WAIT"));
+    let fd = leak["owner"][0]["fd"].as_i64().expect("owner fd");
+    assert!(
+        ss_users(&ss).contains(&(owner as u32, fd as i32)),
+        "ss says {ss}, the agent {leak}"
+    );
+    assert_eq!(own_pid, 1, "node runs as its namespace's init");
+    assert!(
+        !Path::new("/tmp/perf-1.map").exists(),
+        "the perf map belongs in the client's own /tmp"
+    );
+
+    // The last use is the script's own function, named from the perf map
+    // with its file and line, and the leak line says so.
+    let used = &leak["last_use"]["stack"];
+    let frame = used
+        .as_array()
+        .and_then(|s| s.iter().find(|f| f["function"] == "checkoutAndQuery"))
+        .unwrap_or_else(|| panic!("no checkoutAndQuery in {:?}\n{leak}", functions(used)));
+    assert_eq!(frame["jit"], true, "{frame}");
+    assert_eq!(frame["file"], "/mnt/pooled_client.js", "{frame}");
+    assert_eq!(frame["line"], 20, "{frame}");
+    assert_eq!(leak["last_use"]["truncated"], false, "{leak}");
+    let message = leak["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("last used by checkoutAndQuery (pooled_client.js:20)"),
+        "{message}"
+    );
+    // Node's own modules are named too, and are not the program's code.
+    assert!(
+        functions(used).iter().any(|f| f == "Socket._write"),
+        "{:?}",
+        functions(used)
+    );
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
 }

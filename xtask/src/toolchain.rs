@@ -301,6 +301,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("objcopy", "binutils"),
     ("strip", "binutils"),
     ("nm", "binutils"),
+    ("readelf", "binutils"),
     ("redis-server", "redis-server"),
     ("rsyslogd", "rsyslog"),
     ("systemd-analyze", "systemd"),
@@ -311,6 +312,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("mariadbd", "mariadb-server"),
     ("mariadb-install-db", "mariadb-server"),
     ("haproxy", "haproxy"),
+    // A JIT runtime with a perf map (symbols.rs).
+    ("node", "nodejs"),
 ];
 
 /// Makes sure every command of [`TEST_TOOLS`] exists, and the libraries
