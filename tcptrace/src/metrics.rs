@@ -415,7 +415,7 @@ impl Collector for SnapshotCollector {
         family(
             &mut e,
             "tcptrace_stack_copies",
-            "User stack copies the kernel took for CFI unwinding (--stack-copy), by outcome: sent through the ring, not taken while the ring was more than half full (ring_busy), lost to a full ring, or cut short by a page that could not be read (short, also counted as sent).",
+            "User stack copies the kernel took for CFI unwinding (--stack-copy), by outcome: sent through the ring, not taken while the ring was more than half full (ring_busy), lost to a full ring, or ended before --stack-copy bytes at a page that could not be read (short, also counted as sent: usually the stack's own top, above which nothing is mapped; else a page not in memory).",
             None,
             [
                 ("sent", c.sent),

@@ -190,6 +190,12 @@ enum ModuleKey {
 /// A process's unwinder, with the modules of its maps.
 struct ProcUnwinder {
     start_time: u64,
+    /// A pidfd of the process the maps were read from, while the kernel
+    /// lets the agent open one: while it has not exited, its pid is its
+    /// own, and the unwinder still fits it. One `poll()` per copy instead
+    /// of reading `/proc/PID/stat`, which was most of a copy's unwinding
+    /// time at high stack rates.
+    pidfd: Option<std::os::fd::OwnedFd>,
     unwinder: UnwinderX86_64<Bytes>,
     /// Executable file mappings added, by start address.
     ranges: Vec<Range<u64>>,
@@ -333,13 +339,30 @@ impl StackUnwinder {
     /// when it is another process by that pid, when `ip` lies outside its
     /// modules, or when `force`d (each at most every [`MAPS_REREAD`]).
     fn refresh(&mut self, pid: u32, ip: u64, force: bool) -> Option<()> {
+        let wanted = |p: &ProcUnwinder| {
+            (force || (ip != 0 && !p.covers(ip))) && p.read_at.elapsed() >= MAPS_REREAD
+        };
+        // The same process as when its maps were read, by its pidfd.
+        let current = self
+            .procs
+            .get(&pid)
+            .is_some_and(|p| p.pidfd.as_ref().is_some_and(is_running) && !wanted(p));
+        if current {
+            return Some(());
+        }
+        // Opened before the maps are read: if it is still running after,
+        // the maps were its own.
+        let pidfd = open_pidfd(pid);
         let start_time = crate::symbolize::start_time(pid)?;
         let stale = match self.procs.get(&pid) {
             None => true,
             Some(p) if p.start_time != start_time => true,
-            Some(p) => (force || (ip != 0 && !p.covers(ip))) && p.read_at.elapsed() >= MAPS_REREAD,
+            Some(p) => wanted(p),
         };
         if !stale {
+            if let Some(p) = self.procs.get_mut(&pid) {
+                p.pidfd = p.pidfd.take().or(pidfd);
+            }
             return Some(());
         }
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
@@ -369,6 +392,7 @@ impl StackUnwinder {
             pid,
             ProcUnwinder {
                 start_time,
+                pidfd,
                 unwinder,
                 ranges,
                 read_at: Instant::now(),
@@ -424,6 +448,27 @@ impl StackUnwinder {
         self.modules.insert(by_file, data.clone());
         Some(data).filter(|d| d.has_cfi())
     }
+}
+
+/// A pidfd of process `pid`, `None` where the kernel has no
+/// `pidfd_open` (Linux < 5.3) or the process is gone.
+fn open_pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// Whether the process of `pidfd` has not exited: a pidfd polls readable
+/// once its process exits.
+fn is_running(pidfd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 0
 }
 
 /// Opens the file behind mapping `m` of `pid`: through `map_files` (the
@@ -833,5 +878,24 @@ garbage
         assert!(u.addrs.len() >= 3, "{u:?}");
         assert_eq!(unwinder.counts.unwound, 1);
         assert_eq!(unwinder.counts.bytes, bytes.len() as u64);
+        // The second copy of a running process reuses its unwinder.
+        let again = unwinder.unwind(&header, &bytes).expect("own process");
+        assert_eq!(again, u);
+        assert!(unwinder.procs[&std::process::id()].pidfd.is_some());
+    }
+
+    #[test]
+    fn a_pidfd_tells_a_running_process_from_an_exited_one() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("start sleep");
+        let pidfd = open_pidfd(child.id()).expect("a pidfd of the child");
+        assert!(is_running(&pidfd));
+        child.kill().expect("kill the child");
+        child.wait().expect("reap the child");
+        // Exited (and reaped, its pid free for another): no longer running.
+        assert!(!is_running(&pidfd));
+        assert!(open_pidfd(u32::MAX).is_none());
     }
 }

@@ -29,6 +29,7 @@
 //! a section of its own (a run of one workload keeps the other's section).
 
 mod redis;
+mod stacks;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -75,6 +76,10 @@ pub struct BenchOpts {
     /// redis workload's programs (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub kernel_rounds: usize,
+    /// Rounds per --stacks-per-second limit in the churn workload's stack pass (each beside
+    /// a no-tracer round; 0 skips the pass).
+    #[arg(long, default_value_t = 3)]
+    pub stack_rounds: usize,
 }
 
 /// The workloads of `cargo xtask bench`.
@@ -102,6 +107,10 @@ enum Mode {
     Agent,
     /// The agent with `--last-use off`.
     AgentLastUseOff,
+    /// The agent with `--stack-copy off`: frame-pointer walks only.
+    AgentStackCopyOff,
+    /// The agent at `--stacks-per-second N` (the stack pass).
+    AgentStacks(u32),
     AgentJson,
     Tcpstates,
 }
@@ -116,6 +125,8 @@ impl Mode {
             Self::FloorIo => "floor: no-op programs on socket send/receive",
             Self::Agent => "agent (default: leak events)",
             Self::AgentLastUseOff => "agent --last-use off",
+            Self::AgentStackCopyOff => "agent --stack-copy off (frame pointers only)",
+            Self::AgentStacks(_) => "agent at a --stacks-per-second of the stack pass",
             Self::AgentJson => "agent (every transition as JSON to a file)",
             Self::Tcpstates => "libbpf-tools tcpstates > /dev/null",
         }
@@ -194,6 +205,15 @@ impl Tracer {
         let port = free_port()?;
         let metrics = format!("127.0.0.1:{port}");
         let json = scratch.join("transitions.json");
+        // The agent as deployed (JSON, no state file), with its metrics on,
+        // and `extra`.
+        let default_agent = |extra: &[&str]| {
+            let mut c = Command::new(agent);
+            c.args(["--format", "json", "--state-file", "none"])
+                .args(["--metrics", &metrics])
+                .args(extra);
+            c
+        };
         let mut cmd = match mode {
             Mode::None => return Ok(None),
             Mode::Floor => {
@@ -216,23 +236,11 @@ impl Tracer {
                 c.args(["bench-floor", "--btf", "--io"]);
                 c
             }
-            Mode::Agent => {
-                let mut c = Command::new(agent);
-                // No --events: what the agent does when nobody chooses.
-                c.args(["--format", "json", "--state-file", "none"])
-                    .args(["--metrics", &metrics]);
-                c
-            }
-            Mode::AgentLastUseOff => {
-                let mut c = Command::new(agent);
-                c.args(["--format", "json", "--state-file", "none"]).args([
-                    "--metrics",
-                    &metrics,
-                    "--last-use",
-                    "off",
-                ]);
-                c
-            }
+            // No --events: what the agent does when nobody chooses.
+            Mode::Agent => default_agent(&[]),
+            Mode::AgentLastUseOff => default_agent(&["--last-use", "off"]),
+            Mode::AgentStackCopyOff => default_agent(&["--stack-copy", "off"]),
+            Mode::AgentStacks(limit) => default_agent(&["--stacks-per-second", &limit.to_string()]),
             Mode::AgentJson => {
                 let mut c = Command::new(agent);
                 c.args(["--events", "state-change", "--format", "json"])
@@ -287,8 +295,15 @@ impl Tracer {
         }
         Ok(Some(Self {
             child,
-            metrics_port: matches!(mode, Mode::Agent | Mode::AgentJson | Mode::AgentLastUseOff)
-                .then_some(port),
+            metrics_port: matches!(
+                mode,
+                Mode::Agent
+                    | Mode::AgentJson
+                    | Mode::AgentLastUseOff
+                    | Mode::AgentStackCopyOff
+                    | Mode::AgentStacks(_)
+            )
+            .then_some(port),
             stderr: rx,
             startup,
         }))
@@ -520,7 +535,12 @@ fn kernel_ns_per_connection(
 ) -> Result<Option<f64>> {
     if !matches!(
         mode,
-        Mode::Floor | Mode::FloorBtf | Mode::FloorHooks | Mode::Agent | Mode::AgentJson
+        Mode::Floor
+            | Mode::FloorBtf
+            | Mode::FloorHooks
+            | Mode::Agent
+            | Mode::AgentStackCopyOff
+            | Mode::AgentJson
     ) {
         return Ok(None);
     }
@@ -909,6 +929,7 @@ fn churn_section(tools: &BuildTools, opts: &BenchOpts, bins: &Bins, ns: &Netns) 
         Mode::FloorBtf,
         Mode::FloorHooks,
         Mode::Agent,
+        Mode::AgentStackCopyOff,
         Mode::AgentJson,
     ];
     if tcpstates().is_some() {
@@ -974,6 +995,11 @@ fn churn_section(tools: &BuildTools, opts: &BenchOpts, bins: &Bins, ns: &Netns) 
     } else {
         "skipped".into()
     };
+    let stacks = if opts.stack_rounds > 0 {
+        stacks::section(opts, bins, ns)?
+    } else {
+        "### Stack copies and unwinding\n\nskipped".into()
+    };
     let tracker = if opts.tracker_sockets > 0 {
         let s = tracker_memory(tools, opts.tracker_sockets)?;
         println!("tracker: {s}");
@@ -1009,7 +1035,10 @@ fn churn_section(tools: &BuildTools, opts: &BenchOpts, bins: &Bins, ns: &Netns) 
          spent in the tracer's programs (all of them: state, accept(), RST) over the \
          connections made. Timing costs each run some 40 ns, which is most of the floor's \
          figure; the agent's cost over the floor is the difference. Unlike the rates, it is \
-         not blurred by what the host does meanwhile.\n\n\
+         not blurred by what the host does meanwhile. The agent's default copies user \
+         stacks for CFI unwinding (`--stack-copy 16K`) within `--stacks-per-second`; the \
+         `--stack-copy off` row is the same agent walking frame pointers only.\n\n\
+         {stacks}\n\n\
          ### Scale\n\n{scale}\n\n### Tracker memory\n\n{tracker}\n",
         now.trim(),
         machine(),
