@@ -102,9 +102,11 @@ static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 /// for it ([`CONFIG_ORIGIN_MAP`]): a slot is claimed at connect()/accept()
 /// and freed when the socket reaches CLOSE (see [`OriginSlot`]). The agent
 /// sizes it from its `--max-sockets`; when every slot a socket may take is
-/// in use, that connection only goes without a known origin.
+/// in use, that connection only goes without a known origin. Mappable: the
+/// agent scans it in place to tell which connections still live (and
+/// forgets the unwound stacks of those that closed).
 #[map]
-static ORIGINS: Array<OriginSlot> = Array::with_max_entries(1 << 20, 0);
+static ORIGINS: Array<OriginSlot> = Array::with_max_entries(1 << 20, BPF_F_MMAPABLE);
 
 /// Per CPU: origins inserted into [`ORIGINS`], removed from it, and not
 /// kept because it was full. The agent's gauge of live origins is the

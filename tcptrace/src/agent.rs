@@ -239,6 +239,11 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
         tokio::time::Instant::now() + cli.summary_interval,
         cli.summary_interval,
     );
+    // Unwound origin stacks of closed connections are forgotten: only with
+    // the kernel's origin table to tell which connections live.
+    let sweeping = origin_map && reader.cfi.is_some();
+    let mut sweep_tick = tokio::time::interval(CAPTURE_SWEEP_INTERVAL);
+    sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut summary = SummaryState::new();
     let mut lost_seen = LostCounts::default();
     let mut mend = Mend::default();
@@ -352,6 +357,11 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 report_leaks(&mut pipeline, &mut enricher, &kernel, &mut out)?;
                 report_leak_groups(&mut pipeline, &mut out)?;
             }
+            _ = sweep_tick.tick(), if sweeping => {
+                if let Some(cfi) = reader.cfi.as_mut() {
+                    cfi.unwound.sweep(&origins.live_captures());
+                }
+            }
             _ = summary_tick.tick() => {
                 summary.report(&pipeline, &kernel_counts(lost_seen, reader.unwind_stats()), &mut out)?;
             }
@@ -395,6 +405,11 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// How often the unwound stacks of closed connections are forgotten (a
+/// scan of the kernel's origin table: some 40 bytes a slot, a few ms for
+/// a million).
+const CAPTURE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the previous `summary` saw, to report what changed since.
 struct SummaryState {

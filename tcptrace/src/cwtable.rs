@@ -9,10 +9,7 @@
 //!
 //! [`CONFIG_CW_TABLE`]: tcptrace_common::CONFIG_CW_TABLE
 
-use std::os::fd::{AsFd as _, AsRawFd as _};
-use std::ptr::NonNull;
-
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{bail, Context as _};
 use aya::maps::{Map, MapData, PerCpuArray};
 use tcptrace_common::{
     StateRecord, CW_FULL, CW_KEPT, CW_LINGER, CW_LINGER_SUM_NS, CW_QUIET, CW_SENT, LINGER_BUCKETS,
@@ -20,16 +17,12 @@ use tcptrace_common::{
 };
 
 use crate::closewait::LingerHistogram;
+use crate::mapped::MappedArray;
 
 /// The table, mapped, and its per-CPU counts.
 pub struct CloseWaitTable {
-    base: NonNull<StateRecord>,
-    slots: usize,
-    mapped_len: usize,
+    table: MappedArray<StateRecord>,
     counts: PerCpuArray<MapData, u64>,
-    /// Holds the map's fd open as long as the mapping (the mapping would
-    /// keep the map alive by itself; this keeps the ownership plain).
-    _map: MapData,
 }
 
 /// What the kernel counted for the table since load.
@@ -54,10 +47,6 @@ impl CloseWaitCounts {
     }
 }
 
-// SAFETY: the mapping is read-only and only read with volatile loads; the
-// kernel is the only writer.
-unsafe impl Send for CloseWaitTable {}
-
 impl CloseWaitTable {
     /// Maps `map` (an array of `slots` [`StateRecord`]s created with
     /// BPF_F_MMAPABLE) read-only; `counts` is its `CW_COUNTS` map.
@@ -66,43 +55,16 @@ impl CloseWaitTable {
             bail!("the CLOSE_WAITS map is not an array");
         };
         let counts = PerCpuArray::try_from(counts).context("opening the CW_COUNTS map")?;
-        let page = crate::probe::page_size();
-        let bytes = slots
-            .checked_mul(std::mem::size_of::<StateRecord>())
-            .ok_or_else(|| anyhow!("a CLOSE_WAITS table of {slots} slots is too large"))?;
-        let mapped_len = bytes.div_ceil(page) * page;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: a fresh shared read-only mapping of the map's fd; the
-        // kernel sizes array maps' mappings to whole pages of values.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapped_len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .context("mapping the CLOSE_WAITS table (needs Linux >= 5.5)");
-        }
-        let base = NonNull::new(addr.cast::<StateRecord>())
-            .ok_or_else(|| anyhow!("mmap of the CLOSE_WAITS table returned null"))?;
         Ok(Self {
-            base,
-            slots,
-            mapped_len,
+            table: MappedArray::open(map, slots, "CLOSE_WAITS")?,
             counts,
-            _map: map,
         })
     }
 
     /// Entries of sockets in CLOSE_WAIT since at least `min_age_ns` before
     /// `now_ns` (both `CLOCK_MONOTONIC`, as the kernel's timestamps).
     pub fn lingering(&self, min_age_ns: u64, now_ns: u64) -> Vec<StateRecord> {
-        (0..self.slots)
+        (0..self.table.len())
             .filter_map(|i| self.read(i))
             .filter(|rec| now_ns.saturating_sub(rec.ts_ns) >= min_age_ns)
             .collect()
@@ -111,18 +73,15 @@ impl CloseWaitTable {
     /// A whole entry of slot `i`, or `None` for a free slot or one that
     /// changed while it was copied.
     fn read(&self, i: usize) -> Option<StateRecord> {
-        // SAFETY: `i < slots`: inside the mapping, aligned (the kernel lays
-        // array values out at their 8-byte-aligned size, 112 here).
-        let slot = unsafe { self.base.as_ptr().add(i) };
-        let kind = || unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*slot).kind)) };
-        let sk = || unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*slot).skaddr)) };
-        let ts = || unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*slot).ts_ns)) };
+        let t = &self.table;
+        let kind = || t.field(i, |s| unsafe { std::ptr::addr_of!((*s).kind) });
+        let sk = || t.field(i, |s| unsafe { std::ptr::addr_of!((*s).skaddr) });
+        let ts = || t.field(i, |s| unsafe { std::ptr::addr_of!((*s).ts_ns) });
         if kind() != RECORD_STATE {
             return None;
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        // SAFETY: as above; plain integers, any bit pattern is valid.
-        let copy = unsafe { std::ptr::read_volatile(slot) };
+        let copy = t.copy(i);
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         let whole = copy.kind == RECORD_STATE
             && copy.skaddr != 0
@@ -149,13 +108,6 @@ impl CloseWaitTable {
             full: slot(CW_FULL),
             quiet_linger,
         }
-    }
-}
-
-impl Drop for CloseWaitTable {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `open`, unmapped once.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapped_len) };
     }
 }
 

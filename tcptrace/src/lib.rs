@@ -24,6 +24,7 @@ pub mod jsonline;
 pub mod lastuse;
 pub mod layout;
 pub mod leak;
+pub mod mapped;
 pub mod metrics;
 pub mod metrics_server;
 pub mod nshelper;

@@ -461,10 +461,17 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             &mut e,
-            "tcptrace_unwound_captures_evicted",
-            "Unwound stacks forgotten to make room (their connections' leaks show the frame-pointer walk), and stacks not kept because --max-stacks distinct ones were.",
+            "tcptrace_unwound_distinct_stacks",
+            "Distinct unwound stacks those captures hold (at most --max-stacks).",
             None,
-            [("evicted", u.evicted), ("stacks_full", u.full)]
+            [(Labels::new(), gauge(u.stacks))],
+        )?;
+        family(
+            &mut e,
+            "tcptrace_unwound_captures_evicted",
+            "Unwound stacks forgotten: because their connection closed (closed), to make room (evicted: their connections' leaks show the frame-pointer walk), and stacks not kept because --max-stacks distinct ones were (stacks_full).",
+            None,
+            [("closed", u.closed), ("evicted", u.evicted), ("stacks_full", u.full)]
                 .map(|(why, n)| (vec![("reason", why.to_string())], counter(n))),
         )?;
 
@@ -654,7 +661,9 @@ mod tests {
                     bytes: 65536,
                 },
                 captures: 5,
+                stacks: 4,
                 evicted: 3,
+                closed: 2,
                 full: 0,
                 malformed: 0,
             },
@@ -712,6 +721,8 @@ mod tests {
             "tcptrace_unwind_seconds_total 0.00025",
             "tcptrace_stack_copy_bytes_total 65536",
             "tcptrace_unwound_captures 5",
+            "tcptrace_unwound_distinct_stacks 4",
+            "tcptrace_unwound_captures_evicted_total{reason=\"closed\"} 2",
             "tcptrace_unwound_captures_evicted_total{reason=\"evicted\"} 3",
             "tcptrace_bpf_program_runs_total{program=\"inet_sock_set_state_fixed\"} 1000",
             "tcptrace_bpf_program_run_seconds_total{program=\"inet_sock_set_state_fixed\"} 0.0015",

@@ -1,10 +1,11 @@
 //! Loading and attaching the kernel program: the only place that talks to
 //! the BPF syscall.
 
-use anyhow::{anyhow, Context as _};
-use aya::maps::{Array, MapData, PerCpuArray, RingBuf, StackTraceMap};
+use anyhow::{anyhow, bail, Context as _};
+use aya::maps::{Map, MapData, PerCpuArray, RingBuf, StackTraceMap};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
+use std::collections::HashSet;
 use std::os::fd::AsFd as _;
 
 use crate::cli::StateProgram;
@@ -70,7 +71,7 @@ pub struct Probes {
 /// [`ProbeOptions::origin_map`]; see [`OriginSlot`]), and its per-CPU
 /// counts.
 pub struct OriginMap {
-    slots: Array<MapData, OriginSlot>,
+    slots: crate::mapped::MappedArray<OriginSlot>,
     bits: u32,
     counts: PerCpuArray<MapData, u64>,
 }
@@ -121,9 +122,43 @@ impl OriginMap {
     /// a stale copy share its address).
     pub fn get(&self, sk: u64) -> Option<OriginSlot> {
         (0..SLOT_PROBES)
-            .filter_map(|i| self.slots.get(&probe_slot(sk, self.bits, i), 0).ok())
+            .filter_map(|i| self.read(probe_slot(sk, self.bits, i) as usize))
             .filter(|slot| slot.sk == sk)
             .max_by_key(|slot| slot.ts_ns)
+    }
+
+    /// Slot `i`, when it holds an origin that did not change while it was
+    /// copied (the kernel claims a slot by its `sk` first, then writes the
+    /// rest; it frees it by clearing `sk`).
+    fn read(&self, i: usize) -> Option<OriginSlot> {
+        if i >= self.slots.len() {
+            return None;
+        }
+        let sk = || {
+            self.slots
+                .field(i, |s| unsafe { std::ptr::addr_of!((*s).sk) })
+        };
+        let before = sk();
+        if before == 0 {
+            return None;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        let copy = self.slots.copy(i);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        (copy.sk == before && sk() == before).then_some(copy)
+    }
+
+    /// The (process, clock read) of every origin kept now: the connections
+    /// still open whose origin the kernel keeps (a scan of the mapped
+    /// table, a few ms for a million slots; nothing when none is kept).
+    pub fn live_captures(&self) -> HashSet<(u32, u64)> {
+        if self.counts().live == 0 {
+            return HashSet::new();
+        }
+        (0..self.slots.len())
+            .filter_map(|i| self.read(i))
+            .map(|slot| (slot.tgid, slot.ts_ns))
+            .collect()
     }
 
     /// Counts summed over CPUs (zero when they cannot be read).
@@ -468,8 +503,11 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
         ebpf.take_map("CW_COUNTS")
             .ok_or_else(|| anyhow!("the eBPF object has no CW_COUNTS map"))?,
     )?;
+    let Map::Array(origins) = origins else {
+        bail!("the ORIGINS map is not an array");
+    };
     let origins = OriginMap {
-        slots: Array::try_from(origins).context("opening the ORIGINS table")?,
+        slots: crate::mapped::MappedArray::open(origins, origin_slots as usize, "ORIGINS")?,
         bits: config.origin_slot_bits,
         counts: PerCpuArray::try_from(origin_counts).context("opening the ORIGIN_COUNTS map")?,
     };

@@ -492,76 +492,211 @@ pub fn prefer_cfi(cfi: &[u64], complete: bool, fp: impl FnOnce() -> Option<Vec<u
 /// Stacks unwound from copies, until their connection's leak asks for
 /// them: each copy's stack by the (process, clock read) it was taken at,
 /// the stacks themselves interned (a leaking call site is one stack
-/// however often it leaks), both bounded.
+/// however often it leaks) and counted, both bounded.
+///
+/// A capture is kept while its connection may still leak: an origin's
+/// (at `connect()`/`accept()`) until [`UnwoundStacks::sweep`] finds its
+/// connection gone from the kernel's origin table, a last use's until the
+/// same socket's next checkout replaces it. A stack goes with its last
+/// capture, so the distinct stacks are those of live connections, not of
+/// every connection the host ever made. Past `max_captures`, the oldest
+/// goes first (counted).
 pub struct UnwoundStacks {
-    by_capture: HashMap<(u32, u64), u32>,
+    captures: HashMap<(u32, u64), Capture>,
+    /// Captures in the order they came, for eviction; keys of captures
+    /// removed since are skipped (and compacted away now and then).
     order: VecDeque<(u32, u64)>,
+    /// The last-use capture of each socket, by its kernel address.
+    last_use_of: HashMap<u64, (u32, u64)>,
     max_captures: usize,
     interned: HashMap<Arc<[u64]>, u32>,
-    stacks: Vec<(Arc<[u64]>, bool)>,
+    stacks: HashMap<u32, KeptStack>,
+    next_id: u32,
     max_stacks: usize,
+    /// Sweeps so far: a capture is only swept once a sweep has passed
+    /// since it came (its origin slot may be written a moment after).
+    sweeps: u64,
     /// Captures forgotten to make room (their leaks show the frame-pointer
     /// walk).
     pub evicted: u64,
+    /// Captures forgotten because their connection closed.
+    pub closed: u64,
     /// Stacks not kept: `max_stacks` distinct ones are.
     pub full: u64,
+}
+
+/// One kept capture.
+#[derive(Clone, Copy, Debug)]
+struct Capture {
+    id: u32,
+    /// An origin's (swept by liveness), else a last use's.
+    origin: bool,
+    /// The sweep count when it came.
+    sweep: u64,
+}
+
+/// One interned stack and the captures that hold it.
+#[derive(Debug)]
+struct KeptStack {
+    addrs: Arc<[u64]>,
+    complete: bool,
+    refs: u32,
+}
+
+/// What a copy was taken for (from its header's `what`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureOf {
+    /// An origin at `connect()`/`accept()`.
+    Origin,
+    /// A last-use checkout of the socket at this kernel address.
+    LastUse(u64),
 }
 
 impl UnwoundStacks {
     /// Room for `max_captures` captures of `max_stacks` distinct stacks.
     pub fn new(max_captures: usize, max_stacks: usize) -> Self {
         Self {
-            by_capture: HashMap::new(),
+            captures: HashMap::new(),
             order: VecDeque::new(),
+            last_use_of: HashMap::new(),
             max_captures: max_captures.max(1),
             interned: HashMap::new(),
-            stacks: Vec::new(),
+            stacks: HashMap::new(),
+            next_id: 0,
             max_stacks: max_stacks.clamp(1, (CFI_STACK - 1) as usize),
+            sweeps: 0,
             evicted: 0,
+            closed: 0,
             full: 0,
         }
     }
 
-    /// Keeps the stack `u` of the capture by process `pid` at `ts_ns`.
-    pub fn insert(&mut self, pid: u32, ts_ns: u64, u: Unwound) {
-        let addrs: Arc<[u64]> = u.addrs.into();
-        let id = match self.interned.get(&addrs) {
-            Some(&id) => id,
-            None if self.stacks.len() < self.max_stacks => {
-                let id = CFI_STACK | self.stacks.len() as u32;
-                self.stacks.push((addrs.clone(), u.complete));
-                self.interned.insert(addrs, id);
-                id
-            }
-            None => {
-                self.full += 1;
-                return;
-            }
-        };
+    /// Keeps the stack `u` of the capture `of` by process `pid` at `ts_ns`.
+    pub fn insert(&mut self, pid: u32, ts_ns: u64, of: CaptureOf, u: Unwound) {
         let key = (pid, ts_ns);
-        if self.by_capture.insert(key, id).is_none() {
+        let Some(id) = self.intern(u) else {
+            self.full += 1;
+            return;
+        };
+        let capture = Capture {
+            id,
+            origin: of == CaptureOf::Origin,
+            sweep: self.sweeps,
+        };
+        if let Some(old) = self.captures.insert(key, capture) {
+            self.release(old.id);
+        } else {
             self.order.push_back(key);
         }
-        while self.by_capture.len() > self.max_captures {
+        if let CaptureOf::LastUse(sk) = of {
+            // The socket's previous checkout is no longer its last use.
+            if let Some(prev) = self.last_use_of.insert(sk, key).filter(|&p| p != key) {
+                self.remove(prev);
+            }
+        }
+        while self.captures.len() > self.max_captures {
             let Some(old) = self.order.pop_front() else {
                 break;
             };
-            if self.by_capture.remove(&old).is_some() {
+            if self.remove(old) {
                 self.evicted += 1;
+            }
+        }
+        // Keys of captures removed otherwise stay in `order` until here.
+        if self.order.len() > 2 * self.captures.len() + 1024 {
+            let captures = &self.captures;
+            self.order.retain(|k| captures.contains_key(k));
+        }
+    }
+
+    /// The id of `u`'s stack, interned (one more reference), or `None`
+    /// when `max_stacks` others are kept.
+    fn intern(&mut self, u: Unwound) -> Option<u32> {
+        let addrs: Arc<[u64]> = u.addrs.into();
+        if let Some(&id) = self.interned.get(&addrs) {
+            if let Some(kept) = self.stacks.get_mut(&id) {
+                kept.refs += 1;
+            }
+            return Some(id);
+        }
+        if self.stacks.len() >= self.max_stacks {
+            return None;
+        }
+        // Ids are not reused while the agent runs (a leak line may name
+        // one), unless 2^31 stacks came and went.
+        let mut id = CFI_STACK | self.next_id;
+        while self.stacks.contains_key(&id) {
+            self.next_id = (self.next_id + 1) & (CFI_STACK - 1);
+            id = CFI_STACK | self.next_id;
+        }
+        self.next_id = (self.next_id + 1) & (CFI_STACK - 1);
+        self.stacks.insert(
+            id,
+            KeptStack {
+                addrs: addrs.clone(),
+                complete: u.complete,
+                refs: 1,
+            },
+        );
+        self.interned.insert(addrs, id);
+        Some(id)
+    }
+
+    /// Drops one reference to stack `id`, and the stack with its last.
+    fn release(&mut self, id: u32) {
+        let Some(kept) = self.stacks.get_mut(&id) else {
+            return;
+        };
+        kept.refs -= 1;
+        if kept.refs == 0 {
+            if let Some(kept) = self.stacks.remove(&id) {
+                self.interned.remove(&kept.addrs);
             }
         }
     }
 
+    /// Forgets capture `key`; whether it was kept.
+    fn remove(&mut self, key: (u32, u64)) -> bool {
+        match self.captures.remove(&key) {
+            Some(c) => {
+                self.release(c.id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the origin captures whose connection is gone: not among
+    /// `live`, the (process, clock read) of every origin the kernel's table
+    /// holds now. A capture that came since the previous sweep is spared
+    /// this once. Last-use captures are left alone.
+    pub fn sweep(&mut self, live: &HashSet<(u32, u64)>) {
+        let sweeps = self.sweeps;
+        let gone: Vec<(u32, u64)> = self
+            .captures
+            .iter()
+            .filter(|(key, c)| c.origin && c.sweep < sweeps && !live.contains(key))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in gone {
+            if self.remove(key) {
+                self.closed += 1;
+            }
+        }
+        let captures = &self.captures;
+        self.last_use_of.retain(|_, key| captures.contains_key(key));
+        self.sweeps += 1;
+    }
+
     /// The stack id of the capture by `pid` at `ts_ns`, if kept.
     pub fn capture(&self, pid: u32, ts_ns: u64) -> Option<u32> {
-        self.by_capture.get(&(pid, ts_ns)).copied()
+        self.captures.get(&(pid, ts_ns)).map(|c| c.id)
     }
 
     /// The addresses of stack `id` (one [`CFI_STACK`] gave), and whether
     /// the unwind reached the stack's end.
     pub fn stack(&self, id: u32) -> Option<(&[u64], bool)> {
-        let (addrs, complete) = self.stacks.get(id.checked_sub(CFI_STACK)? as usize)?;
-        Some((addrs, *complete))
+        self.stacks.get(&id).map(|k| (&k.addrs[..], k.complete))
     }
 
     /// Stack id to show for a walk `fp_id` taken by `pid` at `ts_ns`: the
@@ -589,12 +724,17 @@ impl UnwoundStacks {
 
     /// Captures kept now.
     pub fn len(&self) -> usize {
-        self.by_capture.len()
+        self.captures.len()
     }
 
     /// No capture kept.
     pub fn is_empty(&self) -> bool {
-        self.by_capture.is_empty()
+        self.captures.is_empty()
+    }
+
+    /// Distinct stacks kept now.
+    pub fn stacks_kept(&self) -> usize {
+        self.stacks.len()
     }
 }
 
@@ -634,7 +774,12 @@ impl CfiStacks {
             return true;
         };
         if let Some(u) = self.unwinder.unwind(&header, stack) {
-            self.unwound.insert(header.tgid, header.ts_ns, u);
+            let of = if header.what == tcptrace_common::STACK_OF_LAST_USE {
+                CaptureOf::LastUse(header.skaddr)
+            } else {
+                CaptureOf::Origin
+            };
+            self.unwound.insert(header.tgid, header.ts_ns, of, u);
         }
         true
     }
@@ -647,8 +792,12 @@ pub struct UnwindStats {
     pub counts: UnwindCounts,
     /// Captures kept now.
     pub captures: u64,
+    /// Distinct stacks kept now.
+    pub stacks: u64,
     /// Captures forgotten to make room.
     pub evicted: u64,
+    /// Captures forgotten because their connection closed.
+    pub closed: u64,
     /// Stacks not kept: the table of distinct stacks was full.
     pub full: u64,
     /// Copies whose record did not parse.
@@ -661,7 +810,9 @@ impl CfiStacks {
         UnwindStats {
             counts: self.unwinder.counts,
             captures: self.unwound.len() as u64,
+            stacks: self.unwound.stacks_kept() as u64,
             evicted: self.unwound.evicted,
+            closed: self.unwound.closed,
             full: self.unwound.full,
             malformed: self.malformed,
         }
@@ -777,17 +928,17 @@ garbage
     #[test]
     fn captures_are_interned_bounded_and_evicted_oldest_first() {
         let mut t = UnwoundStacks::new(2, 2);
-        t.insert(7, 100, unwound(&[1, 2, 3], true));
-        t.insert(7, 200, unwound(&[1, 2, 3], true));
+        t.insert(7, 100, CaptureOf::Origin, unwound(&[1, 2, 3], true));
+        t.insert(7, 200, CaptureOf::Origin, unwound(&[1, 2, 3], true));
         let id = t.capture(7, 100).expect("kept");
         assert!(id >= CFI_STACK);
         assert_eq!(t.capture(7, 200), Some(id), "one call site, one stack");
         assert_eq!(t.stack(id), Some((&[1, 2, 3][..], true)));
-        t.insert(8, 300, unwound(&[9], false));
+        t.insert(8, 300, CaptureOf::Origin, unwound(&[9], false));
         assert_eq!(t.len(), 2);
         assert_eq!(t.evicted, 1);
         assert_eq!(t.capture(7, 100), None, "the oldest capture went first");
-        t.insert(8, 400, unwound(&[4, 5], false));
+        t.insert(8, 400, CaptureOf::Origin, unwound(&[4, 5], false));
         assert_eq!(t.full, 1, "a third distinct stack finds no room");
         assert_eq!(t.capture(8, 400), None);
         assert_eq!(t.stack(5), None);
@@ -797,10 +948,72 @@ garbage
     }
 
     #[test]
+    fn a_sweep_forgets_the_origins_of_closed_connections_and_their_stacks() {
+        let mut t = UnwoundStacks::new(16, 16);
+        t.insert(7, 100, CaptureOf::Origin, unwound(&[1, 2], true));
+        t.insert(7, 200, CaptureOf::Origin, unwound(&[3, 4], true));
+        let closed_id = t.capture(7, 200).expect("kept");
+        // Came before any sweep: spared by the first, whatever it says.
+        t.sweep(&HashSet::new());
+        assert_eq!(t.len(), 2);
+        // (7, 100) lives on; (7, 200) closed, and its stack goes with it.
+        t.sweep(&HashSet::from([(7, 100)]));
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.closed, 1);
+        assert!(t.capture(7, 100).is_some());
+        assert_eq!(t.capture(7, 200), None);
+        assert_eq!(t.stack(closed_id), None);
+        assert_eq!(t.stacks_kept(), 1);
+        // The same stack again gets an id of its own: a leak line that
+        // named the old one is not confused with it.
+        t.insert(9, 300, CaptureOf::Origin, unwound(&[3, 4], true));
+        let again = t.capture(9, 300).expect("kept");
+        assert_ne!(again, closed_id);
+        assert_eq!(t.stack(again), Some((&[3, 4][..], true)));
+    }
+
+    #[test]
+    fn a_sockets_next_checkout_replaces_its_last_use() {
+        let mut t = UnwoundStacks::new(16, 16);
+        let sk = 0xffff_8881_0000_1000;
+        t.insert(5, 10, CaptureOf::LastUse(sk), unwound(&[1], true));
+        t.insert(5, 20, CaptureOf::LastUse(sk), unwound(&[2], true));
+        t.insert(5, 30, CaptureOf::LastUse(sk + 64), unwound(&[1], true));
+        assert_eq!(t.capture(5, 10), None, "superseded by the checkout at 20");
+        assert!(t.capture(5, 20).is_some());
+        assert!(t.capture(5, 30).is_some());
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.stacks_kept(), 2);
+        // Sweeps leave last uses alone: their sockets may have no origin.
+        t.sweep(&HashSet::new());
+        t.sweep(&HashSet::new());
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn eviction_keeps_its_queue_bounded_when_sweeps_remove_most() {
+        let mut t = UnwoundStacks::new(4, 16);
+        for round in 0..100u64 {
+            for i in 0..50u64 {
+                t.insert(
+                    1,
+                    round * 100 + i,
+                    CaptureOf::Origin,
+                    unwound(&[i % 3], true),
+                );
+            }
+            t.sweep(&HashSet::new());
+        }
+        assert!(t.len() <= 4);
+        assert!(t.order.len() <= 2 * t.len() + 1024 + 1);
+        assert!(t.stacks_kept() <= 3);
+    }
+
+    #[test]
     fn the_choice_keeps_the_frame_pointer_walk_where_it_saw_more() {
         let mut t = UnwoundStacks::new(8, 8);
-        t.insert(1, 10, unwound(&[1], false));
-        t.insert(1, 20, unwound(&[1, 2, 3], true));
+        t.insert(1, 10, CaptureOf::Origin, unwound(&[1], false));
+        t.insert(1, 20, CaptureOf::Origin, unwound(&[1, 2, 3], true));
         let fp = |_: u32| Some(vec![1, 5]);
         assert_eq!(t.choose(1, 10, Some(4), fp), Some(4));
         assert_eq!(t.choose(1, 20, Some(4), fp), t.capture(1, 20));

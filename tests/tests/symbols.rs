@@ -7,14 +7,17 @@
 //! stack must name the function that accepted the connection, and main;
 //! the Node client's, the script's function that used it last.
 
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use tcptrace_tests::{
-    endpoint, fixture, fixture_cmd, functions, leaks_on_port, peer_bin, peer_cmd, run_to_end,
-    ss_close_wait, ss_users, Agent, Peer, Redis, TempDir,
+    endpoint, fixture, fixture_cmd, free_port, functions, leaks_on_port, metric_value, peer_bin,
+    peer_cmd, run_to_end, scrape, ss_close_wait, ss_users, Agent, Peer, Redis, TempDir,
 };
 
 /// Runs `cmd`, failing the test with its output if it fails.
@@ -61,7 +64,10 @@ fn leak_of(bin: &Path, args: &[&str]) -> (Agent, Peer, Value) {
 
 /// [`leak_of`] under an agent started with `agent_args` too.
 fn leak_under(agent_args: &[&str], bin: &Path, args: &[&str]) -> (Agent, Peer, Value) {
-    let mut all = vec!["--leak-after", "500ms", "--events", "leak"];
+    let mut all = vec!["--events", "leak"];
+    if !agent_args.contains(&"--leak-after") {
+        all.extend(["--leak-after", "500ms"]);
+    }
     all.extend_from_slice(agent_args);
     let agent = Agent::start(&all);
     let mut server = Peer::spawn(fixture_cmd(bin, None, args));
@@ -267,6 +273,12 @@ fn compile(dir: &Path, name: &str, compiler: &str, flags: &[&str], src: &Path) -
     bin
 }
 
+/// `leaky_server.c` built as distributions build C: `-O2 -g`, no frame
+/// pointers.
+fn o2g_server(dir: &Path) -> PathBuf {
+    compile(dir, "o2g", "cc", &["-O2", "-g"], &source("leaky_server.c"))
+}
+
 /// Whether `bin` keeps frame pointers in `function`: its code sets up
 /// `rbp` as `push %rbp; mov %rsp,%rbp`.
 fn has_frame_pointer(bin: &Path, function: &str) -> bool {
@@ -311,7 +323,7 @@ fn whole_leak(agent_args: &[&str], bin: &Path, wanted: &[&str], unwind: &str, wh
 fn c_servers_built_as_distributions_build_them_leak_with_whole_stacks() {
     let dir = TempDir::new("unwind-c");
     let src = source("leaky_server.c");
-    let o2g = compile(&dir.0, "o2g", "cc", &["-O2", "-g"], &src);
+    let o2g = o2g_server(&dir.0);
     // Without frame pointers, the kernel's walk would end in libc.
     assert!(!has_frame_pointer(&o2g, "accept_orders"), "-O2 kept rbp");
     let builds = [
@@ -406,13 +418,15 @@ fn without_stack_copies_frame_pointers_walk_alone() {
     );
 }
 
-/// The fixture `pooled_client.js` under Node with a perf map, as a
-/// container runs it: in PID and mount namespaces of its own, with a
+/// Node running `tests/fixtures/SCRIPT` (with `args`) with a perf map, as
+/// a container runs it: in PID and mount namespaces of its own, with a
 /// private /tmp, so its perf map is `/tmp/perf-1.map` inside its own root
 /// and nowhere on the host's /tmp. The script is copied into a private
 /// /mnt first (the checkout the tests run from may itself be under /tmp).
-fn node_in_its_own_root(redis_port: u16, idle_ms: u32) -> Peer {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/pooled_client.js");
+fn node_in_its_own_root(script: &str, args: &[&str]) -> Peer {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(script);
     let mut cmd = Command::new("unshare");
     cmd.args([
         "--mount",
@@ -423,15 +437,70 @@ fn node_in_its_own_root(redis_port: u16, idle_ms: u32) -> Peer {
         "sh",
         "-c",
         "mount -t tmpfs tcptrace-test /mnt && cp \"$0\" /mnt/ \
-         && mount -t tmpfs tcptrace-test /tmp \
-         && exec node --perf-basic-prof --interpreted-frames-native-stack \
-            /mnt/pooled_client.js 127.0.0.1 \"$1\" \"$2\"",
+         && mount -t tmpfs tcptrace-test /tmp && script=\"/mnt/${0##*/}\" \
+         && exec node --perf-basic-prof --interpreted-frames-native-stack \"$script\" \"$@\"",
     ])
     .arg(&script)
-    .arg(redis_port.to_string())
-    .arg(idle_ms.to_string());
+    .args(args);
     Peer::spawn(cmd)
 }
+
+/// The leak of a Node process that sees itself as `own_pid` (pid 1 of its
+/// namespace): owned by it, as `ss` sees it too, and whose last use names
+/// the script's `function` at `file:line` from the perf map (a JIT frame),
+/// in the stack and in the leak line.
+fn assert_named_from_perf_map(leak: &Value, own_pid: u64, function: &str, file: &str, line: u64) {
+    let owner = leak["owner"][0]["pid"].as_u64().expect("owner pid");
+    assert_eq!(ns_pid(owner), Some(own_pid), "{leak}");
+    assert_eq!(leak["owner"][0]["comm"], "node", "{leak}");
+    let lport = leak["lport"].as_u64().expect("lport");
+    let ss = ss_close_wait(None)
+        .into_iter()
+        .find(|l| l.contains(&format!(":{lport} ")))
+        .unwrap_or_else(|| panic!("ss does not show local port {lport} in CLOSE_WAIT"));
+    let fd = leak["owner"][0]["fd"].as_i64().expect("owner fd");
+    assert!(
+        ss_users(&ss).contains(&(owner as u32, fd as i32)),
+        "ss says {ss}, the agent {leak}"
+    );
+    assert_eq!(own_pid, 1, "node runs as its namespace's init");
+    assert!(
+        !Path::new("/tmp/perf-1.map").exists(),
+        "the perf map belongs in node's own /tmp"
+    );
+
+    let used = &leak["last_use"]["stack"];
+    let frame = used
+        .as_array()
+        .and_then(|s| s.iter().find(|f| f["function"] == function))
+        .unwrap_or_else(|| panic!("no {function} in {:?}\n{leak}", functions(used)));
+    assert_eq!(frame["jit"], true, "{frame}");
+    assert_eq!(frame["file"], format!("/mnt/{file}"), "{frame}");
+    assert_eq!(frame["line"], line, "{frame}");
+    assert_eq!(leak["last_use"]["truncated"], false, "{leak}");
+    let message = leak["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("last used by {function} ({file}:{line})")),
+        "{message}"
+    );
+    // Node's own modules are named too, and are not the program's code.
+    assert!(
+        functions(used).iter().any(|f| f == "Socket._write"),
+        "{:?}",
+        functions(used)
+    );
+}
+
+/// Leaks named quickly, and checkouts after 200 ms idle: the Node
+/// fixtures' idle gaps.
+const LAST_USE_QUICKLY: &[&str] = &[
+    "--leak-after",
+    "500ms",
+    "--events",
+    "leak",
+    "--last-use-gap",
+    "200ms",
+];
 
 /// The innermost `PID` of `NSpid:` in /proc/`pid`/status: the pid the
 /// process sees itself as.
@@ -444,15 +513,9 @@ fn ns_pid(pid: u64) -> Option<u64> {
 #[test]
 fn a_node_client_in_a_container_names_its_javascript_function_from_its_perf_map() {
     let redis = Redis::start(0);
-    let agent = Agent::start(&[
-        "--leak-after",
-        "500ms",
-        "--events",
-        "leak",
-        "--last-use-gap",
-        "200ms",
-    ]);
-    let mut node = node_in_its_own_root(redis.port, 400);
+    let agent = Agent::start(LAST_USE_QUICKLY);
+    let port = redis.port.to_string();
+    let mut node = node_in_its_own_root("pooled_client.js", &["127.0.0.1", &port, "400"]);
     let own_pid: u64 = node.expect("pid").parse().expect("pid");
     let lport: u16 = node.expect("connected").parse().expect("local port");
     node.expect("queried");
@@ -462,48 +525,91 @@ fn a_node_client_in_a_container_names_its_javascript_function_from_its_perf_map(
     });
     let leak = leaks_on_port(&events, lport)[0].clone();
     assert_eq!(leak["rport"], redis.port, "{leak}");
+    assert_named_from_perf_map(&leak, own_pid, "checkoutAndQuery", "pooled_client.js", 20);
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
 
-    // The owner is the node process, the one that sees itself as `own_pid`,
-    // as `ss -tanp` sees it too.
-    let owner = leak["owner"][0]["pid"].as_u64().expect("owner pid");
-    assert_eq!(ns_pid(owner), Some(own_pid), "{leak}");
-    assert_eq!(leak["owner"][0]["comm"], "node", "{leak}");
-    let ss = ss_close_wait(None)
-        .into_iter()
-        .find(|l| l.contains(&format!(":{lport} ")))
-        .unwrap_or_else(|| panic!("ss does not show 127.0.0.1:{lport} in CLOSE_WAIT"));
-    let fd = leak["owner"][0]["fd"].as_i64().expect("owner fd");
-    assert!(
-        ss_users(&ss).contains(&(owner as u32, fd as i32)),
-        "ss says {ss}, the agent {leak}"
-    );
-    assert_eq!(own_pid, 1, "node runs as its namespace's init");
-    assert!(
-        !Path::new("/tmp/perf-1.map").exists(),
-        "the perf map belongs in the client's own /tmp"
-    );
+#[test]
+fn a_node_server_in_a_container_names_its_javascript_function_from_its_perf_map() {
+    let agent = Agent::start(LAST_USE_QUICKLY);
+    let mut node = node_in_its_own_root("leaky_server.js", &["127.0.0.1", "300"]);
+    let own_pid: u64 = node.expect("pid").parse().expect("pid");
+    let port: u16 = node.expect("listening").parse().expect("port");
+    // The client half-closes after its request and reads the answer.
+    let mut client = Peer::spawn(peer_cmd(
+        peer_bin!(),
+        None,
+        &["client", endpoint("127.0.0.1", port).as_str(), "--shutdown"],
+    ));
+    client.expect("shut");
+    node.expect("answered");
+    let events = agent.wait_for("the Node server's leak", |ev| {
+        !leaks_on_port(ev, port).is_empty()
+    });
+    let leak = leaks_on_port(&events, port)[0].clone();
+    assert_eq!(leak["origin"]["syscall"], "accept", "{leak}");
+    assert_named_from_perf_map(&leak, own_pid, "greetCustomer", "leaky_server.js", 15);
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+}
 
-    // The last use is the script's own function, named from the perf map
-    // with its file and line, and the leak line says so.
-    let used = &leak["last_use"]["stack"];
-    let frame = used
-        .as_array()
-        .and_then(|s| s.iter().find(|f| f["function"] == "checkoutAndQuery"))
-        .unwrap_or_else(|| panic!("no checkoutAndQuery in {:?}\n{leak}", functions(used)));
-    assert_eq!(frame["jit"], true, "{frame}");
-    assert_eq!(frame["file"], "/mnt/pooled_client.js", "{frame}");
-    assert_eq!(frame["line"], 20, "{frame}");
-    assert_eq!(leak["last_use"]["truncated"], false, "{leak}");
-    let message = leak["message"].as_str().unwrap_or_default();
-    assert!(
-        message.contains("last used by checkoutAndQuery (pooled_client.js:20)"),
-        "{message}"
+#[test]
+fn the_unwound_stacks_of_closed_connections_are_forgotten_and_a_leaks_kept() {
+    let dir = TempDir::new("capture-sweep");
+    let bin = o2g_server(&dir.0);
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    // The leak is reported after two sweeps of the origin table (every
+    // 5 s; the first spares what came since the one before): its capture,
+    // of a connection still open, survived them.
+    let (agent, server, leak) = leak_under(
+        &["--leak-after", "11s", "--metrics", &metrics],
+        &bin,
+        &["127.0.0.1", "0", "1"],
     );
-    // Node's own modules are named too, and are not the program's code.
+    assert_eq!(leak["owner"][0]["pid"], server.pid(), "{leak}");
+    assert_whole_origin(&leak, &["accept_orders", "main"], "cfi", "after the sweeps");
+
+    // Healthy connections, opened and closed at once: each a connect() and
+    // an accept() whose stacks were copied and unwound.
+    const HEALTHY: usize = 100;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    for _ in 0..HEALTHY {
+        let conn = TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        drop(conn);
+        drop(accepted);
+    }
+    // Scraped once a second: each scrape is a connection of its own (the
+    // agent's accept() and this process's connect() have stacks too).
+    let closed = r#"tcptrace_unwound_captures_evicted_total{reason="closed"}"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        thread::sleep(Duration::from_secs(1));
+        let text = scrape(metrics_port);
+        if metric_value(&text, closed).unwrap_or(0.0) >= (2 * HEALTHY) as f64 {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connections' stacks were not forgotten:\n{text}"
+        );
+    };
+    // Few captures are left (the leak's, and recent scrapes').
+    let kept = metric_value(&text, "tcptrace_unwound_captures").expect("the captures gauge");
     assert!(
-        functions(used).iter().any(|f| f == "Socket._write"),
-        "{:?}",
-        functions(used)
+        kept <= HEALTHY as f64 / 2.0,
+        "{kept} captures kept:\n{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"tcptrace_unwound_captures_evicted_total{reason="evicted"}"#
+        ),
+        Some(0.0),
+        "{text}"
     );
     let stopped = agent.stop();
     assert!(stopped.status.success());
