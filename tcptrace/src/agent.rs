@@ -359,7 +359,15 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
             }
             _ = sweep_tick.tick(), if sweeping => {
                 if let Some(cfi) = reader.cfi.as_mut() {
-                    cfi.unwound.sweep(&origins.live_captures());
+                    let began = std::time::Instant::now();
+                    let live = origins.live_captures();
+                    cfi.unwound.sweep(&live);
+                    log::debug!(
+                        "capture sweep: {} origins live, {} captures kept, {:?}",
+                        live.len(),
+                        cfi.unwound.len(),
+                        began.elapsed()
+                    );
                 }
             }
             _ = summary_tick.tick() => {
