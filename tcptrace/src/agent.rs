@@ -177,6 +177,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let mut ranges: std::collections::HashMap<u32, crate::timewait::PortRange> =
         std::collections::HashMap::new();
     let mut pressure_checks = 0u32;
+    let mut port_sweep: Option<tokio::task::JoinHandle<crate::portspace::Sweep>> = None;
     let mut leak_tick = tokio::time::interval(leak_check);
     let mut announced = crate::cwtable::Announced::default();
     let quiet_ns = origin_map.then(|| u64::try_from(leak_check.as_nanos()).unwrap_or(u64::MAX));
@@ -338,16 +339,31 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
                 pipeline.clock.resync();
             }
             _ = pressure_tick.tick() => {
-                if pressure_checks.is_multiple_of(RECONCILE_EVERY_CHECKS) {
-                    reconcile_port_space(&mut pipeline, &mut ranges);
+                if pressure_checks.is_multiple_of(RECONCILE_EVERY_CHECKS) && port_sweep.is_none() {
+                    // Dumping every namespace's TIME_WAIT sockets takes
+                    // tens of ms per 100 000 of them: on a thread of its
+                    // own, so that the loop drains the ring meanwhile (a
+                    // stalled loop lets it fill: stack copies wait, then
+                    // records are lost).
+                    port_sweep = Some(tokio::task::spawn_blocking(crate::portspace::sweep));
                 }
                 pressure_checks = pressure_checks.wrapping_add(1);
-                // The records the kernel sent until now (also while the
-                // dump above ran) come before the check: a socket the dump
-                // counted gets the closer its record names.
                 reader.read(ring.get_mut(), Read::Poll, &mut pipeline, &mut out)?;
                 report_pressure(&mut pipeline, &ranges, &mut out)?;
                 state.write(&pipeline, &ranges, WallClock::now_ns());
+            }
+            swept = async { port_sweep.as_mut().expect("only while a sweep runs").await }, if port_sweep.is_some() => {
+                port_sweep = None;
+                match swept {
+                    Ok(sweep) => {
+                        // The records the kernel sent until now (also while
+                        // the dump ran) come first: a socket the dump
+                        // counted keeps the closer its record names.
+                        reader.read(ring.get_mut(), Read::Poll, &mut pipeline, &mut out)?;
+                        reconcile_port_space(&mut pipeline, &mut ranges, &sweep);
+                    }
+                    Err(e) => log::warn!("the TIME_WAIT dump failed ({e}); counts stay as records made them"),
+                }
             }
             _ = leak_tick.tick() => {
                 if let Some(quiet_ns) = quiet_ns {
@@ -877,10 +893,10 @@ const RECONCILE_EVERY_CHECKS: u32 = 5;
 fn reconcile_port_space(
     pipeline: &mut Pipeline,
     ranges: &mut std::collections::HashMap<u32, crate::timewait::PortRange>,
+    sweep: &crate::portspace::Sweep,
 ) {
     let now_ns = WallClock::now_ns();
-    let sweep = crate::portspace::sweep();
-    *ranges = crate::portspace::ranges(&sweep, ranges);
+    *ranges = crate::portspace::ranges(sweep, ranges);
     for v in &sweep.views {
         log::debug!(
             "port space of netns {}: {} sockets in TIME_WAIT, ports {:?}",
