@@ -6,7 +6,7 @@
 //! with [`MappedArray::field`] (volatile loads) and check that a slot did
 //! not change under them.
 
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
 use std::ptr::NonNull;
 
 use anyhow::{anyhow, Context as _};
@@ -17,9 +17,10 @@ pub struct MappedArray<T> {
     base: NonNull<T>,
     slots: usize,
     mapped_len: usize,
-    /// Holds the map's fd open as long as the mapping (the mapping would
-    /// keep the map alive by itself; this keeps the ownership plain).
-    _map: MapData,
+    /// Holds the map's fd open as long as the mapping, when it was given
+    /// (the mapping would keep the map alive by itself; this keeps the
+    /// ownership plain).
+    _map: Option<MapData>,
 }
 
 // SAFETY: the mapping is read-only and only read with volatile loads; the
@@ -32,13 +33,22 @@ impl<T: Copy> MappedArray<T> {
     /// size a multiple of 8 (the kernel lays array values out at their
     /// 8-byte-aligned size).
     pub fn open(map: MapData, slots: usize, name: &str) -> anyhow::Result<Self> {
+        let mut mapped = Self::map(map.fd().as_fd(), slots, name)?;
+        mapped._map = Some(map);
+        Ok(mapped)
+    }
+
+    /// Maps the map of `fd` as [`Self::open`] does, for as long as the
+    /// result lives: a table scanned now and then, whose pages should not
+    /// count in the agent's resident memory between scans (the kernel maps
+    /// them all at once).
+    pub fn map(fd: BorrowedFd<'_>, slots: usize, name: &str) -> anyhow::Result<Self> {
         debug_assert_eq!(std::mem::size_of::<T>() % 8, 0);
         let page = crate::probe::page_size();
         let bytes = slots
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| anyhow!("a {name} table of {slots} slots is too large"))?;
         let mapped_len = bytes.div_ceil(page) * page;
-        let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: a fresh shared read-only mapping of the map's fd; the
         // kernel sizes array maps' mappings to whole pages of values.
         let addr = unsafe {
@@ -47,7 +57,7 @@ impl<T: Copy> MappedArray<T> {
                 mapped_len,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
-                fd,
+                fd.as_raw_fd(),
                 0,
             )
         };
@@ -61,7 +71,7 @@ impl<T: Copy> MappedArray<T> {
             base,
             slots,
             mapped_len,
-            _map: map,
+            _map: None,
         })
     }
 

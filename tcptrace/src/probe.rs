@@ -2,7 +2,7 @@
 //! the BPF syscall.
 
 use anyhow::{anyhow, bail, Context as _};
-use aya::maps::{Map, MapData, PerCpuArray, RingBuf, StackTraceMap};
+use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf, StackTraceMap};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use std::collections::HashSet;
@@ -71,7 +71,9 @@ pub struct Probes {
 /// [`ProbeOptions::origin_map`]; see [`OriginSlot`]), and its per-CPU
 /// counts.
 pub struct OriginMap {
-    slots: crate::mapped::MappedArray<OriginSlot>,
+    slots: Array<MapData, OriginSlot>,
+    /// The same map, to map for a scan ([`Self::live_captures`]).
+    fd: std::os::fd::OwnedFd,
     bits: u32,
     counts: PerCpuArray<MapData, u64>,
 }
@@ -122,41 +124,33 @@ impl OriginMap {
     /// a stale copy share its address).
     pub fn get(&self, sk: u64) -> Option<OriginSlot> {
         (0..SLOT_PROBES)
-            .filter_map(|i| self.read(probe_slot(sk, self.bits, i) as usize))
+            .filter_map(|i| self.slots.get(&probe_slot(sk, self.bits, i), 0).ok())
             .filter(|slot| slot.sk == sk)
             .max_by_key(|slot| slot.ts_ns)
     }
 
-    /// Slot `i`, when it holds an origin that did not change while it was
-    /// copied (the kernel claims a slot by its `sk` first, then writes the
-    /// rest; it frees it by clearing `sk`).
-    fn read(&self, i: usize) -> Option<OriginSlot> {
-        if i >= self.slots.len() {
-            return None;
-        }
-        let sk = || {
-            self.slots
-                .field(i, |s| unsafe { std::ptr::addr_of!((*s).sk) })
-        };
-        let before = sk();
-        if before == 0 {
-            return None;
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        let copy = self.slots.copy(i);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        (copy.sk == before && sk() == before).then_some(copy)
-    }
-
     /// The (process, clock read) of every origin kept now: the connections
-    /// still open whose origin the kernel keeps (a scan of the mapped
-    /// table, a few ms for a million slots; nothing when none is kept).
+    /// still open whose origin the kernel keeps. A scan of the table
+    /// mapped for the while (a few ms for a million slots; nothing when
+    /// none is kept); empty when it cannot be mapped (logged).
     pub fn live_captures(&self) -> HashSet<(u32, u64)> {
         if self.counts().live == 0 {
             return HashSet::new();
         }
-        (0..self.slots.len())
-            .filter_map(|i| self.read(i))
+        let slots = self.slots.len() as usize;
+        let table = match crate::mapped::MappedArray::<OriginSlot>::map(
+            self.fd.as_fd(),
+            slots,
+            "ORIGINS",
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                log::debug!("{e:#}");
+                return HashSet::new();
+            }
+        };
+        (0..slots)
+            .filter_map(|i| read_origin(&table, i))
             .map(|slot| (slot.tgid, slot.ts_ns))
             .collect()
     }
@@ -172,6 +166,21 @@ impl OriginMap {
             over_budget: slot(STACKS_OVER_BUDGET),
         }
     }
+}
+
+/// Slot `i` of the mapped origin table, when it holds an origin that did
+/// not change while it was copied (the kernel claims a slot by its `sk`
+/// first, then writes the rest; it frees it by clearing `sk`).
+fn read_origin(table: &crate::mapped::MappedArray<OriginSlot>, i: usize) -> Option<OriginSlot> {
+    let sk = || table.field(i, |s| unsafe { std::ptr::addr_of!((*s).sk) });
+    let before = sk();
+    if before == 0 {
+        return None;
+    }
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+    let copy = table.copy(i);
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+    (copy.sk == before && sk() == before).then_some(copy)
 }
 
 /// The kernel's page size: the unit of the ring buffer's size and of a
@@ -506,8 +515,14 @@ fn load_inner(layout: &Layout, options: &ProbeOptions) -> anyhow::Result<Probes>
     let Map::Array(origins) = origins else {
         bail!("the ORIGINS map is not an array");
     };
+    let origins_fd = origins
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating the ORIGINS map's fd")?;
     let origins = OriginMap {
-        slots: crate::mapped::MappedArray::open(origins, origin_slots as usize, "ORIGINS")?,
+        slots: Array::try_from(Map::Array(origins)).context("opening the ORIGINS table")?,
+        fd: origins_fd,
         bits: config.origin_slot_bits,
         counts: PerCpuArray::try_from(origin_counts).context("opening the ORIGIN_COUNTS map")?,
     };

@@ -422,7 +422,10 @@ fn without_stack_copies_frame_pointers_walk_alone() {
 /// a container runs it: in PID and mount namespaces of its own, with a
 /// private /tmp, so its perf map is `/tmp/perf-1.map` inside its own root
 /// and nowhere on the host's /tmp. The script is copied into a private
-/// /mnt first (the checkout the tests run from may itself be under /tmp).
+/// /mnt first (the checkout the tests run from may itself be under /tmp),
+/// and node runs in the private /tmp, where V8's code log
+/// (`isolate-*-v8.log`, which `--perf-basic-prof` writes too) goes with
+/// the namespace.
 fn node_in_its_own_root(script: &str, args: &[&str]) -> Peer {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
@@ -437,7 +440,7 @@ fn node_in_its_own_root(script: &str, args: &[&str]) -> Peer {
         "sh",
         "-c",
         "mount -t tmpfs tcptrace-test /mnt && cp \"$0\" /mnt/ \
-         && mount -t tmpfs tcptrace-test /tmp && script=\"/mnt/${0##*/}\" \
+         && mount -t tmpfs tcptrace-test /tmp && cd /tmp && script=\"/mnt/${0##*/}\" \
          && exec node --perf-basic-prof --interpreted-frames-native-stack \"$script\" \"$@\"",
     ])
     .arg(&script)
