@@ -9,10 +9,26 @@ use tcptrace::{
     config::{self, ArgsError},
 };
 
+/// Makes every thread allocate from glibc's one main arena, before any
+/// thread starts. By default a thread that allocates gets an arena of its
+/// own, which keeps what it freed: the thread that dumps every namespace's
+/// TIME_WAIT sockets (megabytes per 100 000) then held its largest dump
+/// resident, and the soak test saw the agent's RSS creep up 12 % over a
+/// million connections. The agent's threads allocate little and rarely at
+/// once, so sharing one arena costs nothing measurable.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt has no preconditions; called while one thread runs.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Exit status for bad usage: flags, values, config files.
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    one_malloc_arena();
     let cli = match config::parse_args(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(ArgsError::Clap(e)) => {
