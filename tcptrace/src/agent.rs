@@ -13,11 +13,12 @@ use crate::sinks::Sinks;
 use aya::maps::{MapData, RingBuf, StackTraceMap};
 
 use crate::clock::WallClock;
+use crate::decode::tuple_key;
 use crate::groups::LeakGroups;
 use crate::leak::{group_key, summary, Enricher};
 use crate::output::Lost;
 use crate::pipeline::Pipeline;
-use crate::pipeline::{tuple_key, CurrentLeak, LEAK_LINE_WINDOW_NS};
+use crate::pipeline::{CurrentLeak, LEAK_LINE_WINDOW_NS};
 use crate::probe::{self, LostCounts, Probes};
 use crate::{layout, privileges, tracefs};
 
@@ -99,8 +100,8 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     let layout = layout::resolve(&tracefs, &plan)?;
     let events: crate::cli::EventSet = cli.events.iter().copied().collect();
     let filter = cli.filter();
-    let origin_map = crate::pipeline::uses_origin_map(&events, &filter);
-    let interest = crate::pipeline::kernel_interest(&events, origin_map);
+    let origin_map = crate::events::uses_origin_map(&events, &filter);
+    let interest = crate::events::kernel_interest(&events, origin_map);
     // How often leaks are looked for; a stay in CLOSE_WAIT shorter than
     // this cannot become one before the next look.
     let leak_check = (cli.leak_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -189,7 +190,7 @@ async fn run_inner(cli: Cli) -> anyhow::Result<()> {
     // Attached, bound: from here on the agent needs only /proc and
     // sock_diag. Before any thread starts, so that every thread has the
     // reduced sets.
-    match privileges::drop_after_attach() {
+    match privileges::drop_after_attach(crate::nshelper::running()) {
         Ok(d) => log::info!(
             "privileges: kept {} (bounding set {}), no_new_privs set, exec forbidden \
              (seccomp); every other capability dropped",

@@ -217,73 +217,8 @@ pub const DEFAULT_STACKS_PER_SECOND: u32 = 1000;
 /// Default of `--events`: what a production host needs, at almost no cost.
 pub const DEFAULT_EVENTS: &str = "leak,summary";
 
-/// `--state-program`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum StateProgram {
-    /// The BTF program where the kernel has BTF, else the fast classic one
-    /// when the layout allows it.
-    Auto,
-    /// A BTF tracepoint program reading the socket (Linux >= 5.6 with BTF).
-    Btf,
-    /// Fields read at the offsets tracefs gives.
-    Offsets,
-    /// Fields at the Linux >= 5.6 offsets (fails to attach on other layouts).
-    Fixed,
-}
-
-/// Kinds of events the agent prints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
-pub enum EventKind {
-    /// Every state transition (`state_change`).
-    StateChange,
-    /// Sockets leaving CLOSE_WAIT (`close_wait_end`).
-    CloseWait,
-    /// CLOSE_WAIT leaks (`leak`, `leak_end`, `leak_group`).
-    Leak,
-    /// Connections entering TIME_WAIT (`time_wait`): can be the busiest stream.
-    TimeWait,
-    /// Destinations whose TIME_WAIT sockets fill 50/80/95 % of the port range.
-    PortPressure,
-    /// Periodic counts (`summary`, every --summary-interval): proof of life, drop counters.
-    Summary,
-}
-
-/// A set of [`EventKind`]s: a bit each, since the pipeline asks it several
-/// times for every transition.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EventSet(u8);
-
-impl EventSet {
-    fn bit(kind: EventKind) -> u8 {
-        1 << kind as u8
-    }
-
-    /// True when `kind` is in the set.
-    pub fn contains(&self, kind: &EventKind) -> bool {
-        self.0 & Self::bit(*kind) != 0
-    }
-
-    /// Adds `kind`.
-    pub fn insert(&mut self, kind: EventKind) {
-        self.0 |= Self::bit(kind);
-    }
-}
-
-impl FromIterator<EventKind> for EventSet {
-    fn from_iter<I: IntoIterator<Item = EventKind>>(kinds: I) -> Self {
-        let mut set = Self::default();
-        for kind in kinds {
-            set.insert(kind);
-        }
-        set
-    }
-}
-
-impl<const N: usize> From<[EventKind; N]> for EventSet {
-    fn from(kinds: [EventKind; N]) -> Self {
-        kinds.into_iter().collect()
-    }
-}
+pub use crate::events::{EventKind, EventSet};
+pub use crate::layout::StateProgram;
 
 /// Reports.
 #[derive(Debug, clap::Subcommand)]
@@ -421,7 +356,7 @@ pub fn parse_ring_size(s: &str) -> Result<u32, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a size (examples: 4096, 256K, 16M)"))?;
     let bytes = n.saturating_mul(mult);
-    let page = crate::probe::page_size() as u64;
+    let page = crate::maps::page_size() as u64;
     if bytes < page || !bytes.is_power_of_two() || bytes > 1 << 30 {
         return Err(format!(
             "{s} is not a power of two between the page size ({page}) and 1G"

@@ -11,7 +11,10 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+// Inventory sockets are matched to later transitions by namespace and
+// four-tuple (unique within a namespace): sock_diag gives no kernel address.
 use crate::decode::Task;
+use crate::decode::TupleKey;
 use crate::state::TcpState;
 use crate::tracker::{Known, Transition};
 
@@ -38,11 +41,6 @@ pub struct LeakCandidate {
     /// estimate (time since the last data received) and its origin unknown.
     pub estimated: bool,
 }
-
-/// Identity of a socket without its kernel address: sock_diag does not
-/// give one, so inventory sockets are matched to later transitions by
-/// namespace and four-tuple (unique within a namespace).
-type TupleKey = (Option<u32>, IpAddr, u16, IpAddr, u16);
 
 fn tuple_of(t: &Transition) -> TupleKey {
     let c = &t.change;

@@ -93,7 +93,7 @@ impl CloseWaitTable {
 
     /// The kernel's counts, summed over CPUs (zeros when unreadable).
     pub fn counts(&self) -> CloseWaitCounts {
-        let slot = |i: u32| crate::probe::per_cpu_sum(&self.counts, i);
+        let slot = |i: u32| crate::maps::per_cpu_sum(&self.counts, i);
         let mut quiet_linger = LingerHistogram::default();
         for (b, count) in quiet_linger.buckets.iter_mut().enumerate() {
             *count = slot(CW_LINGER + b as u32);

@@ -592,6 +592,14 @@ pub mod raw {
     }
 }
 
+/// A socket's identity without its kernel address: namespace and four-tuple.
+pub type TupleKey = (Option<u32>, std::net::IpAddr, u16, std::net::IpAddr, u16);
+
+/// The key of a transition's socket.
+pub fn tuple_key(c: &StateChange) -> TupleKey {
+    (c.netns, c.laddr, c.lport, c.raddr, c.rport)
+}
+
 #[cfg(test)]
 mod tests {
     use super::raw::{

@@ -19,7 +19,7 @@ use crate::tracker::Syscall;
 
 /// A leaked socket's identity: namespace and four-tuple (inventory sockets
 /// have no kernel address).
-pub type Member = crate::pipeline::TupleKey;
+pub type Member = crate::decode::TupleKey;
 
 /// What makes leaks "the same leak".
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 
 use crate::decode::{Family, StateChange, Task};
-use crate::sockdiag::{self, TCP_CLOSE_WAIT};
+use crate::sockdiag::TCP_CLOSE_WAIT;
 use crate::state::TcpState;
 use crate::tracker::Transition;
 
@@ -62,7 +62,7 @@ pub fn take(now_ns: u64) -> (Vec<Found>, usize) {
     let spaces = namespaces();
     let mut found = Vec::new();
     for (netns, path) in &spaces {
-        let socks = match sockdiag::dump_in(path, *netns, 1 << TCP_CLOSE_WAIT) {
+        let socks = match crate::nshelper::dump_in(path, *netns, 1 << TCP_CLOSE_WAIT) {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("inventory of {}: {e}", path.display());

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use aya::maps::{Array, MapData, PerCpuArray, SkStorage};
 use aya::Ebpf;
 
-use crate::probe::per_cpu_sum;
+use crate::maps::per_cpu_sum;
 
 /// Which way the I/O went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

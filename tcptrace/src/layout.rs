@@ -71,8 +71,8 @@ impl Layout {
     /// one where BTF locates the socket's fields, else the fast classic one
     /// when the tracepoint's layout is the usual one, else the one reading
     /// tracefs offsets.
-    pub fn state_program(&self, choice: crate::cli::StateProgram) -> &'static str {
-        use crate::cli::StateProgram;
+    pub fn state_program(&self, choice: crate::layout::StateProgram) -> &'static str {
+        use crate::layout::StateProgram;
         match choice {
             StateProgram::Auto if self.sock_fields => BTF_STATE_PROGRAM,
             StateProgram::Auto => self.classic_state_program(),
@@ -292,6 +292,20 @@ pub fn resolve(tracefs: &Path, plan: &Plan) -> anyhow::Result<Layout> {
 
 /// A config with only the state tracepoint's record offsets, in the order
 /// of [`FIXED_STATE_OFFSETS`], and its protocol field size: for tests.
+/// `--state-program`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateProgram {
+    /// The BTF program where the kernel has BTF, else the fast classic one
+    /// when the layout allows it.
+    Auto,
+    /// A BTF tracepoint program reading the socket (Linux >= 5.6 with BTF).
+    Btf,
+    /// Fields read at the offsets tracefs gives.
+    Offsets,
+    /// Fields at the Linux >= 5.6 offsets (fails to attach on other layouts).
+    Fixed,
+}
+
 #[cfg(test)]
 pub(crate) fn config_with_state_offsets(offsets: [u32; 11], protocol_size: u32) -> KernelConfig {
     let mut c = KernelConfig::ZERO;
@@ -339,7 +353,7 @@ mod tests {
             reset_hooks: true,
             sock_fields: false,
         };
-        use crate::cli::StateProgram;
+        use crate::layout::StateProgram;
         assert_eq!(
             layout.state_program(StateProgram::Auto),
             OFFSETS_STATE_PROGRAM

@@ -301,7 +301,7 @@ pub struct Enricher {
 #[derive(Default)]
 struct CloseWaitDiag {
     /// Inode by namespace and four-tuple.
-    by_tuple: HashMap<crate::pipeline::TupleKey, u64>,
+    by_tuple: HashMap<crate::decode::TupleKey, u64>,
     /// Receive queue by inode: what the owner has not read (a FIN not
     /// read counts one), as `ss` shows it.
     rqueue: HashMap<u64, u64>,
@@ -322,7 +322,7 @@ fn close_wait_diag(candidates: &[LeakCandidate]) -> CloseWaitDiag {
             continue;
         }
         let Ok(socks) =
-            crate::sockdiag::dump_in(&path, netns, 1 << crate::sockdiag::TCP_CLOSE_WAIT)
+            crate::nshelper::dump_in(&path, netns, 1 << crate::sockdiag::TCP_CLOSE_WAIT)
         else {
             continue;
         };
@@ -344,7 +344,7 @@ fn fill_missing_inodes(candidates: &mut [LeakCandidate], diag: &CloseWaitDiag) {
     for c in candidates.iter_mut().filter(|c| c.entered.ino.is_none()) {
         let t = &c.entered.change;
         let found = by_tuple
-            .get(&crate::pipeline::tuple_key(t))
+            .get(&crate::decode::tuple_key(t))
             .copied()
             .or_else(|| {
                 // Without a known namespace, a unique four-tuple anywhere will do.
@@ -363,7 +363,7 @@ fn fill_missing_inodes(candidates: &mut [LeakCandidate], diag: &CloseWaitDiag) {
 }
 
 /// Gives candidates the kernel kept an origin for (the `ORIGINS` table, see
-/// [`crate::pipeline::uses_origin_map`]) that origin, and its caller as
+/// [`crate::events::uses_origin_map`]) that origin, and its caller as
 /// owner until /proc says who holds the socket now. `origin_of` looks a
 /// socket address up; `comm_of` names a (tgid, tid) caller (the kernel
 /// keeps no names). The kernel removes an origin when its socket closes,

@@ -44,7 +44,7 @@ impl<T: Copy> MappedArray<T> {
     /// them all at once).
     pub fn map(fd: BorrowedFd<'_>, slots: usize, name: &str) -> anyhow::Result<Self> {
         debug_assert_eq!(std::mem::size_of::<T>() % 8, 0);
-        let page = crate::probe::page_size();
+        let page = crate::maps::page_size();
         let bytes = slots
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| anyhow!("a {name} table of {slots} slots is too large"))?;

@@ -376,9 +376,45 @@ fn reply(sock: BorrowedFd<'_>, answer: io::Result<Entered>) -> io::Result<()> {
     Ok(())
 }
 
+/// [`crate::sockdiag::dump_on`] inside network namespace `inode`, found at
+/// `netns` (entered by [`enter`]).
+pub fn dump_in(
+    netns: &Path,
+    inode: u32,
+    states: u32,
+) -> io::Result<Vec<crate::sockdiag::DiagSocket>> {
+    let entered = enter(netns, inode)?;
+    crate::sockdiag::dump_on(entered.netlink.as_fd(), states)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dumps_a_namespace_found_by_its_path_and_refuses_another() {
+        use crate::sockdiag::TCP_CLOSE_WAIT;
+        let (_server, port) = crate::sockdiag::close_wait_socket();
+        let own = Path::new("/proc/self/ns/net");
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(own).expect("netns"));
+        let inode = u32::try_from(inode).expect("a namespace inode");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let via_ns = dump_in(own, inode, 1 << TCP_CLOSE_WAIT).expect("dump_in");
+            if via_ns.iter().any(|s| s.lport == port) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port {port} not in CLOSE_WAIT"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // A path that names another namespace than the one asked for (a
+        // process gone, its pid reused) is refused, not dumped.
+        let err = dump_in(own, inode.wrapping_add(1), 1 << TCP_CLOSE_WAIT).expect_err("refused");
+        assert!(err.to_string().contains("not"), "{err}");
+    }
 
     #[test]
     fn the_helpers_protocol_round_trips_an_answer_and_an_error() {

@@ -3,10 +3,10 @@
 
 use std::time::SystemTime;
 
-use crate::cli::EventKind;
 use crate::clock::WallClock;
 use crate::closewait::{CloseWaitDetector, LeakCandidate};
-use crate::decode::{self, DecodeError, Record};
+use crate::decode::{self, tuple_key, DecodeError, Record, TupleKey};
+use crate::events::EventKind;
 use crate::filter::Filter;
 use crate::groups::LeakGroups;
 use crate::output::{Format, Lost};
@@ -19,56 +19,6 @@ pub const DEFAULT_LEAK_LINES_PER_GROUP: u32 = 10;
 pub const LEAK_LINE_WINDOW_NS: u64 = 60_000_000_000;
 /// How often `leak_group` summaries are printed, by default.
 pub const DEFAULT_GROUP_REPORT_NS: u64 = 10_000_000_000;
-
-/// The transitions the kernel must send for `events`, as (new-state mask,
-/// old-state mask) of `1 << state` bits (see `KernelConfig::emit_new`).
-/// Printing every transition needs them all; the detectors need far fewer,
-/// and every record not sent is work the host's CPU does not do.
-///
-/// With `origin_map` (see [`uses_origin_map`]) the kernel keeps origins
-/// itself, so neither connect()'s CLOSE -> SYN_SENT nor accept() is sent;
-/// nor is the end of a socket, unless TIME_WAIT needs it.
-pub fn kernel_interest(events: &crate::cli::EventSet, origin_map: bool) -> (u32, u32) {
-    use tcptrace_common::tcp_state as k;
-    if events.contains(&EventKind::StateChange) {
-        return (u32::MAX, u32::MAX);
-    }
-    let bit = |s: i32| 1u32 << s;
-    // Entering and leaving CLOSE_WAIT.
-    let mut new = bit(k::CLOSE_WAIT);
-    let old = bit(k::CLOSE_WAIT);
-    if !origin_map {
-        // The owner and origin of a connect() (CLOSE -> SYN_SENT), and the
-        // end of every socket (the tracker forgets it).
-        new |= bit(k::SYN_SENT) | bit(k::CLOSE);
-    }
-    if events.contains(&EventKind::TimeWait) || events.contains(&EventKind::PortPressure) {
-        // Who closed first (the task that moved it to FIN_WAIT1), and the
-        // CLOSE that hands the connection to TIME_WAIT.
-        new |= bit(k::FIN_WAIT1) | bit(k::CLOSE);
-    }
-    (new, old)
-}
-
-/// True when the kernel should keep connection origins in its `ORIGINS`
-/// map (`CONFIG_ORIGIN_MAP`) rather than send them: when no line needs the
-/// owner of every socket as it changes state. Printing every transition
-/// does, `close_wait` lines name every lingering socket's owner, and
-/// `--pid` selects sockets by owner as they go. The agent then reads an
-/// origin, and finds the holders under /proc, only for leak candidates.
-pub fn uses_origin_map(events: &crate::cli::EventSet, filter: &Filter) -> bool {
-    !events.contains(&EventKind::StateChange)
-        && !events.contains(&EventKind::CloseWait)
-        && filter.pids.is_empty()
-}
-
-/// A socket's identity without its kernel address: namespace and four-tuple.
-pub type TupleKey = (Option<u32>, std::net::IpAddr, u16, std::net::IpAddr, u16);
-
-/// The key of a transition's socket.
-pub fn tuple_key(c: &crate::decode::StateChange) -> TupleKey {
-    (c.netns, c.laddr, c.lport, c.raddr, c.rport)
-}
 
 /// A leak reported and not yet ended, for `tcptrace leaks`.
 #[derive(Clone, Debug)]
@@ -95,7 +45,7 @@ pub struct Pipeline {
     /// Leak rate limits and group summaries.
     pub groups: LeakGroups,
     /// Which events are printed.
-    pub events: crate::cli::EventSet,
+    pub events: crate::events::EventSet,
     /// TIME_WAIT per destination, for port pressure.
     pub pressure: crate::timewait::PortPressure,
     /// Leaks reported and not ended.
@@ -270,6 +220,7 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::decode::raw;
+    use crate::events::{kernel_interest, uses_origin_map};
     use tcptrace_common::tcp_state as k;
 
     /// A JSON pipeline with no filter and a fixed clock.
@@ -358,7 +309,7 @@ mod tests {
         // A client that closes first (TIME_WAIT) and a server that lingers
         // in CLOSE_WAIT then closes; fed whole, and as the kernel sends
         // them with the default events' masks.
-        let default_events: crate::cli::EventSet = [
+        let default_events: crate::events::EventSet = [
             EventKind::CloseWait,
             EventKind::Leak,
             EventKind::TimeWait,
@@ -396,14 +347,14 @@ mod tests {
         // Leak events only: the kernel keeps origins and sends nothing but
         // CLOSE_WAIT entries and exits; the tracker must still find the
         // leak and must not keep sockets whose end it never sees.
-        let events: crate::cli::EventSet = [EventKind::Leak].into();
+        let events: crate::events::EventSet = [EventKind::Leak].into();
         assert!(uses_origin_map(&events, &Filter::default()));
         let pid_filter = Filter {
             pids: [7].into(),
             ..Filter::default()
         };
         assert!(!uses_origin_map(&events, &pid_filter), "--pid needs owners");
-        let close_wait: crate::cli::EventSet = [EventKind::Leak, EventKind::CloseWait].into();
+        let close_wait: crate::events::EventSet = [EventKind::Leak, EventKind::CloseWait].into();
         assert!(!uses_origin_map(&close_wait, &Filter::default()));
         let (new_mask, old_mask) = kernel_interest(&events, true);
         assert_eq!(new_mask, 1 << k::CLOSE_WAIT);

@@ -217,13 +217,16 @@ fn permitted_caps() -> std::io::Result<u64> {
 /// sets are emptied. An attacker who took over the agent through hostile
 /// input (a binary it symbolizes, a scrape) gets no more than that.
 ///
+/// `helper_running`: the namespace helper ([`crate::nshelper`]) enters
+/// namespaces for the agent, which then needs no CAP_SYS_ADMIN.
+///
 /// Capabilities and `no_new_privs` belong to a thread: this must run
 /// before the agent starts any thread (its output writers), which then
 /// inherit the reduced sets.
-pub fn drop_after_attach() -> std::io::Result<Dropped> {
+pub fn drop_after_attach(helper_running: bool) -> std::io::Result<Dropped> {
     drop_to(runtime_keep(
         permitted_caps()?,
-        crate::nshelper::running(),
+        helper_running,
         bpf_syscall_checks(),
     ))
 }

@@ -8,10 +8,11 @@ use aya::{Ebpf, EbpfLoader};
 use std::collections::HashSet;
 use std::os::fd::AsFd as _;
 
-use crate::cli::StateProgram;
+use crate::layout::StateProgram;
 use crate::layout::{
     Layout, BTF_STATE_PROGRAM, FIXED_STATE_PROGRAM, OFFSETS_STATE_PROGRAM, STATE_TP,
 };
+use crate::maps::per_cpu_sum;
 use crate::privileges::NotPrivileged;
 use crate::progstats::ProgramStats;
 use crate::stage::{Flusher, StageUnavailable};
@@ -183,23 +184,6 @@ fn read_origin(table: &crate::mapped::MappedArray<OriginSlot>, i: usize) -> Opti
     (copy.sk == before && sk() == before).then_some(copy)
 }
 
-/// The kernel's page size: the unit of the ring buffer's size and of a
-/// mapped map (4096 should sysconf ever fail).
-pub fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
-}
-
-/// Counter `i` of a kernel per-CPU counter array, summed over CPUs (0 when
-/// it cannot be read: a counter is never worth failing for).
-pub fn per_cpu_sum(counts: &PerCpuArray<MapData, u64>, i: u32) -> u64 {
-    counts
-        .get(&i, 0)
-        .map(|per_cpu| per_cpu.iter().sum())
-        .unwrap_or(0)
-}
-
 /// The kernel's per-CPU count of every TCP transition by (old, new) state,
 /// including those it does not send to the agent.
 pub struct TransitionCounter(PerCpuArray<MapData, u64>);
@@ -285,10 +269,10 @@ pub struct ProbeOptions {
     /// Size of the ring buffer, bytes.
     pub ring_bytes: u32,
     /// The (new, old) state masks of the transitions to send (see
-    /// [`crate::pipeline::kernel_interest`]).
+    /// [`crate::events::kernel_interest`]).
     pub interest: (u32, u32),
     /// Which state program to attach.
-    pub state_program: crate::cli::StateProgram,
+    pub state_program: crate::layout::StateProgram,
     /// User stack walks per process per second (0: all).
     pub stacks_per_second: u32,
     /// Entries of the kernel's `STACKS` map ([`DEFAULT_MAX_STACKS`]).
@@ -301,7 +285,7 @@ pub struct ProbeOptions {
     /// them; send only those that stay at least this long.
     pub close_wait_quiet: Option<std::time::Duration>,
     /// Keep origins in the kernel's `ORIGINS` table, sized for this many
-    /// (see [`crate::pipeline::uses_origin_map`], [`origin_slot_bits`]);
+    /// (see [`crate::events::uses_origin_map`], [`origin_slot_bits`]);
     /// `None` sends them instead.
     pub origin_map: Option<u32>,
     /// Stage short records in per-CPU batches ([`tcptrace_common::CONFIG_STAGE`])

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 
 use crate::toolchain::BuildTools;
-use crate::{cargo, run, say};
+use crate::{cargo, run, say, workspace};
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -855,7 +855,7 @@ pub fn bench(tools: &BuildTools, opts: &BenchOpts) -> Result<i32> {
     let started = Instant::now();
     let agent = cargo::build_agent(tools, true)?;
     let ns = Netns::create()?;
-    let path = cargo::workspace_root().join(&opts.output);
+    let path = workspace::root().join(&opts.output);
     let before = std::fs::read_to_string(&path).unwrap_or_default();
     let mut churn_text = section(&before, CHURN).or_else(|| legacy_churn(&before));
     let mut redis_text = section(&before, REDIS);

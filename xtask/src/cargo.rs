@@ -13,19 +13,8 @@ use std::process::Command;
 use anyhow::{bail, Context as _, Result};
 
 use crate::toolchain::BuildTools;
+use crate::workspace::{cargo_program, root as workspace_root};
 use crate::{run, say};
-
-/// The workspace root (xtask lives in its `xtask/` folder).
-pub fn workspace_root() -> &'static Path {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().unwrap_or(manifest_dir)
-}
-
-/// The cargo that runs us (cargo sets CARGO for `cargo run`), so nested
-/// builds use the same toolchain; plain `cargo` otherwise.
-pub fn cargo_program() -> OsString {
-    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
-}
 
 /// A cargo command in the workspace root whose PATH finds the verified
 /// bpf-linker first.

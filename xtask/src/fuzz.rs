@@ -30,7 +30,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::apt::Apt;
 use crate::toolchain::BuildTools;
-use crate::{cargo, run, say};
+use crate::{run, say, workspace};
 
 /// The fuzz targets (`tcptrace/fuzz/fuzz_targets/NAME.rs`), in run order.
 pub const TARGETS: &[&str] = &[
@@ -143,14 +143,14 @@ pub fn fuzz(apt: &mut Apt, tools: &BuildTools, opts: &FuzzOpts) -> Result<i32> {
 
 /// `tcptrace/fuzz`, the cargo-fuzz project.
 fn fuzz_dir() -> PathBuf {
-    cargo::workspace_root().join("tcptrace").join("fuzz")
+    workspace::root().join("tcptrace").join("fuzz")
 }
 
 /// `cargo fuzz SUBCOMMAND --fuzz-dir tcptrace/fuzz <flags>`, finding the
 /// verified bpf-linker first (the agent's build script links with it).
 fn cargo_fuzz(tools: &BuildTools, subcommand: &str) -> Result<Command> {
-    let mut cmd = Command::new(cargo::cargo_program());
-    cmd.current_dir(cargo::workspace_root())
+    let mut cmd = Command::new(workspace::cargo_program());
+    cmd.current_dir(workspace::root())
         .env("PATH", tools.path_env()?)
         .arg("fuzz")
         .arg(subcommand)
@@ -331,7 +331,7 @@ fn ensure_cpp_compiler(apt: &mut Apt) -> Result<()> {
 /// Makes sure `cargo fuzz` runs, installing cargo-fuzz when it does not.
 fn ensure_cargo_fuzz() -> Result<()> {
     let version = || {
-        run::capture(Command::new(cargo::cargo_program()).args(["fuzz", "--version"]))
+        run::capture(Command::new(workspace::cargo_program()).args(["fuzz", "--version"]))
             .ok()
             .filter(|out| out.status.success())
             .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -344,7 +344,7 @@ fn ensure_cargo_fuzz() -> Result<()> {
         "cargo-fuzz is missing; installing it with `cargo install cargo-fuzz --locked` \
          (version {CARGO_FUZZ_VERSION}; takes a minute or so) ..."
     );
-    let mut cmd = Command::new(cargo::cargo_program());
+    let mut cmd = Command::new(workspace::cargo_program());
     cmd.args([
         "install",
         "cargo-fuzz",
@@ -352,7 +352,7 @@ fn ensure_cargo_fuzz() -> Result<()> {
         "--version",
         CARGO_FUZZ_VERSION,
     ])
-    .current_dir(cargo::workspace_root());
+    .current_dir(workspace::root());
     run::checked(&mut cmd)
         .context("installing cargo-fuzz failed; the compiler errors are above")?;
     match version() {

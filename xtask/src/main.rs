@@ -24,6 +24,7 @@ mod cargo;
 mod fuzz;
 mod run;
 mod toolchain;
+mod workspace;
 
 use std::ffi::OsString;
 use std::process::Command;

@@ -16,7 +16,7 @@ use std::process::Command;
 use anyhow::{bail, Context as _, Result};
 
 use crate::apt::Apt;
-use crate::{cargo, run, say};
+use crate::{run, say, workspace};
 
 /// The bpf-linker release installed: the newest one, with an `llvm-22`
 /// feature, verified with rustc 1.95 (LLVM 22). Pinned so that a new release
@@ -186,7 +186,7 @@ fn install_bpf_linker(apt: &mut Apt, major: u32) -> Result<()> {
         "installing bpf-linker {BPF_LINKER_VERSION} (built against LLVM {major}) with cargo \
          install; this takes a minute or two ..."
     );
-    let mut cmd = Command::new(cargo::cargo_program());
+    let mut cmd = Command::new(workspace::cargo_program());
     cmd.args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
         .args([
             "--no-default-features",
@@ -196,7 +196,7 @@ fn install_bpf_linker(apt: &mut Apt, major: u32) -> Result<()> {
         .arg("--force")
         .env("LLVM_PREFIX", &prefix)
         .env("PATH", prepend_path(Some(prefix.join("bin")))?)
-        .current_dir(cargo::workspace_root());
+        .current_dir(workspace::root());
     run::checked(&mut cmd).with_context(|| {
         format!(
             "building bpf-linker against LLVM {major} failed; the compiler errors are above \
