@@ -102,39 +102,17 @@ pub fn target_dir() -> Result<PathBuf> {
             .args(["metadata", "--format-version", "1", "--no-deps"]),
     )
     .context("cannot ask cargo for the target directory")?;
-    json_string_field(&json, "target_directory")
-        .map(PathBuf::from)
-        .context("`cargo metadata` printed no target_directory")
+    target_directory(&json)
 }
 
-/// The string value of `"key":` in `json`, searched from the end (cargo
-/// metadata puts its top-level keys after the package list). Enough JSON
-/// for this one field, without a JSON dependency.
-fn json_string_field(json: &str, key: &str) -> Option<String> {
-    let needle = format!("\"{key}\":");
-    let start = json.rfind(&needle)? + needle.len();
-    let mut chars = json[start..].trim_start().strip_prefix('"')?.chars();
-    let mut value = String::new();
-    loop {
-        match chars.next()? {
-            '"' => return Some(value),
-            '\\' => match chars.next()? {
-                'n' => value.push('\n'),
-                't' => value.push('\t'),
-                'r' => value.push('\r'),
-                'b' => value.push('\u{8}'),
-                'f' => value.push('\u{c}'),
-                'u' => {
-                    let hex: String = chars.by_ref().take(4).collect();
-                    let unit = u32::from_str_radix(&hex, 16).ok()?;
-                    // Paths with surrogate pairs are not worth handling.
-                    value.push(char::from_u32(unit)?);
-                }
-                other => value.push(other),
-            },
-            c => value.push(c),
-        }
-    }
+/// `target_directory` of `cargo metadata`'s JSON.
+fn target_directory(json: &str) -> Result<PathBuf> {
+    let metadata: serde_json::Value =
+        serde_json::from_str(json).context("`cargo metadata` printed no JSON")?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("`cargo metadata` printed no target_directory")
 }
 
 #[cfg(test)]
@@ -145,22 +123,15 @@ mod tests {
     fn finds_the_target_directory() {
         let json = r#"{"packages":[{"name":"x","description":"\"target_directory\":\"nope\""}],"workspace_members":[],"target_directory":"/work/main/target","build_directory":"/b","version":1,"workspace_root":"/work/main"}"#;
         assert_eq!(
-            json_string_field(json, "target_directory").as_deref(),
-            Some("/work/main/target")
+            target_directory(json).ok(),
+            Some(PathBuf::from("/work/main/target"))
         );
         assert_eq!(
-            json_string_field(
-                r#"{"target_directory": "/a \"q\"\\b\u00e9"}"#,
-                "target_directory"
-            )
-            .as_deref(),
-            Some("/a \"q\"\\b\u{e9}")
+            target_directory(r#"{"target_directory": "/a \"q\"\\b\u00e9"}"#).ok(),
+            Some(PathBuf::from("/a \"q\"\\b\u{e9}"))
         );
-        assert_eq!(json_string_field("{}", "target_directory"), None);
-        assert_eq!(
-            json_string_field(r#"{"target_directory":"/unterminated"#, "target_directory"),
-            None
-        );
+        assert!(target_directory("{}").is_err());
+        assert!(target_directory(r#"{"target_directory":"/unterminated"#).is_err());
     }
 
     #[test]
