@@ -13,6 +13,11 @@
 //! Input is untrusted: every read is bounds-checked, loops over
 //! attacker-controlled chains are bounded, and malformed data yields a
 //! [`BtfError`], never a panic.
+//!
+//! Why by hand, not a BTF crate: the agent needs member offsets of a few
+//! structs, nothing else, and parses the file as root; a reader this small
+//! is fuzzed whole (`cargo xtask fuzz`, target `btf`), where a general one
+//! would bring code paths the agent never uses into that attack surface.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

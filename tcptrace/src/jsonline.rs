@@ -4,6 +4,11 @@
 //! by octet, the timestamp's date and time formatted once per second, and
 //! strings escaped exactly as serde_json escapes them (so every line has
 //! the same bytes the serde-derived events would have).
+//!
+//! Why by hand, not serde_json: this is the agent's hot path (a line per
+//! transition), and writing field by field into one reused `String` builds
+//! no struct or value per line; the rarer events still go through
+//! serde_json, and the tests hold the two to the same bytes.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;

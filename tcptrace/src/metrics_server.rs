@@ -6,6 +6,10 @@
 //! Hardened for a port that anyone on the host may reach: requests are
 //! capped in size and time, connections in number, and nothing but
 //! `GET`/`HEAD` of `/metrics` and `/` is served.
+//!
+//! Why by hand, not an HTTP crate: two paths and two methods, on tokio the
+//! agent already runs; every limit above is a line here, where a general
+//! server would have to be configured (and audited) down to them.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
 use std::sync::Arc;

@@ -6,6 +6,12 @@
 //!
 //! The message layouts are the stable uapi of `linux/inet_diag.h`; the
 //! builder and parser are pure and tested on synthetic bytes.
+//!
+//! Why by hand, not a netlink crate: one request and one reply layout are
+//! all the agent uses, the parser reads bytes from the kernel of other
+//! namespaces as root and is fuzzed whole (target `sockdiag`), and the
+//! socket comes from the namespace helper, which a crate's own socket
+//! handling would not take.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
