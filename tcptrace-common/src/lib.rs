@@ -656,7 +656,7 @@ pub const COPY_COUNT_SLOTS: u32 = 4;
 
 /// Index of the checkout gap, in jiffies, in the kernel's one-slot
 /// `LAST_USE_GAP` array: the agent writes it once it knows the kernel's
-/// tick rate (see `tcptrace::lastuse`), before it attaches the programs.
+/// tick rate (see `tcptrace::engine::lastuse`), before it attaches the programs.
 pub const LAST_USE_GAP: u32 = 0;
 
 /// Whether an I/O by process `tgid` at jiffy `now` on a socket whose

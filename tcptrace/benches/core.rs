@@ -7,13 +7,13 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tcptrace::cli::EventKind;
-use tcptrace::clock::WallClock;
-use tcptrace::decode::{self, raw};
-use tcptrace::filter::Filter;
-use tcptrace::output::Format;
+use tcptrace::commands::cli::EventKind;
+use tcptrace::engine::clock::WallClock;
+use tcptrace::engine::decode::{self, raw};
+use tcptrace::engine::filter::Filter;
+use tcptrace::engine::tracker::Tracker;
+use tcptrace::output::format::Format;
 use tcptrace::pipeline::Pipeline;
-use tcptrace::tracker::Tracker;
 
 /// One connection's ten transitions, client and server, as the kernel
 /// records them (short IPv4 records where they hold everything) for socket

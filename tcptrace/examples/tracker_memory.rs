@@ -5,9 +5,9 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use tcptrace::decode::{Family, StateChange, Task};
-use tcptrace::state::TcpState;
-use tcptrace::tracker::Tracker;
+use tcptrace::engine::decode::{Family, StateChange, Task};
+use tcptrace::engine::state::TcpState;
+use tcptrace::engine::tracker::Tracker;
 
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -3,11 +3,9 @@
 
 use std::process::ExitCode;
 
-use tcptrace::{
-    agent,
-    cli::Command,
-    config::{self, ArgsError},
-};
+use tcptrace::commands::cli::Command;
+use tcptrace::commands::config::{self, ArgsError};
+use tcptrace::commands::run;
 
 /// Makes every thread allocate from glibc's one main arena, before any
 /// thread starts. By default a thread that allocates gets an arena of its
@@ -58,13 +56,13 @@ fn main() -> ExitCode {
             format,
             state_file,
             leak_after,
-        }) => Some(tcptrace::report_cmd::leaks(
+        }) => Some(tcptrace::commands::snapshot::leaks(
             *format,
             state_file,
             *leak_after,
         )),
         Some(Command::Timewait { format, state_file }) => {
-            Some(tcptrace::report_cmd::timewait(*format, state_file))
+            Some(tcptrace::commands::snapshot::timewait(*format, state_file))
         }
         Some(Command::BenchFloor {
             syscall_hooks,
@@ -107,7 +105,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agent::run(cli)) {
+    match runtime.block_on(run::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -118,9 +116,9 @@ fn main() -> ExitCode {
 
 /// `tcptrace bench-floor`: the no-op programs attached until a signal.
 fn bench_floor(syscall_hooks: bool, btf: bool, io: bool) -> anyhow::Result<()> {
-    tcptrace::privileges::check()?;
-    tcptrace::tracefs::locate_or_mount()?;
-    let (_attached, stats) = tcptrace::probe::attach_bench_floor(syscall_hooks, btf, io)?;
+    tcptrace::host::privileges::check()?;
+    tcptrace::kernel::tracefs::locate_or_mount()?;
+    let (_attached, stats) = tcptrace::kernel::probe::attach_bench_floor(syscall_hooks, btf, io)?;
     log::info!(
         "ready: no-op programs attached (syscall hooks: {syscall_hooks}, BTF: {btf}, \
          socket I/O: {io})"

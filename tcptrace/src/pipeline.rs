@@ -3,15 +3,15 @@
 
 use std::time::SystemTime;
 
-use crate::clock::WallClock;
-use crate::closewait::{CloseWaitDetector, LeakCandidate};
-use crate::decode::{self, tuple_key, DecodeError, Record, TupleKey};
-use crate::events::EventKind;
-use crate::filter::Filter;
-use crate::groups::LeakGroups;
-use crate::output::{Format, Lost};
-use crate::state::TcpState;
-use crate::tracker::Tracker;
+use crate::engine::clock::WallClock;
+use crate::engine::closewait::{CloseWaitDetector, LeakCandidate};
+use crate::engine::decode::{self, tuple_key, DecodeError, Record, TupleKey};
+use crate::engine::events::EventKind;
+use crate::engine::filter::Filter;
+use crate::engine::groups::LeakGroups;
+use crate::engine::state::TcpState;
+use crate::engine::tracker::Tracker;
+use crate::output::format::{Format, Lost};
 
 /// Individual `leak` lines per group and window, by default.
 pub const DEFAULT_LEAK_LINES_PER_GROUP: u32 = 10;
@@ -24,7 +24,7 @@ pub const DEFAULT_GROUP_REPORT_NS: u64 = 10_000_000_000;
 #[derive(Clone, Debug)]
 pub struct CurrentLeak {
     /// Everything but its age.
-    pub entry: crate::report::LeakEntry,
+    pub entry: crate::output::report::LeakEntry,
     /// Monotonic ns it entered CLOSE_WAIT.
     pub since_ns: u64,
 }
@@ -45,9 +45,9 @@ pub struct Pipeline {
     /// Leak rate limits and group summaries.
     pub groups: LeakGroups,
     /// Which events are printed.
-    pub events: crate::events::EventSet,
+    pub events: crate::engine::events::EventSet,
     /// TIME_WAIT per destination, for port pressure.
-    pub pressure: crate::timewait::PortPressure,
+    pub pressure: crate::engine::timewait::PortPressure,
     /// Leaks reported and not ended.
     pub current_leaks: std::collections::HashMap<TupleKey, CurrentLeak>,
     /// Records rejected by the decoder.
@@ -55,11 +55,14 @@ pub struct Pipeline {
     /// Leaks detected since start (reported or rate-limited alike).
     pub leaks_total: u64,
     /// Leaks reported whose origin stack, and whose last-use stack, the
-    /// walk did not see whole ([`crate::symbolize::is_truncated`]).
+    /// walk did not see whole ([`crate::engine::frame::is_truncated`]).
     pub truncated_stacks: (u64, u64),
     /// The kernel does not send the end of sockets (origin-map mode with
     /// no TIME_WAIT events): forget each one when it leaves CLOSE_WAIT.
     pub forget_after_close_wait: bool,
+    /// Each network namespace's ephemeral port range, as last read (a
+    /// namespace not read yet has the kernel's default).
+    pub port_ranges: std::collections::HashMap<u32, crate::engine::timewait::PortRange>,
 }
 
 impl Pipeline {
@@ -86,18 +89,39 @@ impl Pipeline {
                 EventKind::Summary,
             ]
             .into(),
-            pressure: crate::timewait::PortPressure::new(),
+            pressure: crate::engine::timewait::PortPressure::new(),
             malformed: 0,
             leaks_total: 0,
             truncated_stacks: (0, 0),
             forget_after_close_wait: false,
+            port_ranges: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The current leaks (aged to `now_ns`) and TIME_WAIT counts, as the
+    /// state file carries them.
+    pub fn state_snapshot(&self, now_ns: u64) -> crate::output::report::Snapshot {
+        crate::output::report::Snapshot {
+            schema: crate::output::report::SNAPSHOT_SCHEMA,
+            agent_pid: std::process::id(),
+            taken_at: crate::output::format::rfc3339(std::time::SystemTime::now()),
+            leaks: self
+                .current_leaks
+                .values()
+                .map(|c| {
+                    let mut e = c.entry.clone();
+                    e.close_wait_ms = now_ns.saturating_sub(c.since_ns) as f64 / 1e6;
+                    e
+                })
+                .collect(),
+            time_wait: crate::output::report::time_wait_entries(&self.pressure, &self.port_ranges),
         }
     }
 
     /// The pipeline's numbers for the metrics endpoint; the agent adds what
     /// lives outside (lost records, outputs, its own CPU and memory).
-    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
-        crate::metrics::Snapshot {
+    pub fn metrics_snapshot(&self) -> crate::output::metrics::Snapshot {
+        crate::output::metrics::Snapshot {
             close_wait: self.closewait.lingering_by_owner(),
             linger: self.closewait.total_histogram().clone(),
             leaks_open: self.current_leaks.len() as u64,
@@ -135,7 +159,7 @@ impl Pipeline {
                 if t.enters_time_wait() {
                     let c = &t.change;
                     self.pressure.on_time_wait(
-                        crate::timewait::Dest {
+                        crate::engine::timewait::Dest {
                             netns: c.netns,
                             laddr: c.laddr,
                             raddr: c.raddr,
@@ -182,13 +206,13 @@ impl Pipeline {
     }
 
     /// After lost records: the CLOSE_WAIT detector made to agree with a
-    /// sock_diag dump (see [`crate::closewait::CloseWaitDetector::reconcile`]);
+    /// sock_diag dump (see [`crate::engine::closewait::CloseWaitDetector::reconcile`]);
     /// a socket whose exit was lost stops being a current leak.
     pub fn reconcile_close_waits(
         &mut self,
-        listed: Vec<crate::inventory::Found>,
+        listed: Vec<crate::engine::closewait::Found>,
         dump_ns: u64,
-    ) -> crate::closewait::Reconciled {
+    ) -> crate::engine::closewait::Reconciled {
         let (reconciled, gone) = self.closewait.reconcile(listed, dump_ns);
         for key in &gone {
             self.groups.on_end(key);
@@ -219,8 +243,8 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::raw;
-    use crate::events::{kernel_interest, uses_origin_map};
+    use crate::engine::decode::raw;
+    use crate::engine::events::{kernel_interest, uses_origin_map};
     use tcptrace_common::tcp_state as k;
 
     /// A JSON pipeline with no filter and a fixed clock.
@@ -309,7 +333,7 @@ mod tests {
         // A client that closes first (TIME_WAIT) and a server that lingers
         // in CLOSE_WAIT then closes; fed whole, and as the kernel sends
         // them with the default events' masks.
-        let default_events: crate::events::EventSet = [
+        let default_events: crate::engine::events::EventSet = [
             EventKind::CloseWait,
             EventKind::Leak,
             EventKind::TimeWait,
@@ -347,14 +371,15 @@ mod tests {
         // Leak events only: the kernel keeps origins and sends nothing but
         // CLOSE_WAIT entries and exits; the tracker must still find the
         // leak and must not keep sockets whose end it never sees.
-        let events: crate::events::EventSet = [EventKind::Leak].into();
+        let events: crate::engine::events::EventSet = [EventKind::Leak].into();
         assert!(uses_origin_map(&events, &Filter::default()));
         let pid_filter = Filter {
             pids: [7].into(),
             ..Filter::default()
         };
         assert!(!uses_origin_map(&events, &pid_filter), "--pid needs owners");
-        let close_wait: crate::events::EventSet = [EventKind::Leak, EventKind::CloseWait].into();
+        let close_wait: crate::engine::events::EventSet =
+            [EventKind::Leak, EventKind::CloseWait].into();
         assert!(!uses_origin_map(&close_wait, &Filter::default()));
         let (new_mask, old_mask) = kernel_interest(&events, true);
         assert_eq!(new_mask, 1 << k::CLOSE_WAIT);

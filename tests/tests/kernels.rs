@@ -3,7 +3,7 @@
 //! empty tmpfs over what it lacks, in a private mount namespace (the
 //! host's mounts stay as they are). The agent must say in one line what it
 //! goes without, and run. (The plan for every combination, a missing ring
-//! buffer among them, is unit-tested in `tcptrace::support`.)
+//! buffer among them, is unit-tested in `tcptrace::kernel::support`.)
 
 use std::process::Command;
 

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcptrace::btf::Btf;
+use tcptrace::kernel::btf::Btf;
 
 /// The lookups of layout.rs, plus the short names the seed blob defines.
 const LOOKUPS: &[(&str, &[&str])] = &[

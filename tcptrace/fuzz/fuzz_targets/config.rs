@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use tcptrace::config::parse;
+use tcptrace::commands::config::parse;
 
 /// Whether the file sets `metrics` to anything but a boolean. Its value
 /// parser resolves a hostname (`metrics = "somehost"`), and a fuzzer must

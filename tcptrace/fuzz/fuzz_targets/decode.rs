@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcptrace::decode::{decode, decode_each, split_timed, Record};
+use tcptrace::engine::decode::{decode, decode_each, split_timed, Record};
 use tcptrace_common::{RECORD_STATE_BATCH, STAGED_RECORDS};
 
 /// The kernel time a decoded record carries.

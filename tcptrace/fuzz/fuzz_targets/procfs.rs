@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcptrace::procfs::{parse_cgroup, parse_net_tcp, socket_inode};
-use tcptrace::symbolize::parse_start_time;
+use tcptrace::host::procfs::{parse_cgroup, parse_net_tcp, socket_inode};
+use tcptrace::host::symbolize::parse_start_time;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcptrace::sockdiag::parse_messages;
+use tcptrace::host::sockdiag::parse_messages;
 
 /// `struct nlmsghdr` plus `struct inet_diag_msg`: the least one socket takes.
 const LEAST_PER_SOCKET: usize = 16 + 72;

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcptrace::tracefs::parse_format;
+use tcptrace::kernel::tracefs::parse_format;
 
 /// The fields and accepted sizes the agent asks for (layout.rs: the
 /// `sock:inet_sock_set_state` record and the syscall exit records).
