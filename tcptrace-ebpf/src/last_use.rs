@@ -26,7 +26,11 @@ use tcptrace_common::{
     LU_CHECKOUTS, LU_COUNT_SLOTS, LU_NO_STORAGE, LU_STACKS, STACK_OF_LAST_USE,
 };
 
-use crate::{budget_allows, config, current_ids, user_stack, write_current_comm};
+use crate::config::config;
+use crate::connect::current_syscall_nr;
+use crate::helpers::{bump, current_ids, write_current_comm};
+use crate::stack_copy::copy_user_stack;
+use crate::stacks::{budget_allows, user_stack};
 
 /// Each TCP socket's [`LastUse`], created at its first send or receive.
 #[btf_map]
@@ -43,7 +47,7 @@ static LAST_USE_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LU_COUN
 
 #[inline(always)]
 fn count(slot: u32) {
-    crate::bump(&LAST_USE_COUNTS, slot, 1);
+    bump(&LAST_USE_COUNTS, slot, 1);
 }
 
 /// `BPF_SK_STORAGE_GET_F_CREATE`.
@@ -170,7 +174,7 @@ unsafe fn checkout(
     }
     let checkout_ns = unsafe { bpf_ktime_get_ns() };
     if walked {
-        crate::stack_copy::copy_user_stack(STACK_OF_LAST_USE, sk, checkout_ns, stack_id);
+        copy_user_stack(STACK_OF_LAST_USE, sk, checkout_ns, stack_id);
     }
     unsafe {
         (*v).checkout_ns = checkout_ns;
@@ -178,7 +182,7 @@ unsafe fn checkout(
         (*v).tgid = tgid;
         (*v).tid = tid;
         (*v).stack_id = stack_id;
-        (*v).syscall_nr = crate::current_syscall_nr();
+        (*v).syscall_nr = current_syscall_nr();
         (*v).dirs = dir | (dir << 1);
         (*v).checkouts = (*v).checkouts.wrapping_add(1);
         write_current_comm(core::ptr::addr_of_mut!((*v).comm));

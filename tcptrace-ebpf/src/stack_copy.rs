@@ -22,7 +22,9 @@ use tcptrace_common::{
     RECORD_USER_STACK, STACK_COPY_BYTES, STACK_COPY_PAGES,
 };
 
-use crate::{config, current_ids, read_kernel, EVENTS};
+use crate::config::config;
+use crate::helpers::{bump, current_ids, read_kernel};
+use crate::ring::EVENTS;
 
 /// Where a copy is assembled: 16 KiB do not fit the 512-byte BPF stack.
 #[map]
@@ -34,7 +36,7 @@ static STACK_COPY_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COPY_
 
 #[inline(always)]
 fn count(slot: u32) {
-    crate::bump(&STACK_COPY_COUNTS, slot, 1);
+    bump(&STACK_COPY_COUNTS, slot, 1);
 }
 
 /// Offsets in x86_64's `struct pt_regs` of the user registers a syscall
