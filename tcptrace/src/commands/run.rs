@@ -305,15 +305,11 @@ fn on_off(b: bool) -> &'static str {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
+    let unlimited = rustix::process::Rlimit {
+        current: None,
+        maximum: None,
     };
-    // SAFETY: valid pointer to an rlimit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        log::debug!(
-            "could not raise RLIMIT_MEMLOCK: {}",
-            io::Error::last_os_error()
-        );
+    if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Memlock, unlimited) {
+        log::debug!("could not raise RLIMIT_MEMLOCK: {e}");
     }
 }

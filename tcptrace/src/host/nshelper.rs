@@ -13,6 +13,10 @@
 //!
 //! Without the helper (it could not start), [`enter`] does the same in a
 //! short-lived thread of the agent's, which then needs CAP_SYS_ADMIN.
+//!
+//! `setns`, the parent-death signal and process ids go through rustix;
+//! `fork`, `_exit` and signal dispositions stay with libc, which owns the
+//! process (rustix wraps none of them outside its own runtime).
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -69,8 +73,7 @@ pub fn start() -> io::Result<u32> {
         rustix::net::SocketFlags::CLOEXEC,
         None,
     )?;
-    // SAFETY: getpid cannot fail.
-    let parent = unsafe { libc::getpid() };
+    let parent = rustix::process::getpid();
     // SAFETY: the process has one thread (checked above), so the child
     // finds no lock held; it runs `serve`, which never returns.
     let pid = unsafe { libc::fork() };
@@ -251,10 +254,11 @@ fn sysctl(path: &str) -> String {
 /// Enters `ns` (this thread only) and opens a netlink socket and the
 /// sysctl files there.
 fn open_in(ns: BorrowedFd<'_>) -> io::Result<Entered> {
-    // SAFETY: a valid namespace fd; affects only the calling thread.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // Affects only the calling thread.
+    rustix::thread::move_into_link_name_space(
+        ns,
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?;
     Ok(Entered {
         // This thread's namespace, as the kernel sees it now.
         netns: std::fs::metadata("/proc/thread-self/ns/net")?.ino(),
@@ -265,19 +269,20 @@ fn open_in(ns: BorrowedFd<'_>) -> io::Result<Entered> {
 }
 
 /// The helper's life: set up, then serve until the agent goes.
-fn child(parent: libc::pid_t, sock: OwnedFd) -> ! {
-    // SAFETY: prctl, getppid and signal with plain arguments.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        if libc::getppid() != parent {
-            libc::_exit(0);
-        }
-        // The agent's signals are the agent's: SIGINT from a terminal,
-        // SIGHUP from logrotate, SIGTERM from a service manager that
-        // signals the whole group. The helper ends with the agent.
-        for sig in [libc::SIGINT, libc::SIGHUP, libc::SIGTERM, libc::SIGPIPE] {
-            libc::signal(sig, libc::SIG_IGN);
-        }
+fn child(parent: rustix::process::Pid, sock: OwnedFd) -> ! {
+    // Killed when the agent dies; if it died before this line, now.
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    if rustix::process::getppid() != Some(parent) {
+        // SAFETY: ends this process without running the agent's exit code.
+        unsafe { libc::_exit(0) };
+    }
+    // The agent's signals are the agent's: SIGINT from a terminal, SIGHUP
+    // from logrotate, SIGTERM from a service manager that signals the
+    // whole group. The helper ends with the agent. (rustix leaves signal
+    // dispositions to the C library, as it does fork and _exit.)
+    for sig in [libc::SIGINT, libc::SIGHUP, libc::SIGTERM, libc::SIGPIPE] {
+        // SAFETY: SIG_IGN needs no handler; async-signal-safe after fork.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     close_all_but(sock.as_raw_fd());
     let keep = 1u64 << crate::host::privileges::CAP_SYS_ADMIN;

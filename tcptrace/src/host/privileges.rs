@@ -2,8 +2,14 @@
 //! is one clear sentence instead of an EPERM from deep inside the loader,
 //! and the drop to what the agent still needs once its programs are
 //! attached ([`drop_after_attach`]).
+//!
+//! The capability sets, the bounding and ambient sets and `no_new_privs`
+//! go through rustix; only the seccomp filter ([`forbid_exec`]) is
+//! installed with libc's `prctl`, since rustix does not wrap seccomp.
 
 use std::fmt;
+
+use rustix::thread::{CapabilitySet, CapabilitySets};
 
 /// CAP_SYS_ADMIN: implies everything below on any kernel.
 pub const CAP_SYS_ADMIN: u32 = 21;
@@ -65,8 +71,7 @@ pub fn parse_cap_eff(status: &str) -> Option<u64> {
 
 /// Checks the current process.
 pub fn check() -> Result<(), NotPrivileged> {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     // If /proc is unreadable, let the loader report the real error.
     let Some(cap_eff) = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -179,35 +184,9 @@ pub struct Dropped {
     pub bounding_set: bool,
 }
 
-/// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
-const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-/// The calling thread's permitted capability set.
+/// The calling thread's permitted capability set (`capget`).
 fn permitted_caps() -> std::io::Result<u64> {
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: a v3 header and the two data words it describes.
-    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32))
+    Ok(rustix::thread::capabilities(None)?.permitted.bits())
 }
 
 /// Drops every capability the agent no longer needs once its programs are
@@ -242,49 +221,27 @@ pub fn drop_to(keep: u64) -> std::io::Result<Dropped> {
         if kept & (1u64 << cap) != 0 {
             continue;
         }
-        // SAFETY: prctl with integer arguments.
-        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
-            match std::io::Error::last_os_error().raw_os_error() {
-                // Past the kernel's last capability.
-                Some(libc::EINVAL) => break,
-                _ => bounding_set = false,
-            }
+        let one = CapabilitySet::from_bits_retain(1u64 << cap);
+        match rustix::thread::remove_capability_from_bounding_set(one) {
+            Ok(()) => {}
+            // Past the kernel's last capability.
+            Err(rustix::io::Errno::INVAL) => break,
+            Err(_) => bounding_set = false,
         }
     }
-    // SAFETY: prctl with integer arguments.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        )
-    };
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [
-        CapData {
-            effective: kept as u32,
-            permitted: kept as u32,
-            inheritable: 0,
+    // Nothing to clear is no failure; a kernel without ambient sets
+    // (before 4.3) has none to clear.
+    let _ = rustix::thread::clear_ambient_capability_set();
+    let kept_set = CapabilitySet::from_bits_retain(kept);
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: kept_set,
+            permitted: kept_set,
+            inheritable: CapabilitySet::empty(),
         },
-        CapData {
-            effective: (kept >> 32) as u32,
-            permitted: (kept >> 32) as u32,
-            inheritable: 0,
-        },
-    ];
-    // SAFETY: a v3 header and the two data words it describes.
-    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    )?;
+    rustix::thread::set_no_new_privs(true)?;
     forbid_exec()?;
     Ok(Dropped { kept, bounding_set })
 }
@@ -415,9 +372,7 @@ mod tests {
         // SAFETY: prctl and the filter install are async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                rustix::thread::set_no_new_privs(true)?;
                 forbid_exec()
             });
         }

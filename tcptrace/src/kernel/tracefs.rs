@@ -111,24 +111,14 @@ pub fn locate_or_mount() -> Result<PathBuf, TracefsError> {
 }
 
 fn mount_tracefs() -> std::io::Result<()> {
-    let src = c"nodev";
-    let target = c"/sys/kernel/tracing";
-    let fstype = c"tracefs";
-    // SAFETY: NUL-terminated constant strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    rustix::mount::mount(
+        "nodev",
+        "/sys/kernel/tracing",
+        "tracefs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )?;
+    Ok(())
 }
 
 /// Reads and parses `events/<category>/<name>/format`.
