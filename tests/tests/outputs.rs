@@ -126,7 +126,18 @@ fn tcp_output_reconnects_and_counts_exactly_what_it_drops() {
     let addr = listener.local_addr().expect("addr");
     let mut first = Collector::start(listener);
     let sink = format!("tcp://{addr}");
-    let agent = Agent::start(&["--output", "stdout", "--output", &sink, "--queue-size", "8"]);
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let agent = Agent::start(&[
+        "--output",
+        "stdout",
+        "--output",
+        &sink,
+        "--queue-size",
+        "8",
+        "--metrics",
+        &metrics,
+    ]);
     // The pairs wait on their peers, not on the agent's stdout: stdout's
     // queue is 8 lines too, and on a busy machine it drops some (counted,
     // as this test checks), so a line the wait needs may never come.
@@ -140,11 +151,32 @@ fn tcp_output_reconnects_and_counts_exactly_what_it_drops() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The collector dies; two connections' worth of events overflow the
-    // 8-line queue while it is down.
+    // The collector dies; connections' events overflow the 8-line queue
+    // while it is down (two usually do; more until the agent counts a
+    // drop, as its metrics say).
     first.kill();
-    play_pair(peer_bin!(), &agent, None, None, "127.0.0.1", false);
-    play_pair(peer_bin!(), &agent, None, None, "127.0.0.1", false);
+    let dropped_line = format!("tcptrace_output_dropped_lines_total{{output=\"{sink}\"}} ");
+    let dropped_now = || {
+        tcptrace_tests::scrape(metrics_port)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(dropped_line.as_str())?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dropped_now() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no line dropped while the collector was down\n{}",
+            agent.dump()
+        );
+        play_pair(peer_bin!(), &agent, None, None, "127.0.0.1", false);
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // It comes back on the same port; the agent reconnects by itself.
     let second = Collector::start(TcpListener::bind(addr).expect("rebind"));
     // Reconnected once the queued lines arrive (the backoff is capped).

@@ -199,7 +199,7 @@ fn drain(
 }
 
 /// Hands raw records to the pipeline and their lines to the outputs,
-/// flushing the outputs every [`MAX_BATCH_LINES`] lines: a ring that
+/// flushing the outputs every `MAX_BATCH_LINES` lines: a ring that
 /// refills as fast as it is read must not grow one endless batch.
 #[derive(Default)]
 pub struct Feeder {

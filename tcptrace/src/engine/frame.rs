@@ -197,7 +197,7 @@ const STACK_ROOTS: &[&str] = &[
 pub const MAX_STACK_FRAMES: usize = 127;
 
 /// Whether a walked stack stops short of its thread's entry: its outermost
-/// named frame is none of [`STACK_ROOTS`] (a frame-pointer walk broken by
+/// named frame is none of `STACK_ROOTS` (a frame-pointer walk broken by
 /// code built without them, an interpreter's frames), or the walk hit the
 /// kernel's depth limit. An empty stack is not called truncated: there is
 /// none.

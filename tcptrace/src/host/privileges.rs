@@ -61,7 +61,7 @@ pub fn sufficient(cap_eff: u64) -> bool {
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
 }
 
-/// Parses the `CapEff:` line of /proc/<pid>/status.
+/// Parses the `CapEff:` line of `/proc/PID/status`.
 pub fn parse_cap_eff(status: &str) -> Option<u64> {
     status
         .lines()
@@ -87,7 +87,7 @@ pub fn check() -> Result<(), NotPrivileged> {
 }
 
 /// The capabilities to keep after attaching, of those `permitted`:
-/// [`PROC_CAPS`], and
+/// `PROC_CAPS`, and
 /// - with the namespace helper ([`crate::host::nshelper`]) entering namespaces
 ///   for it, CAP_CHECKPOINT_RESTORE for `/proc/PID/map_files/` (where
 ///   symbolization finds binaries of other mount namespaces);

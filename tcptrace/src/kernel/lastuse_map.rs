@@ -62,7 +62,7 @@ impl std::error::Error for ReadError {}
 
 impl LastUseMap {
     /// Takes the maps out of the loaded object, measures the kernel's tick
-    /// rate (its `clock_sample` program run twice, [`TICK_SAMPLE`] apart)
+    /// rate (its `clock_sample` program run twice, `TICK_SAMPLE` apart)
     /// and sets the checkout gap in jiffies. Call before attaching the
     /// programs: until the gap is set, they would call every I/O a
     /// checkout.

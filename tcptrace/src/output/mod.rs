@@ -1,4 +1,4 @@
-//! Outputs: event lines ([`format`], [`jsonline`]) and where they go
+//! Outputs: event lines ([`format`](mod@format), [`jsonline`]) and where they go
 //! ([`sinks`], [`syslog`]); the metrics exposition ([`metrics`]) and its
 //! HTTP endpoint ([`metrics_server`]); the leak and TIME_WAIT snapshot that
 //! the state file carries and `tcptrace leaks` renders ([`report`],
