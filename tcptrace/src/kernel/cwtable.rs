@@ -73,22 +73,18 @@ impl CloseWaitTable {
     /// A whole entry of slot `i`, or `None` for a free slot or one that
     /// changed while it was copied.
     fn read(&self, i: usize) -> Option<StateRecord> {
-        let t = &self.table;
-        let kind = || t.field(i, |s| unsafe { std::ptr::addr_of!((*s).kind) });
-        let sk = || t.field(i, |s| unsafe { std::ptr::addr_of!((*s).skaddr) });
-        let ts = || t.field(i, |s| unsafe { std::ptr::addr_of!((*s).ts_ns) });
-        if kind() != RECORD_STATE {
-            return None;
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        let copy = t.copy(i);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        let whole = copy.kind == RECORD_STATE
-            && copy.skaddr != 0
-            && kind() == RECORD_STATE
-            && sk() == copy.skaddr
-            && ts() == copy.ts_ns;
-        whole.then_some(copy)
+        // Held: `kind` says a whole record, for this socket since this time.
+        self.table.stable_copy(i, |s| {
+            // SAFETY: plain fields of a slot (or of a copy), read volatile.
+            let (kind, sk, ts) = unsafe {
+                (
+                    std::ptr::read_volatile(std::ptr::addr_of!((*s).kind)),
+                    std::ptr::read_volatile(std::ptr::addr_of!((*s).skaddr)),
+                    std::ptr::read_volatile(std::ptr::addr_of!((*s).ts_ns)),
+                )
+            };
+            (kind == RECORD_STATE && sk != 0).then_some((sk, ts))
+        })
     }
 
     /// The kernel's counts, summed over CPUs (zeros when unreadable).

@@ -109,11 +109,98 @@ impl<T: Copy> MappedArray<T> {
         // SAFETY: as in `field`.
         unsafe { std::ptr::read_volatile(self.slot(i)) }
     }
+
+    /// A consistent copy of slot `i`, or `None` for a free slot or one the
+    /// kernel changed while it was copied (it is read again next time).
+    /// `key` reads, from a slot's pointer, the fields that say who holds it
+    /// (`None`: nobody), with volatile loads of plain fields only; the copy
+    /// is kept when the slot's key before the copy, the copy's own and the
+    /// slot's after it are one and the same: no other holder's fields got
+    /// in. Whether the rest is complete depends on the writer's order
+    /// (the CLOSE_WAITS table publishes its key last; an origin is claimed
+    /// by its key first, see `probe::read_origin`).
+    pub fn stable_copy<K: PartialEq + Copy>(
+        &self,
+        i: usize,
+        key: impl Fn(*const T) -> Option<K>,
+    ) -> Option<T> {
+        use std::sync::atomic::{fence, Ordering};
+        let before = key(self.slot(i))?;
+        fence(Ordering::Acquire);
+        let copy = self.copy(i);
+        fence(Ordering::Acquire);
+        let same = key(&copy) == Some(before) && key(self.slot(i)) == Some(before);
+        same.then_some(copy)
+    }
 }
 
 impl<T> Drop for MappedArray<T> {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `open`, unmapped once.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapped_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::FileExt as _;
+
+    /// A slot the shape of the kernel's tables: a key, then a value.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct Slot {
+        key: u64,
+        value: u64,
+    }
+
+    fn key(s: *const Slot) -> Option<u64> {
+        // SAFETY: a slot of the mapping or a local copy.
+        let k = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*s).key)) };
+        (k != 0).then_some(k)
+    }
+
+    /// Writes slot `i` of the file behind the mapping, as the kernel would.
+    fn put(file: &std::fs::File, i: u64, slot: Slot) {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&slot.key.to_ne_bytes());
+        bytes[8..].copy_from_slice(&slot.value.to_ne_bytes());
+        file.write_all_at(&bytes, i * 16).expect("write the slot");
+    }
+
+    #[test]
+    fn a_copy_is_kept_only_when_its_holder_stayed() {
+        let path = std::env::temp_dir().join(format!("tcptrace-mapped-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("a temporary file");
+        // Unlinked at once: the open file is all the test needs.
+        std::fs::remove_file(&path).expect("unlink it");
+        file.set_len(4096).expect("size it");
+        let table = MappedArray::<Slot>::map(file.as_fd(), 4, "test").expect("map it");
+        // Free: nothing.
+        assert_eq!(table.stable_copy(0, key), None);
+        // Held: the whole slot.
+        put(&file, 1, Slot { key: 7, value: 70 });
+        assert_eq!(table.stable_copy(1, key), Some(Slot { key: 7, value: 70 }));
+        // Another holder took the slot between the copy and the check
+        // after it (the third look at the key): dropped.
+        let looks = Cell::new(0);
+        let changing = |s: *const Slot| {
+            looks.set(looks.get() + 1);
+            if looks.get() == 3 {
+                put(&file, 1, Slot { key: 8, value: 80 });
+            }
+            key(s)
+        };
+        assert_eq!(table.stable_copy(1, changing), None);
+        // Read again, the new holder's slot is whole.
+        assert_eq!(table.stable_copy(1, key), Some(Slot { key: 8, value: 80 }));
     }
 }

@@ -176,15 +176,12 @@ fn read_origin(
     table: &crate::kernel::mapped::MappedArray<OriginSlot>,
     i: usize,
 ) -> Option<OriginSlot> {
-    let sk = || table.field(i, |s| unsafe { std::ptr::addr_of!((*s).sk) });
-    let before = sk();
-    if before == 0 {
-        return None;
-    }
-    std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-    let copy = table.copy(i);
-    std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-    (copy.sk == before && sk() == before).then_some(copy)
+    // Held: a socket address owns the slot.
+    table.stable_copy(i, |s| {
+        // SAFETY: a plain field of a slot (or of a copy), read volatile.
+        let sk = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*s).sk)) };
+        (sk != 0).then_some(sk)
+    })
 }
 
 /// The kernel's per-CPU count of every TCP transition by (old, new) state,
