@@ -145,7 +145,6 @@ impl<T> Drop for MappedArray<T> {
 mod tests {
     use super::*;
     use std::cell::Cell;
-    use std::os::fd::AsFd as _;
     use std::os::unix::fs::FileExt as _;
 
     /// A slot the shape of the kernel's tables: a key, then a value.
