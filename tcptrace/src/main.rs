@@ -56,10 +56,18 @@ fn main() -> ExitCode {
             format,
             state_file,
             leak_after,
+            flamegraph,
+            folded,
+            identity,
         }) => Some(tcptrace::commands::snapshot::leaks(
             *format,
             state_file,
             *leak_after,
+            &tcptrace::commands::snapshot::LeaksView {
+                filter: identity.filter(),
+                folded: *folded,
+                flamegraph: flamegraph.clone(),
+            },
         )),
         Some(Command::Timewait { format, state_file }) => {
             Some(tcptrace::commands::snapshot::timewait(*format, state_file))

@@ -314,6 +314,10 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     // A JIT runtime with a perf map (symbols.rs).
     ("node", "nodejs"),
+    // A real container holding a leak (containers.rs); runc as its runtime
+    // where crun refuses hybrid cgroup hosts.
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// Makes sure every command of [`TEST_TOOLS`] exists, and the libraries

@@ -14,8 +14,10 @@ use crate::agent::reader::Feeder;
 use crate::engine::clock::WallClock;
 use crate::engine::decode::tuple_key;
 use crate::engine::events::EventKind;
+use crate::engine::identity::IdentityFilter;
 use crate::engine::leak::{group_key, summary};
 use crate::host::enrich::Enricher;
+use crate::host::names::Names;
 use crate::kernel::probe;
 use crate::pipeline::{CurrentLeak, Pipeline};
 
@@ -28,6 +30,8 @@ pub struct LeakReports {
     /// How long a socket stays in the kernel's table before it is handed
     /// over (origin-map mode only; without it the kernel sends every entry).
     quiet_ns: Option<u64>,
+    /// `--unit`, `--container`, `--pod`.
+    filter: IdentityFilter,
 }
 
 impl LeakReports {
@@ -39,7 +43,18 @@ impl LeakReports {
             enricher: Enricher::new(),
             announced: crate::kernel::cwtable::Announced::default(),
             quiet_ns: quiet.map(|q| u64::try_from(q.as_nanos()).unwrap_or(u64::MAX)),
+            filter: IdentityFilter::default(),
         }
+    }
+
+    /// Holders are named by `names`, and only leaks whose holder `filter`
+    /// matches are reported.
+    pub fn with_identity(mut self, names: Option<Names>, filter: IdentityFilter) -> Self {
+        if let Some(names) = names {
+            self.enricher = Enricher::with_names(names);
+        }
+        self.filter = filter;
+        self
     }
 }
 
@@ -71,7 +86,7 @@ impl Duty for LeakReports {
             last_use: kernel.last_use.as_ref(),
             cfi: reader.cfi.as_ref(),
         };
-        report_leaks(pipeline, &mut self.enricher, &sources, out)?;
+        report_leaks(pipeline, &mut self.enricher, &sources, &self.filter, out)?;
         report_leak_groups(pipeline, out)?;
         Ok(self.period)
     }
@@ -122,6 +137,7 @@ fn report_leaks(
     pipeline: &mut Pipeline,
     enricher: &mut Enricher,
     kernel: &LeakSources<'_>,
+    filter: &IdentityFilter,
     out: &mut Out,
 ) -> anyhow::Result<()> {
     let now_ns = WallClock::now_ns();
@@ -175,6 +191,10 @@ fn report_leaks(
             })
     };
     for leak in enricher.enrich(due, stack_of, last_use_of) {
+        let holder = leak.owners.first().map(|h| &h.identity);
+        if filter.is_active() && !holder.is_some_and(|i| i.matches(filter)) {
+            continue;
+        }
         let (origin, last_use) = &mut pipeline.truncated_stacks;
         *origin += u64::from(crate::engine::frame::is_truncated(&leak.stack));
         *last_use += u64::from(crate::engine::frame::is_truncated(&leak.last_use_stack));

@@ -205,6 +205,17 @@ pub struct Cli {
     /// leak-group interval); `none` disables it.
     #[arg(long, value_name = "PATH", default_value = crate::output::report::DEFAULT_STATE_FILE)]
     pub state_file: String,
+
+    /// `--unit`, `--container`, `--pod`.
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+
+    /// A container runtime's API socket (the Docker API, which Podman serves too), asked
+    /// for container names. Repeat for several; the defaults that do not exist are skipped.
+    /// Without one, names come from the runtimes' state on disk and the kubelet's logs.
+    #[arg(long = "runtime-socket", value_name = "PATH",
+          default_values = crate::host::names::DEFAULT_SOCKETS)]
+    pub runtime_sockets: Vec<std::path::PathBuf>,
 }
 
 /// Default of `--stacks-per-second`: far above what a service opens per
@@ -218,6 +229,7 @@ pub const DEFAULT_STACKS_PER_SECOND: u32 = 1000;
 pub const DEFAULT_EVENTS: &str = "leak,summary";
 
 pub use crate::engine::events::{EventKind, EventSet};
+pub use crate::engine::identity::IdentityFilter;
 pub use crate::kernel::layout::StateProgram;
 
 /// Reports.
@@ -236,6 +248,17 @@ pub enum Command {
         /// Without an agent: sockets in CLOSE_WAIT for longer than this count as leaks.
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
         leak_after: std::time::Duration,
+        /// Write a flame graph of the leaks to FILE (SVG): width is sockets, each stack is
+        /// the code that used the socket last (the code that opened it where no last use is
+        /// known), rooted at the container, pod or unit and the process.
+        #[arg(long, value_name = "FILE")]
+        flamegraph: Option<std::path::PathBuf>,
+        /// Print the leaks as folded stacks (`root;frame;...;frame COUNT`, one line per
+        /// stack), the input of flamegraph.pl, inferno and speedscope.
+        #[arg(long, conflicts_with = "format")]
+        folded: bool,
+        #[command(flatten)]
+        identity: IdentityArgs,
     },
     /// Check a --config file: prints the settings it makes, or the line and the reason it
     /// is wrong (exit status 2).
@@ -367,6 +390,19 @@ pub fn parse_ring_size(s: &str) -> Result<u32, String> {
 
 impl Cli {
     /// The output filter these options describe.
+    /// `--unit`, `--container`, `--pod`.
+    pub fn identity_filter(&self) -> IdentityFilter {
+        self.identity.filter()
+    }
+
+    /// Where container and pod names are read from.
+    pub fn name_sources(&self) -> crate::host::names::Sources {
+        crate::host::names::Sources {
+            sockets: self.runtime_sockets.clone(),
+            ..Default::default()
+        }
+    }
+
     pub fn filter(&self) -> Filter {
         Filter {
             pids: self.pids.iter().copied().collect(),
@@ -389,6 +425,36 @@ impl Cli {
         } else {
             Format::Json
         })
+    }
+}
+
+/// `--unit`, `--container`, `--pod` for `tcptrace leaks`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct IdentityArgs {
+    /// Only leaks of processes in systemd UNIT (`nginx` or `nginx.service`). Repeat for
+    /// several.
+    #[arg(long = "unit", value_name = "UNIT")]
+    pub units: Vec<String>,
+
+    /// Only leaks of processes in CONTAINER: its name, or 4 or more leading digits of its id.
+    /// Repeat for several.
+    #[arg(long = "container", value_name = "CONTAINER")]
+    pub containers: Vec<String>,
+
+    /// Only leaks of processes in Kubernetes POD: its name, NAMESPACE/NAME, or 4 or more
+    /// leading digits of its UID. Repeat for several.
+    #[arg(long = "pod", value_name = "POD")]
+    pub pods: Vec<String>,
+}
+
+impl IdentityArgs {
+    /// As a filter.
+    pub fn filter(&self) -> IdentityFilter {
+        IdentityFilter {
+            units: self.units.clone(),
+            containers: self.containers.clone(),
+            pods: self.pods.clone(),
+        }
     }
 }
 

@@ -254,9 +254,19 @@ async fn start_and_run(cli: Cli) -> anyhow::Result<()> {
     schedule.add(Duration::ZERO, PortSweep::default());
     schedule.add(Duration::ZERO, PortPressure);
     schedule.add(Duration::ZERO, StateFileWriter::new(&cli.state_file));
+    let names = match crate::host::names::Names::start(cli.name_sources()) {
+        Ok(names) => Some(names),
+        Err(e) => {
+            log::warn!(
+                "cannot start the container-name look-ups ({e}); leaks name container ids only"
+            );
+            None
+        }
+    };
     schedule.add(
         Duration::ZERO,
-        LeakReports::new(leak_check, origin_map.then_some(leak_check)),
+        LeakReports::new(leak_check, origin_map.then_some(leak_check))
+            .with_identity(names, cli.identity_filter()),
     );
     // Unwound origin stacks of closed connections are forgotten: only with
     // the kernel's origin table to tell which connections live.

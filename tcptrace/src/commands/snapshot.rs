@@ -24,6 +24,9 @@ fn from_agent(state_file: &str) -> Option<Snapshot> {
     (snap.schema == SNAPSHOT_SCHEMA && alive(snap.agent_pid)).then_some(snap)
 }
 
+/// How long a live inventory waits for a container's name.
+const NAME_WAIT: Duration = Duration::from_secs(1);
+
 /// Every socket in CLOSE_WAIT for at least `older_than`, now.
 fn live(older_than: Duration) -> Snapshot {
     let now_ns = WallClock::now_ns();
@@ -57,6 +60,7 @@ fn live(older_than: Duration) -> Snapshot {
                 comm: holder.map(|h| h.comm.clone()).unwrap_or_default(),
                 exe: holder.and_then(|h| h.exe.clone()),
                 cgroup: holder.and_then(|h| h.cgroup.clone()),
+                identity: holder.map(|h| h.identity.clone()).unwrap_or_default(),
                 fd: holder.map(|h| h.fd),
                 local: std::net::SocketAddr::new(c.laddr, c.lport).to_string(),
                 remote: std::net::SocketAddr::new(c.raddr, c.rport).to_string(),
@@ -70,7 +74,14 @@ fn live(older_than: Duration) -> Snapshot {
                 last_use: None,
             }
         })
-        .collect();
+        .collect::<Vec<LeakEntry>>();
+    let mut leaks = leaks;
+    // Container and pod names, as the agent would give them.
+    if let Ok(names) = crate::host::names::Names::start(crate::host::names::Sources::default()) {
+        for l in &mut leaks {
+            names.fill_waiting(&mut l.identity, NAME_WAIT);
+        }
+    }
     Snapshot {
         schema: SNAPSHOT_SCHEMA,
         agent_pid: 0,
@@ -131,9 +142,26 @@ fn print(text: &str) -> anyhow::Result<()> {
     writeln!(out, "{}", text.trim_end()).context("writing the report")
 }
 
-/// Prints the leak report.
-pub fn leaks(format: Option<Format>, state_file: &str, leak_after: Duration) -> anyhow::Result<()> {
-    let (snapshot, source) = match from_agent(state_file) {
+/// What `tcptrace leaks` prints, besides the report.
+#[derive(Clone, Debug, Default)]
+pub struct LeaksView {
+    /// Only leaks of these units, containers, pods.
+    pub filter: crate::engine::identity::IdentityFilter,
+    /// Folded stacks instead of the report.
+    pub folded: bool,
+    /// Also write a flame graph here.
+    pub flamegraph: Option<std::path::PathBuf>,
+}
+
+/// Prints the CLOSE_WAIT leak report (or folded stacks), and writes the
+/// flame graph when asked.
+pub fn leaks(
+    format: Option<Format>,
+    state_file: &str,
+    leak_after: Duration,
+    view: &LeaksView,
+) -> anyhow::Result<()> {
+    let (mut snapshot, source) = match from_agent(state_file) {
         Some(s) => {
             let source = format!("from the running agent, pid {}", s.agent_pid);
             (s, source)
@@ -145,9 +173,31 @@ pub fn leaks(format: Option<Format>, state_file: &str, leak_after: Duration) -> 
                 .to_string(),
         ),
     };
-    let text = match pick(format) {
-        Format::Text => report::render_text(&snapshot, &source),
-        Format::Json => report::render_json(&snapshot),
+    if view.filter.is_active() {
+        snapshot.leaks.retain(|l| l.identity.matches(&view.filter));
+    }
+    if let Some(path) = &view.flamegraph {
+        let svg = crate::output::flame::svg(&snapshot, &source)?;
+        std::fs::write(path, svg)
+            .with_context(|| format!("writing the flame graph to {}", path.display()))?;
+        eprintln!(
+            "flame graph of {} leaked sockets written to {}",
+            snapshot.leaks.len(),
+            path.display()
+        );
+    }
+    let text = if view.folded {
+        let lines = crate::output::flame::folded(&snapshot);
+        if lines.is_empty() {
+            // No leak, no stack: an empty input for the flame graph tools.
+            return Ok(());
+        }
+        lines.join("\n")
+    } else {
+        match pick(format) {
+            Format::Text => report::render_text(&snapshot, &source),
+            Format::Json => report::render_json(&snapshot),
+        }
     };
     print(&text)
 }

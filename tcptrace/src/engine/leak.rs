@@ -8,6 +8,7 @@
 use crate::engine::closewait::LeakCandidate;
 use crate::engine::frame::{application_frame, application_position, Frame};
 use crate::engine::groups::GroupKey;
+use crate::engine::identity::Identity;
 use crate::engine::lastuse::LastUse;
 use crate::engine::tracker::Syscall;
 
@@ -26,6 +27,10 @@ pub struct Holder {
     /// cgroup path (v2 unified path, else the first v1 hierarchy), which
     /// names the container or systemd unit.
     pub cgroup: Option<String>,
+    /// What the cgroup says: unit, container, pod (names filled in by
+    /// [`crate::host::names`]).
+    #[serde(flatten)]
+    pub identity: Identity,
 }
 
 /// Why a socket stays in CLOSE_WAIT, from its receive queue.
@@ -143,7 +148,12 @@ pub fn summary(leak: &Leak) -> String {
             for o in others {
                 fd += &format!(", pid {} ({}) fd {}", o.pid, o.comm, o.fd);
             }
-            (format!("pid {} ({}) has held", h.pid, h.comm), fd)
+            let within = h
+                .identity
+                .describe()
+                .map(|d| format!(" in {d}"))
+                .unwrap_or_default();
+            (format!("pid {} ({}){within} has held", h.pid, h.comm), fd)
         }
         None => match &t.owner {
             Some(o) => (format!("pid {} ({}) held", o.pid, o.comm), String::new()),
@@ -364,6 +374,7 @@ pub(crate) mod tests {
             fd: 7,
             exe: None,
             cgroup: None,
+            identity: Identity::default(),
         };
         let frame = |f: &str, file: &str, line: u32| Frame {
             addr: 0x1000,

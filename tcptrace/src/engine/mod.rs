@@ -15,6 +15,7 @@ pub mod events;
 pub mod filter;
 pub mod frame;
 pub mod groups;
+pub mod identity;
 pub mod jit;
 pub mod lastuse;
 pub mod leak;

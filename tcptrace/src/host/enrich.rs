@@ -10,6 +10,9 @@ use crate::engine::closewait::LeakCandidate;
 use crate::engine::frame::Frame;
 use crate::engine::lastuse::LastUse;
 use crate::engine::leak::{classify, Leak};
+use std::time::Duration;
+
+use crate::host::names::Names;
 use crate::host::procfs;
 use crate::host::symbolize::Symbolizer;
 
@@ -22,7 +25,14 @@ pub struct Enricher {
     symbolizer: Symbolizer,
     /// Symbolized stacks by (pid, stack id); cleared when it grows large.
     stacks: HashMap<(u32, u32), Vec<Frame>>,
+    /// Container and pod names, when looked up.
+    names: Option<Names>,
 }
+
+/// How long a leak report waits for the name of a container it sees the
+/// first time (the look-up runs on the names thread; once known, a name
+/// costs a cache read).
+const NAME_WAIT: Duration = Duration::from_millis(300);
 
 /// What a sock_diag dump of CLOSE_WAIT sockets tells about candidates.
 #[derive(Default)]
@@ -145,6 +155,15 @@ impl Enricher {
         Self {
             symbolizer: Symbolizer::new(),
             stacks: HashMap::new(),
+            names: None,
+        }
+    }
+
+    /// An enricher that also names holders' containers and pods.
+    pub fn with_names(names: Names) -> Self {
+        Self {
+            names: Some(names),
+            ..Self::new()
         }
     }
 
@@ -171,7 +190,12 @@ impl Enricher {
             .into_iter()
             .map(|candidate| {
                 let ino = candidate.entered.ino;
-                let owners = ino.and_then(|ino| holders.remove(&ino)).unwrap_or_default();
+                let mut owners = ino.and_then(|ino| holders.remove(&ino)).unwrap_or_default();
+                if let Some(names) = &self.names {
+                    for h in &mut owners {
+                        names.fill_waiting(&mut h.identity, NAME_WAIT);
+                    }
+                }
                 let recv_q = ino.and_then(|ino| {
                     diag.rqueue.get(&ino).copied().or_else(|| {
                         // Not in the dump (it could not be taken, or the

@@ -8,6 +8,7 @@
 
 pub mod enrich;
 pub mod inventory;
+pub mod names;
 pub mod nshelper;
 pub mod portspace;
 pub mod privileges;

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::Path;
 
+use crate::engine::identity::Identity;
 use crate::engine::leak::Holder;
 
 /// `socket:[12345]` -> 12345.
@@ -31,9 +32,15 @@ pub fn parse_cgroup(text: &str) -> Option<String> {
             Some((id, parts.next()?))
         })
         .collect();
-    paths
-        .iter()
-        .find(|(id, _)| *id == "0")
+    // The unified (v2) path, unless a hybrid host leaves it at the root
+    // while the v1 hierarchies place the process (cgroupfs drivers on
+    // hybrid hosts do); then systemd's own hierarchy, then any v1 one.
+    let unified = paths.iter().find(|(id, _)| *id == "0");
+    let placed = |(_, path): &&(&str, &str)| *path != "/";
+    unified
+        .filter(placed)
+        .or_else(|| paths.iter().filter(placed).find(|(_, p)| !p.is_empty()))
+        .or(unified)
         .or_else(|| paths.first())
         .map(|(_, path)| path.to_string())
 }
@@ -111,6 +118,10 @@ pub fn holders_under(proc_root: &Path, inodes: &HashSet<u64>) -> HashMap<u64, Ve
         let cgroup = fs::read_to_string(dir.join("cgroup"))
             .ok()
             .and_then(|t| parse_cgroup(&t));
+        let identity = cgroup
+            .as_deref()
+            .map(Identity::from_cgroup)
+            .unwrap_or_default();
         for (ino, fd) in mine {
             found.entry(ino).or_default().push(Holder {
                 pid,
@@ -118,6 +129,7 @@ pub fn holders_under(proc_root: &Path, inodes: &HashSet<u64>) -> HashMap<u64, Ve
                 fd,
                 exe: exe.clone(),
                 cgroup: cgroup.clone(),
+                identity: identity.clone(),
             });
         }
     }
@@ -191,6 +203,19 @@ mod tests {
             Some("/kubepods/pod1")
         );
         assert_eq!(parse_cgroup(""), None);
+        // A hybrid host whose unified hierarchy leaves the process at its
+        // root: the v1 hierarchies say where it is.
+        assert_eq!(
+            parse_cgroup(
+                "9:name=systemd:/libpod_parent/libpod-x\n4:memory:/libpod_parent/libpod-x\n0::/\n"
+            )
+            .as_deref(),
+            Some("/libpod_parent/libpod-x")
+        );
+        assert_eq!(
+            parse_cgroup("1:name=systemd:/\n0::/\n").as_deref(),
+            Some("/")
+        );
     }
 
     #[test]

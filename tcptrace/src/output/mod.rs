@@ -4,6 +4,7 @@
 //! the state file carries and `tcptrace leaks` renders ([`report`],
 //! [`statefile`]).
 
+pub mod flame;
 pub mod format;
 pub mod jsonline;
 pub mod metrics;

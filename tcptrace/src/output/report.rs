@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::frame::{application_position, is_truncated, Frame};
+use crate::engine::identity::Identity;
 use crate::engine::leak::Leak;
 
 /// Version of the snapshot file layout.
@@ -28,6 +29,9 @@ pub struct LeakEntry {
     pub exe: Option<String>,
     /// Holder cgroup.
     pub cgroup: Option<String>,
+    /// What the cgroup says: unit, container, pod.
+    #[serde(default)]
+    pub identity: Identity,
     /// Holder fd.
     pub fd: Option<i32>,
     /// Local endpoint, `addr:port`.
@@ -212,6 +216,8 @@ pub struct Group {
     pub exe: Option<String>,
     /// Holder cgroup.
     pub cgroup: Option<String>,
+    /// The holder's unit, container, pod.
+    pub identity: Identity,
     /// `connect`, `accept` or `None` (unknown).
     pub origin: Option<String>,
     /// The shared origin stack.
@@ -268,6 +274,7 @@ pub fn group(snapshot: &Snapshot) -> Vec<Group> {
                 comm: first.comm.clone(),
                 exe: first.exe.clone(),
                 cgroup: first.cgroup.clone(),
+                identity: first.identity.clone(),
                 origin,
                 stack,
                 stack_truncated: first.stack_truncated,
@@ -341,6 +348,9 @@ pub fn render_text(snapshot: &Snapshot, source: &str) -> String {
                 age(g.newest_ms),
                 g.growth_per_min
             );
+        }
+        if let Some(who) = g.identity.describe() {
+            out += &format!("  in {who}\n");
         }
         if let Some(exe) = &g.exe {
             out += &format!("  executable {exe}");
@@ -439,6 +449,7 @@ pub fn entry(leak: &Leak) -> LeakEntry {
             .unwrap_or_default(),
         exe: holder.and_then(|h| h.exe.clone()),
         cgroup: holder.and_then(|h| h.cgroup.clone()),
+        identity: holder.map(|h| h.identity.clone()).unwrap_or_default(),
         fd: holder.map(|h| h.fd).or(t.owner.as_ref().and_then(|o| o.fd)),
         local: std::net::SocketAddr::new(c.laddr, c.lport).to_string(),
         remote: std::net::SocketAddr::new(c.raddr, c.rport).to_string(),
@@ -517,6 +528,7 @@ mod tests {
             comm: format!("svc{pid}"),
             exe: Some(format!("/usr/bin/svc{pid}")),
             cgroup: Some("/system.slice/svc.service".into()),
+            identity: Identity::from_cgroup("/system.slice/svc.service"),
             fd: Some(7),
             local: "127.0.0.1:45346".into(),
             remote: "10.0.0.3:3306".into(),
