@@ -1,6 +1,7 @@
 //! decode -> tracker -> filter -> format, for one record at a time. Pure:
 //! bytes in, lines out; the agent owns all I/O.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::engine::clock::WallClock;
@@ -9,6 +10,7 @@ use crate::engine::decode::{self, tuple_key, DecodeError, Record, TupleKey};
 use crate::engine::events::EventKind;
 use crate::engine::filter::Filter;
 use crate::engine::groups::LeakGroups;
+use crate::engine::identity::{Identity, IdentityFilter, OwnerIdentity};
 use crate::engine::state::TcpState;
 use crate::engine::tracker::Tracker;
 use crate::output::format::{Format, Lost};
@@ -63,6 +65,21 @@ pub struct Pipeline {
     /// Each network namespace's ephemeral port range, as last read (a
     /// namespace not read yet has the kernel's default).
     pub port_ranges: std::collections::HashMap<u32, crate::engine::timewait::PortRange>,
+    /// Who owners are (unit, container, pod), for the lines that name
+    /// one; none in tests and benchmarks.
+    pub owners: Option<Owners>,
+    /// `--unit`, `--container`, `--pod`: lines of other owners are not
+    /// printed (the sockets are still tracked).
+    pub owner_filter: IdentityFilter,
+}
+
+/// The pipeline's source of owners' identities.
+pub struct Owners(pub Box<dyn OwnerIdentity>);
+
+impl std::fmt::Debug for Owners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Owners")
+    }
 }
 
 impl Pipeline {
@@ -95,6 +112,8 @@ impl Pipeline {
             truncated_stacks: (0, 0),
             forget_after_close_wait: false,
             port_ranges: std::collections::HashMap::new(),
+            owners: None,
+            owner_filter: IdentityFilter::default(),
         }
     }
 
@@ -147,6 +166,12 @@ impl Pipeline {
         decoded
     }
 
+    /// The identity of `t`'s owner, when the pipeline has a source.
+    fn owner_identity(&mut self, t: &crate::engine::tracker::Transition) -> Option<Arc<Identity>> {
+        let pid = t.owner.as_ref()?.pid;
+        self.owners.as_mut()?.0.of(pid)
+    }
+
     /// Handles one decoded record, appending its output lines to `out`.
     pub fn handle_record(&mut self, record: Record, out: &mut Vec<String>) {
         match record {
@@ -170,28 +195,51 @@ impl Pipeline {
                         t.closer.as_ref().map(|k| (k.pid, k.comm.as_str())),
                     );
                 }
+                // A leak that ends: its holder's identity, for the
+                // `leak_end` line (the holder has often exited by now).
+                let mut ended: Option<CurrentLeak> = None;
                 if t.change.new != TcpState::CloseWait {
                     let key = tuple_key(&t.change);
                     self.groups.on_end(&key);
                     if !self.current_leaks.is_empty() {
-                        self.current_leaks.remove(&key);
+                        ended = self.current_leaks.remove(&key);
                     }
                 }
-                if self.filter.matches(&t) {
+                let prints = self.events.contains(&EventKind::StateChange)
+                    || (end.is_some()
+                        && (self.events.contains(&EventKind::CloseWait)
+                            || self.events.contains(&EventKind::Leak)))
+                    || (t.enters_time_wait() && self.events.contains(&EventKind::TimeWait));
+                if prints && self.filter.matches(&t) {
+                    let who = self
+                        .owner_identity(&t)
+                        .filter(|w| !w.is_empty())
+                        .or_else(|| ended.map(|c| Arc::new(c.entry.identity)));
+                    if self.owner_filter.is_active()
+                        && !who
+                            .as_deref()
+                            .is_some_and(|i| i.matches(&self.owner_filter))
+                    {
+                        return;
+                    }
+                    let who = who.as_deref();
+                    let format = self.format;
                     let wall = self.clock.wall(t.change.ts_ns);
                     if self.events.contains(&EventKind::StateChange) {
-                        out.push(self.format.transition(&t, wall));
+                        out.push(format.with_identity(format.transition(&t, wall), who));
                     }
                     if let Some(end) = end {
                         if self.events.contains(&EventKind::CloseWait) {
-                            out.push(self.format.close_wait_end(&end, wall, false));
+                            let line = format.close_wait_end(&end, wall, false);
+                            out.push(format.with_identity(line, who));
                         }
                         if end.was_leak && self.events.contains(&EventKind::Leak) {
-                            out.push(self.format.close_wait_end(&end, wall, true));
+                            let line = format.close_wait_end(&end, wall, true);
+                            out.push(format.with_identity(line, who));
                         }
                     }
                     if self.events.contains(&EventKind::TimeWait) && t.enters_time_wait() {
-                        out.push(self.format.time_wait(&t, wall));
+                        out.push(format.with_identity(format.time_wait(&t, wall), who));
                     }
                 }
             }

@@ -109,7 +109,7 @@ fn a_leak_in_a_podman_container_names_the_container() {
         "--leak-after",
         "500ms",
         "--events",
-        "leak",
+        "leak,state-change",
         "--state-file",
         &state,
         "--container",
@@ -181,13 +181,41 @@ fn a_leak_in_a_podman_container_names_the_container() {
     let drawn = std::fs::read_to_string(svg.arg()).expect("the flame graph");
     assert!(drawn.contains("<svg") && drawn.contains(&format!("container {name}")));
 
-    // The host's leak was filtered out by --container.
+    // Every line that names an owner names its container too; the host's
+    // leak and the client's socket (host processes) are filtered out.
     std::thread::sleep(Duration::from_secs(1));
+    let events = agent.events();
     assert!(
-        leaks_on_port(&agent.events(), host.port).is_empty(),
+        leaks_on_port(&events, host.port).is_empty(),
         "a leak outside the container: {}",
         agent.dump()
     );
+    let changes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "state_change" && e["lport"] == port)
+        .collect();
+    assert!(!changes.is_empty(), "{}", agent.dump());
+    for e in &changes {
+        assert_eq!(e["container"]["id"], id.as_str(), "{e}");
+    }
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["lport"] == host.port || e["rport"] == host.port),
+        "a line of a host process: {}",
+        agent.dump()
+    );
     drop(host);
+    // The container stops: its leak ends, and the end names it although
+    // its process is gone.
     drop(server);
+    let events = agent.wait_for("the leak's end", |ev| {
+        ev.iter()
+            .any(|e| e["event"] == "leak_end" && e["lport"] == port)
+    });
+    let end = events
+        .iter()
+        .find(|e| e["event"] == "leak_end" && e["lport"] == port)
+        .expect("leak_end");
+    assert_eq!(end["container"]["name"], name.as_str(), "{end}");
 }

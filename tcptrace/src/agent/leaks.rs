@@ -4,6 +4,7 @@
 //! summaries after. Due within a quarter of `--leak-after` (at most a
 //! second) after a stay passes it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aya::maps::{MapData, StackTraceMap};
@@ -49,7 +50,7 @@ impl LeakReports {
 
     /// Holders are named by `names`, and only leaks whose holder `filter`
     /// matches are reported.
-    pub fn with_identity(mut self, names: Option<Names>, filter: IdentityFilter) -> Self {
+    pub fn with_identity(mut self, names: Option<Arc<Names>>, filter: IdentityFilter) -> Self {
         if let Some(names) = names {
             self.enricher = Enricher::with_names(names);
         }

@@ -255,7 +255,7 @@ async fn start_and_run(cli: Cli) -> anyhow::Result<()> {
     schedule.add(Duration::ZERO, PortPressure);
     schedule.add(Duration::ZERO, StateFileWriter::new(&cli.state_file));
     let names = match crate::host::names::Names::start(cli.name_sources()) {
-        Ok(names) => Some(names),
+        Ok(names) => Some(std::sync::Arc::new(names)),
         Err(e) => {
             log::warn!(
                 "cannot start the container-name look-ups ({e}); leaks name container ids only"
@@ -263,6 +263,10 @@ async fn start_and_run(cli: Cli) -> anyhow::Result<()> {
             None
         }
     };
+    agent.pipeline.owners = Some(crate::pipeline::Owners(Box::new(
+        crate::host::owners::OwnerIdentities::new(names.clone()),
+    )));
+    agent.pipeline.owner_filter = cli.identity_filter();
     schedule.add(
         Duration::ZERO,
         LeakReports::new(leak_check, origin_map.then_some(leak_check))

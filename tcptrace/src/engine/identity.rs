@@ -304,6 +304,15 @@ impl Identity {
     }
 }
 
+/// Who a process is, by pid, for the events that name an owner. Kept
+/// behind a trait so that the pipeline stays free of /proc: the agent's
+/// is [`crate::host::owners::OwnerIdentities`]; tests and benchmarks have
+/// none.
+pub trait OwnerIdentity: Send {
+    /// The identity of process `pid` (`None`: unknown, it exited).
+    fn of(&mut self, pid: u32) -> Option<std::sync::Arc<Identity>>;
+}
+
 /// `--unit`, `--container`, `--pod`: each list empty for no filter; a
 /// process must match every list that is not.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

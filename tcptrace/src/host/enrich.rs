@@ -10,6 +10,7 @@ use crate::engine::closewait::LeakCandidate;
 use crate::engine::frame::Frame;
 use crate::engine::lastuse::LastUse;
 use crate::engine::leak::{classify, Leak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::host::names::Names;
@@ -26,7 +27,7 @@ pub struct Enricher {
     /// Symbolized stacks by (pid, stack id); cleared when it grows large.
     stacks: HashMap<(u32, u32), Vec<Frame>>,
     /// Container and pod names, when looked up.
-    names: Option<Names>,
+    names: Option<Arc<Names>>,
 }
 
 /// How long a leak report waits for the name of a container it sees the
@@ -160,7 +161,7 @@ impl Enricher {
     }
 
     /// An enricher that also names holders' containers and pods.
-    pub fn with_names(names: Names) -> Self {
+    pub fn with_names(names: Arc<Names>) -> Self {
         Self {
             names: Some(names),
             ..Self::new()

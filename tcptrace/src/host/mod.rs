@@ -10,6 +10,7 @@ pub mod enrich;
 pub mod inventory;
 pub mod names;
 pub mod nshelper;
+pub mod owners;
 pub mod portspace;
 pub mod privileges;
 pub mod procfs;

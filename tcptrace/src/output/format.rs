@@ -10,6 +10,7 @@ use crate::engine::clock::WallClock;
 use crate::engine::closewait::CloseWaitEnd;
 use crate::engine::frame::Frame;
 use crate::engine::groups::GroupReport;
+use crate::engine::identity::Identity;
 use crate::engine::lastuse::LastUse;
 use crate::engine::leak::Holder;
 use crate::engine::leak::{summary, Leak};
@@ -466,6 +467,43 @@ impl Format {
         }
     }
 
+    /// `line` with its owner's identity: in JSON, `unit`, `container` and
+    /// `pod` fields before the closing brace (each only when known); in
+    /// text, `[container NAME (RUNTIME ID)]` and the like at the end.
+    pub fn with_identity(self, mut line: String, who: Option<&Identity>) -> String {
+        let Some(who) = who.filter(|w| !w.is_empty()) else {
+            return line;
+        };
+        match self {
+            Self::Json => {
+                if !line.ends_with('}') {
+                    return line;
+                }
+                line.pop();
+                let mut field = |name: &str, value: serde_json::Result<String>| {
+                    if let Ok(v) = value {
+                        line.push_str(&format!(",\"{name}\":{v}"));
+                    }
+                };
+                if let Some(u) = &who.unit {
+                    field("unit", serde_json::to_string(u));
+                }
+                if let Some(c) = &who.container {
+                    field("container", serde_json::to_string(c));
+                }
+                if let Some(p) = &who.pod {
+                    field("pod", serde_json::to_string(p));
+                }
+                line.push('}');
+                line
+            }
+            Self::Text => match who.describe() {
+                Some(d) => format!("{line} [{d}]"),
+                None => line,
+            },
+        }
+    }
+
     /// A socket left CLOSE_WAIT (`close_wait_end`), or a leaked one finally
     /// did (`leak_end`, when `as_leak_end`).
     pub fn close_wait_end(self, end: &CloseWaitEnd, wall: SystemTime, as_leak_end: bool) -> String {
@@ -771,6 +809,26 @@ impl Format {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_fields_join_a_json_line_and_end_a_text_one() {
+        let who = Identity::from_cgroup(
+            "/machine.slice/libpod-3f1b6c7d2e9a4b8c0d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c.scope",
+        );
+        let line =
+            Format::Json.with_identity(r#"{"event":"state_change","pid":7}"#.into(), Some(&who));
+        let v: serde_json::Value = serde_json::from_str(&line).expect("still JSON");
+        assert_eq!(v["container"]["runtime"], "podman");
+        assert_eq!(v["pid"], 7);
+        assert!(v.get("unit").is_none() && v.get("pod").is_none(), "{line}");
+        let empty = Identity::default();
+        assert_eq!(Format::Json.with_identity("{}".into(), Some(&empty)), "{}");
+        assert_eq!(Format::Json.with_identity("{}".into(), None), "{}");
+        assert_eq!(
+            Format::Text.with_identity("line".into(), Some(&who)),
+            "line [container 3f1b6c7d2e9a (podman)]"
+        );
+    }
     use crate::engine::decode::{Family, StateChange, Task};
     use crate::engine::state::TcpState;
     use crate::engine::tracker::Owner;

@@ -1,0 +1,106 @@
+//! Owners' identities for every event that names an owner: process id to
+//! unit, container and pod ([`crate::engine::identity`]), read from
+//! `/proc/PID/cgroup` the first time a pid owns a socket and kept a few
+//! seconds (a pid that is reused gets its new identity after that). The
+//! names come from [`crate::host::names`], never waited for here: a line
+//! printed before its container's name is known carries the id only.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::engine::identity::{Identity, OwnerIdentity};
+use crate::host::names::Names;
+
+/// How long a pid's identity is kept before /proc is read again.
+const TTL: Duration = Duration::from_secs(10);
+/// Most pids kept; the cache starts over past it.
+const MAX_PIDS: usize = 16_384;
+
+/// The cache.
+pub struct OwnerIdentities {
+    by_pid: HashMap<u32, (Instant, Arc<Identity>)>,
+    names: Option<Arc<Names>>,
+    proc_root: PathBuf,
+}
+
+impl OwnerIdentities {
+    /// Reads `/proc`; names containers and pods with `names`.
+    pub fn new(names: Option<Arc<Names>>) -> Self {
+        Self::under(PathBuf::from("/proc"), names)
+    }
+
+    /// Reads `proc_root` instead of `/proc` (tests).
+    pub fn under(proc_root: PathBuf, names: Option<Arc<Names>>) -> Self {
+        Self {
+            by_pid: HashMap::new(),
+            names,
+            proc_root,
+        }
+    }
+
+    fn read(&self, pid: u32) -> Option<Identity> {
+        let text =
+            std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+        let path = crate::host::procfs::parse_cgroup(&text)?;
+        Some(Identity::from_cgroup(&path))
+    }
+
+    /// Whether `id` names something the names thread may know by now.
+    fn unnamed(id: &Identity) -> bool {
+        id.container.as_ref().is_some_and(|c| c.name.is_none())
+            || id.pod.as_ref().is_some_and(|p| p.name.is_none())
+    }
+}
+
+impl OwnerIdentity for OwnerIdentities {
+    fn of(&mut self, pid: u32) -> Option<Arc<Identity>> {
+        if let Some((at, id)) = self.by_pid.get_mut(&pid) {
+            if at.elapsed() < TTL {
+                if let (true, Some(names)) = (Self::unnamed(id), &self.names) {
+                    let mut named = Identity::clone(id);
+                    let _ = names.fill(&mut named);
+                    if named != **id {
+                        *id = Arc::new(named);
+                    }
+                }
+                return Some(Arc::clone(id));
+            }
+        }
+        let mut id = self.read(pid)?;
+        if let Some(names) = &self.names {
+            let _ = names.fill(&mut id);
+        }
+        if self.by_pid.len() >= MAX_PIDS {
+            self.by_pid.clear();
+        }
+        let id = Arc::new(id);
+        self.by_pid.insert(pid, (Instant::now(), Arc::clone(&id)));
+        Some(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_is_read_once_and_kept() {
+        let root = std::env::temp_dir().join(format!("tcptrace-owners-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("42")).expect("dir");
+        std::fs::write(root.join("42/cgroup"), "0::/system.slice/orders.service\n")
+            .expect("cgroup");
+        let mut owners = OwnerIdentities::under(root.clone(), None);
+        let id = owners.of(42).expect("an identity");
+        assert_eq!(id.unit.as_deref(), Some("orders.service"));
+        // Kept: a change on disk shows only after the TTL.
+        std::fs::write(root.join("42/cgroup"), "0::/system.slice/other.service\n").expect("cgroup");
+        assert_eq!(
+            owners.of(42).and_then(|i| i.unit.clone()).as_deref(),
+            Some("orders.service")
+        );
+        assert!(owners.of(43).is_none(), "no such process");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
