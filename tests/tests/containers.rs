@@ -105,7 +105,11 @@ fn a_leak_in_a_podman_container_names_the_container() {
     let state_file = tcptrace_tests::TempPath::new("state");
     let state = state_file.arg();
     // Only this container's leaks: a leak on the host must not show.
+    let metrics_port = tcptrace_tests::free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
     let agent = Agent::start(&[
+        "--metrics",
+        &metrics,
         "--leak-after",
         "500ms",
         "--events",
@@ -180,6 +184,20 @@ fn a_leak_in_a_podman_container_names_the_container() {
     leaks(&state, &["--flamegraph", &svg.arg(), "--format", "json"]);
     let drawn = std::fs::read_to_string(svg.arg()).expect("the flame graph");
     assert!(drawn.contains("<svg") && drawn.contains(&format!("container {name}")));
+
+    // The running agent draws the same picture.
+    let folded = tcptrace_tests::http(metrics_port, "GET", "/leaks.folded", None);
+    assert_eq!(folded.status, 200);
+    assert!(
+        folded
+            .body
+            .starts_with(&format!("container {name};leaky_server (pid ")),
+        "{}",
+        folded.body
+    );
+    let svg = tcptrace_tests::http(metrics_port, "GET", "/leaks.svg", None);
+    assert_eq!(svg.header("content-type"), Some("image/svg+xml"));
+    assert!(svg.body.contains(&format!("container {name}")));
 
     // Every line that names an owner names its container too; the host's
     // leak and the client's socket (host processes) are filtered out.

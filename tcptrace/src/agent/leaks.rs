@@ -227,7 +227,12 @@ fn report_leak_groups(pipeline: &mut Pipeline, out: &mut Out) -> anyhow::Result<
     let reports = pipeline.groups.due_reports(now_ns);
     if pipeline.events.contains(&EventKind::Leak) {
         for report in &reports {
-            out.line(pipeline.format.leak_group(report, now, now_ns))?;
+            let line = pipeline.format.leak_group(report, now, now_ns);
+            let who = pipeline
+                .owners
+                .as_mut()
+                .and_then(|o| o.0.of(report.key.pid));
+            out.line(pipeline.format.with_identity(line, who.as_deref()))?;
         }
     }
     out.flush()

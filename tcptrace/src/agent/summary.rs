@@ -84,6 +84,25 @@ impl Duty for Summaries {
 
 /// Renders the metrics for one scrape; a scraper that went away is no error.
 pub fn answer_scrape(req: crate::output::metrics_server::ScrapeRequest, agent: &Agent) {
+    use crate::output::metrics_server::Page;
+    if req.page != Page::Metrics {
+        // The leaks as the state file has them, drawn.
+        let leaks = agent
+            .pipeline
+            .state_snapshot(crate::engine::clock::WallClock::now_ns());
+        let body = match req.page {
+            Page::LeaksFolded => Ok(crate::output::flame::folded(&leaks).join("\n") + "\n"),
+            _ => crate::output::flame::svg(&leaks, "from the running agent")
+                .map(|svg| String::from_utf8_lossy(&svg).into_owned()),
+        };
+        match body {
+            Ok(text) => {
+                let _ = req.reply.send(text);
+            }
+            Err(e) => log::warn!("cannot draw the leaks: {e}"),
+        }
+        return;
+    }
     let mut snapshot = agent.metrics_snapshot();
     snapshot.process = crate::output::metrics::process_stats();
     match crate::output::metrics::render(snapshot, req.format) {

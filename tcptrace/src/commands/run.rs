@@ -264,7 +264,9 @@ async fn start_and_run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     agent.pipeline.owners = Some(crate::pipeline::Owners(Box::new(
-        crate::host::owners::OwnerIdentities::new(names.clone()),
+        crate::host::owners::OwnerIdentities::new(names.clone()).waiting_for_names(
+            !cli.identity.containers.is_empty() || !cli.identity.pods.is_empty(),
+        ),
     )));
     agent.pipeline.owner_filter = cli.identity_filter();
     schedule.add(

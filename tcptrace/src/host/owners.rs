@@ -2,8 +2,11 @@
 //! unit, container and pod ([`crate::engine::identity`]), read from
 //! `/proc/PID/cgroup` the first time a pid owns a socket and kept a few
 //! seconds (a pid that is reused gets its new identity after that). The
-//! names come from [`crate::host::names`], never waited for here: a line
-//! printed before its container's name is known carries the id only.
+//! names come from [`crate::host::names`], not waited for here unless a
+//! filter needs them (`--container NAME`, `--pod NAME`: the first line of
+//! a container not seen before then waits up to [`NAME_WAIT`] for its
+//! name); otherwise a line printed before its container's name is known
+//! carries the id only.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,12 +20,16 @@ use crate::host::names::Names;
 const TTL: Duration = Duration::from_secs(10);
 /// Most pids kept; the cache starts over past it.
 const MAX_PIDS: usize = 16_384;
+/// How long a line waits for a name that a filter needs.
+pub const NAME_WAIT: Duration = Duration::from_millis(300);
 
 /// The cache.
 pub struct OwnerIdentities {
     by_pid: HashMap<u32, (Instant, Arc<Identity>)>,
     names: Option<Arc<Names>>,
     proc_root: PathBuf,
+    /// Wait for names (a filter matches by them).
+    wait: bool,
 }
 
 impl OwnerIdentities {
@@ -37,6 +44,25 @@ impl OwnerIdentities {
             by_pid: HashMap::new(),
             names,
             proc_root,
+            wait: false,
+        }
+    }
+
+    /// Waits up to [`NAME_WAIT`] for a container's or pod's name the first
+    /// time it is seen: for filters that match by name.
+    pub fn waiting_for_names(mut self, wait: bool) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Fills in names from `names`, waiting when told to.
+    fn name(names: Option<&Names>, wait: bool, id: &mut Identity) {
+        match names {
+            Some(names) if wait => names.fill_waiting(id, NAME_WAIT),
+            Some(names) => {
+                let _ = names.fill(id);
+            }
+            None => {}
         }
     }
 
@@ -58,9 +84,9 @@ impl OwnerIdentity for OwnerIdentities {
     fn of(&mut self, pid: u32) -> Option<Arc<Identity>> {
         if let Some((at, id)) = self.by_pid.get_mut(&pid) {
             if at.elapsed() < TTL {
-                if let (true, Some(names)) = (Self::unnamed(id), &self.names) {
+                if Self::unnamed(id) && self.names.is_some() {
                     let mut named = Identity::clone(id);
-                    let _ = names.fill(&mut named);
+                    Self::name(self.names.as_deref(), self.wait, &mut named);
                     if named != **id {
                         *id = Arc::new(named);
                     }
@@ -69,9 +95,7 @@ impl OwnerIdentity for OwnerIdentities {
             }
         }
         let mut id = self.read(pid)?;
-        if let Some(names) = &self.names {
-            let _ = names.fill(&mut id);
-        }
+        Self::name(self.names.as_deref(), self.wait, &mut id);
         if self.by_pid.len() >= MAX_PIDS {
             self.by_pid.clear();
         }

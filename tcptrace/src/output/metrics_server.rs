@@ -5,9 +5,10 @@
 //!
 //! Hardened for a port that anyone on the host may reach: requests are
 //! capped in size and time, connections in number, and nothing but
-//! `GET`/`HEAD` of `/metrics` and `/` is served.
+//! `GET`/`HEAD` of `/metrics`, `/leaks.svg` (the current leaks as a flame
+//! graph, see [`crate::output::flame`]), `/leaks.folded` and `/` is served.
 //!
-//! Why by hand, not an HTTP crate: two paths and two methods, on tokio the
+//! Why by hand, not an HTTP crate: four paths and two methods, on tokio the
 //! agent already runs; every limit above is a line here, where a general
 //! server would have to be configured (and audited) down to them.
 
@@ -37,10 +38,23 @@ const MAX_CONNECTIONS: usize = 16;
 /// One scrape, for the agent's loop to answer.
 #[derive(Debug)]
 pub struct ScrapeRequest {
-    /// The format the scraper asked for.
+    /// What was asked for.
+    pub page: Page,
+    /// The format the scraper asked for (of the metrics).
     pub format: Exposition,
     /// Where the rendered text goes.
     pub reply: oneshot::Sender<String>,
+}
+
+/// The pages the loop renders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Page {
+    /// `/metrics`.
+    Metrics,
+    /// `/leaks.svg`: the leaks as a flame graph.
+    LeaksSvg,
+    /// `/leaks.folded`: their folded stacks.
+    LeaksFolded,
 }
 
 /// Parses `--metrics`: `HOST:PORT`, `[V6]:PORT`, or an address or host name
@@ -221,21 +235,32 @@ async fn serve(
         )
         .await;
     }
+    let page = match req.path.as_str() {
+        "/metrics" => Some(Page::Metrics),
+        "/leaks.svg" => Some(Page::LeaksSvg),
+        "/leaks.folded" => Some(Page::LeaksFolded),
+        _ => None,
+    };
     match req.path.as_str() {
-        "/metrics" => {
+        "/metrics" | "/leaks.svg" | "/leaks.folded" => {
+            let page = page.unwrap_or(Page::Metrics);
             let format = Exposition::negotiate(req.accept.as_deref());
+            let content_type = match page {
+                Page::Metrics => format.content_type(),
+                Page::LeaksSvg => "image/svg+xml",
+                Page::LeaksFolded => TEXT,
+            };
             let (reply, answer) = oneshot::channel();
-            let sent = scrapes.send(ScrapeRequest { format, reply }).await;
+            let sent = scrapes
+                .send(ScrapeRequest {
+                    page,
+                    format,
+                    reply,
+                })
+                .await;
             match (sent, answer.await) {
                 (Ok(()), Ok(body)) => {
-                    respond(
-                        &mut stream,
-                        "200 OK",
-                        format.content_type(),
-                        &body,
-                        head_only,
-                    )
-                    .await
+                    respond(&mut stream, "200 OK", content_type, &body, head_only).await
                 }
                 _ => {
                     respond(
@@ -254,7 +279,8 @@ async fn serve(
                 &mut stream,
                 "200 OK",
                 TEXT,
-                "tcptrace: metrics at /metrics\n",
+                "tcptrace: metrics at /metrics, the current leaks as a flame graph at /leaks.svg \
+                 and as folded stacks at /leaks.folded\n",
                 head_only,
             )
             .await
