@@ -171,7 +171,7 @@ fn a_leak_in_a_podman_container_names_the_container() {
     // Filters and the picture.
     let folded = leaks(&state, &["--folded", "--container", &name]);
     assert!(
-        folded.starts_with(&format!("container {name};leaky_server (pid ")),
+        folded.starts_with(&format!("container {name};leaky_server;[last use];")),
         "{folded}"
     );
     assert!(folded.trim_end().ends_with(" 1"), "one socket: {folded}");
@@ -191,7 +191,7 @@ fn a_leak_in_a_podman_container_names_the_container() {
     assert!(
         folded
             .body
-            .starts_with(&format!("container {name};leaky_server (pid ")),
+            .starts_with(&format!("container {name};leaky_server;[last use];")),
         "{}",
         folded.body
     );

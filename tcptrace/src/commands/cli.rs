@@ -34,6 +34,8 @@ tcptrace --events state-change --format text --port 3306  connections to or from
 tcptrace --events state-change --state close_wait   transitions into and out of CLOSE_WAIT\n  \
 tcptrace --pid 4242 -6             leaks of IPv6 sockets owned by process 4242\n  \
 tcptrace leaks                     the CLOSE_WAIT leaks now, grouped by process and code path\n  \
+tcptrace leaks --flamegraph leaks.svg   the same as a flame graph (width: sockets)\n  \
+tcptrace --container orders        leaks of the container named orders only\n  \
 tcptrace timewait                  TIME_WAIT by destination: how close to port exhaustion\n  \
 tcptrace --config /etc/tcptrace/tcptrace.toml --metrics   options from a file, plus metrics\n\n\
 Logs go to stderr; set RUST_LOG=debug for more."
@@ -431,17 +433,18 @@ impl Cli {
 /// `--unit`, `--container`, `--pod` for `tcptrace leaks`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct IdentityArgs {
-    /// Only leaks of processes in systemd UNIT (`nginx` or `nginx.service`). Repeat for
+    /// Only sockets of processes in systemd UNIT (`nginx` or `nginx.service`): their leaks and,
+    /// live, every line that names them as owner. Repeat for
     /// several.
     #[arg(long = "unit", value_name = "UNIT")]
     pub units: Vec<String>,
 
-    /// Only leaks of processes in CONTAINER: its name, or 4 or more leading digits of its id.
+    /// Only sockets of processes in CONTAINER: its name, or 4 or more leading digits of its id.
     /// Repeat for several.
     #[arg(long = "container", value_name = "CONTAINER")]
     pub containers: Vec<String>,
 
-    /// Only leaks of processes in Kubernetes POD: its name, NAMESPACE/NAME, or 4 or more
+    /// Only sockets of processes in Kubernetes POD: its name, NAMESPACE/NAME, or 4 or more
     /// leading digits of its UID. Repeat for several.
     #[arg(long = "pod", value_name = "POD")]
     pub pods: Vec<String>,

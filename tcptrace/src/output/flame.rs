@@ -2,7 +2,7 @@
 //! in CLOSE_WAIT under it. Each leak's stack is the code that used its
 //! socket last (where the kernel kept no last use, the code that opened
 //! it), rooted at who holds it: the pod, container or unit, then the
-//! process. [`folded`] is pure; [`svg`] draws with inferno, the Rust port
+//! program (by name, so that a service's processes stack up as one). [`folded`] is pure; [`svg`] draws with inferno, the Rust port
 //! of flamegraph.pl (the SVG it makes is the one people know, searchable
 //! and zoomable in a browser).
 
@@ -37,7 +37,13 @@ fn frames(l: &LeakEntry) -> Vec<String> {
     } else if let Some(u) = &l.identity.unit {
         out.push(format!("unit {u}"));
     }
-    out.push(format!("{} (pid {})", l.comm, l.pid));
+    // The program by name, not by pid: the processes of one service
+    // (workers, restarts) leak from the same code, and stack up as one.
+    out.push(if l.comm.is_empty() {
+        format!("pid {}", l.pid)
+    } else {
+        l.comm.clone()
+    });
     // Stacks are kept innermost first.
     let (kind, stack) = match &l.last_use {
         Some(u) if !u.stack.is_empty() => ("last use", &u.stack),
@@ -153,9 +159,9 @@ mod tests {
         assert_eq!(
             folded(&s),
             [
-                "container 3f1b6c7d2e9a;svc (pid 7);[last use];main;checkout: retry;send 2",
-                "unit web.service;svc (pid 9);[connect];serve;accept 1",
-                "unit web.service;svc (pid 9);[no stack] 1",
+                "container 3f1b6c7d2e9a;svc;[last use];main;checkout: retry;send 2",
+                "unit web.service;svc;[connect];serve;accept 1",
+                "unit web.service;svc;[no stack] 1",
             ]
         );
     }
