@@ -309,7 +309,8 @@ impl Identity {
 /// is [`crate::host::owners::OwnerIdentities`]; tests and benchmarks have
 /// none.
 pub trait OwnerIdentity: Send {
-    /// The identity of process `pid` (`None`: unknown, it exited).
+    /// The identity of process `pid` (`None` or an empty one: unknown,
+    /// the process exited).
     fn of(&mut self, pid: u32) -> Option<std::sync::Arc<Identity>>;
 }
 
