@@ -8,12 +8,12 @@
 //! name); otherwise a line printed before its container's name is known
 //! carries the id only.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::identity::{Identity, OwnerIdentity};
+use crate::engine::tracker::FastMap;
 use crate::host::names::Names;
 
 /// How long a pid's identity is kept before /proc is read again.
@@ -25,7 +25,8 @@ pub const NAME_WAIT: Duration = Duration::from_millis(300);
 
 /// The cache.
 pub struct OwnerIdentities {
-    by_pid: HashMap<u32, (Instant, Arc<Identity>)>,
+    /// By pid; looked up for every printed line, hence the fast hasher.
+    by_pid: FastMap<u32, (Instant, Arc<Identity>)>,
     names: Option<Arc<Names>>,
     proc_root: PathBuf,
     /// Wait for names (a filter matches by them).
@@ -41,7 +42,7 @@ impl OwnerIdentities {
     /// Reads `proc_root` instead of `/proc` (tests).
     pub fn under(proc_root: PathBuf, names: Option<Arc<Names>>) -> Self {
         Self {
-            by_pid: HashMap::new(),
+            by_pid: FastMap::default(),
             names,
             proc_root,
             wait: false,
