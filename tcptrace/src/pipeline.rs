@@ -215,11 +215,7 @@ impl Pipeline {
                         .owner_identity(&t)
                         .filter(|w| !w.is_empty())
                         .or_else(|| ended.map(|c| Arc::new(c.entry.identity)));
-                    if self.owner_filter.is_active()
-                        && !who
-                            .as_deref()
-                            .is_some_and(|i| i.matches(&self.owner_filter))
-                    {
+                    if !self.owner_filter.admits(who.as_deref()) {
                         return;
                     }
                     let who = who.as_deref();

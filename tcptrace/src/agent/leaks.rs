@@ -193,7 +193,7 @@ fn report_leaks(
     };
     for leak in enricher.enrich(due, stack_of, last_use_of) {
         let holder = leak.owners.first().map(|h| &h.identity);
-        if filter.is_active() && !holder.is_some_and(|i| i.matches(filter)) {
+        if !filter.admits(holder) {
             continue;
         }
         let (origin, last_use) = &mut pipeline.truncated_stacks;

@@ -173,9 +173,9 @@ pub fn leaks(
                 .to_string(),
         ),
     };
-    if view.filter.is_active() {
-        snapshot.leaks.retain(|l| l.identity.matches(&view.filter));
-    }
+    snapshot
+        .leaks
+        .retain(|l| view.filter.admits(Some(&l.identity)));
     if let Some(path) = &view.flamegraph {
         let svg = crate::output::flame::svg(&snapshot, &source)?;
         std::fs::write(path, svg)

@@ -92,6 +92,14 @@ pub struct Container {
     pub name: Option<String>,
 }
 
+impl Container {
+    /// The id, short (12 digits) as `docker ps` and `podman ps` show it; a
+    /// shorter one (from a state file that was tampered with) whole.
+    pub fn short_id(&self) -> &str {
+        self.id.get(..12).unwrap_or(&self.id)
+    }
+}
+
 /// A Kubernetes pod.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Pod {
@@ -241,7 +249,7 @@ impl Identity {
     /// to say.
     pub fn describe(&self) -> Option<String> {
         let container = self.container.as_ref().map(|c| {
-            let short = &c.id[..12];
+            let short = c.short_id();
             match &c.name {
                 Some(n) => format!("container {n} ({} {short})", c.runtime.name()),
                 None => format!("container {short} ({})", c.runtime.name()),
@@ -262,12 +270,6 @@ impl Identity {
     /// Whether the path named nothing an operator would know it by.
     pub fn is_empty(&self) -> bool {
         self.unit.is_none() && self.container.is_none() && self.pod.is_none()
-    }
-
-    /// The container's id, short (12 digits) as `docker ps` and `podman ps`
-    /// show it.
-    pub fn short_container_id(&self) -> Option<&str> {
-        self.container.as_ref().map(|c| &c.id[..12])
     }
 
     /// Whether this identity matches an operator's `--unit`, `--container`
@@ -330,6 +332,12 @@ impl IdentityFilter {
     /// Whether any list is set.
     pub fn is_active(&self) -> bool {
         !(self.units.is_empty() && self.containers.is_empty() && self.pods.is_empty())
+    }
+
+    /// Whether an owner whose identity is `who` passes: every one when no
+    /// list is set, else only a known identity that matches.
+    pub fn admits(&self, who: Option<&Identity>) -> bool {
+        !self.is_active() || who.is_some_and(|i| i.matches(self))
     }
 }
 
@@ -520,6 +528,19 @@ mod tests {
             !svc.matches(&f(&["nginx"], &["x1234"], &[])),
             "every list must match"
         );
-        assert_eq!(id.short_container_id(), Some(&ID[..12]));
+        assert_eq!(
+            id.container.as_ref().map(Container::short_id),
+            Some(&ID[..12])
+        );
+        let odd = Container {
+            id: "abc".into(),
+            runtime: Runtime::Docker,
+            name: None,
+        };
+        assert_eq!(
+            odd.short_id(),
+            "abc",
+            "a short id from a state file is no panic"
+        );
     }
 }

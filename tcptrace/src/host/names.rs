@@ -276,7 +276,12 @@ pub fn parse_api_reply(reply: &[u8]) -> Option<String> {
     if status != "200" {
         return None;
     }
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    docker_name(&serde_json::from_str(body).ok()?)
+}
+
+/// The `Name` of a Docker container's JSON (the API's and `config.v2.json`
+/// alike), without Docker's leading `/`.
+fn docker_name(v: &serde_json::Value) -> Option<String> {
     let name = v.get("Name")?.as_str()?;
     Some(name.trim_start_matches('/').to_string()).filter(|n| !n.is_empty())
 }
@@ -311,9 +316,7 @@ pub fn parse_storage(text: &str, id: &str) -> Option<String> {
 /// A container's name from Docker's own state.
 fn docker_state_name(root: &Path, id: &str) -> Option<String> {
     let path = root.join("containers").join(id).join("config.v2.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-    let name = v.get("Name")?.as_str()?;
-    Some(name.trim_start_matches('/').to_string()).filter(|n| !n.is_empty())
+    docker_name(&serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?)
 }
 
 /// (pod, namespace, container) of a Kubernetes container, from the

@@ -32,7 +32,7 @@ fn frames(l: &LeakEntry) -> Vec<String> {
     if let Some(c) = &l.identity.container {
         out.push(match &c.name {
             Some(n) => format!("container {n}"),
-            None => format!("container {}", &c.id[..12]),
+            None => format!("container {}", c.short_id()),
         });
     } else if let Some(u) = &l.identity.unit {
         out.push(format!("unit {u}"));
@@ -51,7 +51,7 @@ fn frames(l: &LeakEntry) -> Vec<String> {
         _ => ("no stack", &l.stack),
     };
     out.push(format!("[{kind}]"));
-    out.extend(stack.iter().rev().map(|f| clean(f)));
+    out.extend(stack.iter().rev().cloned());
     out.iter().map(|f| clean(f)).collect()
 }
 
